@@ -1,0 +1,38 @@
+# ganforge: one environment (.venv), built from pyproject.toml + constraints.txt.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ganforge-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench lint freeze clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -c constraints.txt torch torchvision
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/ganforge demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/loader.py
+
+lint: install
+	$(BIN)/ruff check .
+
+freeze:
+	$(BIN)/pip freeze --exclude-editable | grep -vi '^ganforge' > constraints.txt
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,183 @@
+"""The shard index: `index.json` beside the tar shards (format documented in docs/data.md)."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_pipeline.errors import DataError
+
+INDEX_NAME = "index.json"
+FORMAT = "ganforge.shards"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """One sample: its key and, per member extension, (offset, size, crc32) of the payload in the tar."""
+
+    key: str
+    members: dict[str, tuple[int, int, int]]
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    name: str
+    num_samples: int
+    bytes: int
+    sha256: str
+    samples: tuple[SampleRecord, ...]
+
+
+@dataclass
+class ShardIndex:
+    """All shards of one dataset, addressable by a global sample number 0..num_samples-1."""
+
+    root: str
+    kind: str
+    meta: dict[str, Any]
+    shards: list[ShardRecord]
+    _starts: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        total, self._starts = 0, []
+        for shard in self.shards:
+            self._starts.append(total)
+            total += shard.num_samples
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def locate(self, sample: int) -> tuple[ShardRecord, SampleRecord]:
+        """The shard and record of global sample number `sample`."""
+        if not 0 <= sample < self.num_samples:
+            raise IndexError(f"sample {sample} outside 0..{self.num_samples - 1}")
+        s = bisect.bisect_right(self._starts, sample) - 1
+        return self.shards[s], self.shards[s].samples[sample - self._starts[s]]
+
+    def shard_of(self, sample: int) -> int:
+        return bisect.bisect_right(self._starts, sample) - 1
+
+    def shard_path(self, shard: ShardRecord) -> str:
+        return join_location(self.root, shard.name)
+
+    def keys(self) -> list[str]:
+        return [rec.key for shard in self.shards for rec in shard.samples]
+
+    def fingerprint(self) -> str:
+        """A short hash of the shard contents, stable across copies of the dataset."""
+        h = hashlib.sha256()
+        for shard in self.shards:
+            h.update(f"{shard.name}:{shard.sha256};".encode())
+        return h.hexdigest()[:16]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "kind": self.kind,
+            "meta": self.meta,
+            "num_samples": self.num_samples,
+            "shards": [
+                {
+                    "name": s.name,
+                    "num_samples": s.num_samples,
+                    "bytes": s.bytes,
+                    "sha256": s.sha256,
+                    "samples": [
+                        {"key": r.key, "members": {k: list(v) for k, v in r.members.items()}}
+                        for r in s.samples
+                    ],
+                }
+                for s in self.shards
+            ],
+        }
+
+    def write(self, directory: str) -> str:
+        """Write index.json atomically into `directory`; returns its path."""
+        path = os.path.join(directory, INDEX_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+def is_url(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def join_location(root: str, name: str) -> str:
+    if is_url(root):
+        return root.rstrip("/") + "/" + name
+    return os.path.join(root, name)
+
+
+def parse_index(doc: Any, root: str, source: str) -> ShardIndex:
+    """Validate a decoded index.json document; `source` names it in errors."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise DataError(f"{source}: not a ganforge shard index (missing format={FORMAT!r})")
+    if doc.get("version") != VERSION:
+        raise DataError(f"{source}: unsupported index version {doc.get('version')!r}")
+    try:
+        shards = [
+            ShardRecord(
+                name=s["name"],
+                num_samples=int(s["num_samples"]),
+                bytes=int(s["bytes"]),
+                sha256=s["sha256"],
+                samples=tuple(
+                    SampleRecord(r["key"], {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in r["members"].items()})
+                    for r in s["samples"]
+                ),
+            )
+            for s in doc["shards"]
+        ]
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise DataError(f"{source}: malformed index entry ({type(e).__name__}: {e})") from None
+    for s in shards:
+        if len(s.samples) != s.num_samples:
+            raise DataError(f"{source}: shard {s.name} lists {len(s.samples)} samples, says {s.num_samples}")
+    index = ShardIndex(root=root, kind=doc.get("kind", "image"), meta=doc.get("meta", {}), shards=shards)
+    if index.num_samples == 0:
+        raise DataError(f"{source}: empty dataset (no samples in any shard)")
+    return index
+
+
+def load_index(location: str) -> ShardIndex:
+    """Read the index of a shard directory or URL prefix (the index is fetched alongside)."""
+    if location.endswith(".json"):
+        index_path, root = location, location.rsplit("/", 1)[0] if "/" in location else "."
+    else:
+        index_path, root = join_location(location, INDEX_NAME), location
+    if is_url(index_path):
+        raw = _read_url(index_path)
+    else:
+        if not os.path.isdir(root):
+            raise DataError(f"{root}: no such shard directory")
+        if not os.path.exists(index_path):
+            raise DataError(f"{index_path}: missing index (write shards with `ganforge data make-shards`)")
+        with open(index_path, "rb") as f:
+            raw = f.read()
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{index_path}: index is not valid JSON ({e})") from None
+    return parse_index(doc, root, index_path)
+
+
+def _read_url(url: str) -> bytes:
+    import webdataset as wds
+
+    try:
+        with wds.gopen(url, "rb") as stream:
+            return stream.read()
+    except Exception as e:  # noqa: BLE001 - the opener raises many kinds
+        raise DataError(f"{url}: cannot fetch ({type(e).__name__}: {e})") from None

@@ -1,0 +1,215 @@
+"""Streaming loader: reads this rank's planned samples from tar shards by byte offset.
+
+Each DataLoader worker builds whole batches (round-robin over the rank's batches), so the
+rank sees its plan in order for any number of workers; the stream position is one integer.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipeline.errors import DataError
+from data_pipeline.index import ShardIndex, ShardRecord, is_url, load_index
+from data_pipeline.planner import epoch_order, rank_positions, worker_batches
+
+
+@dataclass
+class StreamSpec:
+    """Everything that fixes what a rank reads: change none of it and the stream is identical."""
+
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    batch_size: int = 64  # per rank
+    pad: bool = True
+    drop_last: bool = True
+    flip: bool = False
+    block_shards: int = 0
+    on_error: str = "raise"  # or "skip"
+
+
+class ShardReader:
+    """Random access to sample members; keeps a few shards open (files) or cached (URLs)."""
+
+    def __init__(self, index: ShardIndex, max_open: int = 8):
+        self.index = index
+        self.max_open = max_open
+        self._open: OrderedDict[str, Any] = OrderedDict()
+
+    def _handle(self, shard: ShardRecord) -> Any:
+        path = self.index.shard_path(shard)
+        if path in self._open:
+            self._open.move_to_end(path)
+            return self._open[path]
+        if is_url(path):
+            import webdataset as wds
+
+            try:
+                with wds.gopen(path, "rb") as stream:
+                    handle: Any = io.BytesIO(stream.read())
+            except Exception as e:  # noqa: BLE001 - openers raise many kinds
+                raise DataError(f"{shard.name}: cannot fetch {path} ({type(e).__name__}: {e})") from None
+        else:
+            try:
+                handle = open(path, "rb")  # noqa: SIM115 - cached, closed on eviction
+            except OSError as e:
+                raise DataError(f"{shard.name}: cannot open shard ({e.strerror})") from None
+        self._open[path] = handle
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
+        return handle
+
+    def read(self, sample: int) -> tuple[ShardRecord, str, dict[str, bytes]]:
+        shard, rec = self.index.locate(sample)
+        handle = self._handle(shard)
+        members = {}
+        for ext, (offset, size, crc) in rec.members.items():
+            handle.seek(offset)
+            payload = handle.read(size)
+            if len(payload) != size:
+                raise DataError(f"{shard.name}: key {rec.key}: member .{ext} truncated "
+                                f"(read {len(payload)} of {size} bytes)")
+            if zlib.crc32(payload) != crc:
+                raise DataError(f"{shard.name}: key {rec.key}: member .{ext} is corrupt (crc32 mismatch)")
+            members[ext] = payload
+        return shard, rec.key, members
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            handle.close()
+        self._open.clear()
+
+
+def _decode_image(payload: bytes, channels: int) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    return decode_image(torch.frombuffer(bytearray(payload), dtype=torch.uint8), mode=mode)
+
+
+def decode_sample(kind: str, meta: dict[str, Any], members: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    """Decode one sample's members into tensors (uint8 images, float32 points, int64 label)."""
+    out: dict[str, torch.Tensor] = {}
+    ext = meta.get("image_ext", "png")
+    channels = int(meta.get("channels", 3))
+    if kind == "image":
+        out["image"] = _decode_image(members[ext], channels)
+    elif kind == "paired":
+        out["a"] = _decode_image(members[f"a.{ext}"], channels)
+        out["b"] = _decode_image(members[f"b.{ext}"], channels)
+    elif kind == "points":
+        out["points"] = torch.from_numpy(np.load(io.BytesIO(members["npy"])).astype(np.float32))
+    else:
+        raise DataError(f"unknown dataset kind {kind!r}")
+    if "cls" in members:
+        out["label"] = torch.tensor(int(members["cls"]), dtype=torch.int64)
+    return out
+
+
+def check_shards_present(index: ShardIndex) -> None:
+    """Fail fast, naming the shard, when a local shard is missing or its size disagrees with the index."""
+    for shard in index.shards:
+        path = index.shard_path(shard)
+        if is_url(path):
+            continue
+        if not os.path.exists(path):
+            raise DataError(f"{shard.name}: missing shard file {path}")
+        size = os.path.getsize(path)
+        if size != shard.bytes:
+            raise DataError(f"{shard.name}: size {size} bytes does not match the index ({shard.bytes})")
+
+
+class ShardStream(IterableDataset):
+    """Yields this rank's batches for one epoch, from a start position; see the module docstring."""
+
+    def __init__(self, index: ShardIndex | str, spec: StreamSpec):
+        super().__init__()
+        self.index = load_index(index) if isinstance(index, str) else index
+        check_shards_present(self.index)
+        if spec.on_error not in ("raise", "skip"):
+            raise DataError(f"data.on_error must be 'raise' or 'skip', got {spec.on_error!r}")
+        self.spec = spec
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        """Next iteration reads epoch `epoch` from global position `start` (samples consumed)."""
+        self.epoch, self.start = epoch, start
+
+    def positions(self) -> np.ndarray:
+        s = self.spec
+        return rank_positions(self.index.num_samples, s.world_size, s.rank, self.start, s.pad)
+
+    def batches_left(self) -> int:
+        n, b = len(self.positions()), self.spec.batch_size
+        return n // b if self.spec.drop_last else -(-n // b)
+
+    def __iter__(self):
+        s = self.spec
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        sizes = [sh.num_samples for sh in self.index.shards]
+        order = epoch_order(sizes, s.seed, self.epoch, s.block_shards)
+        total = len(order)
+        flips = np.random.default_rng([s.seed, self.epoch, 1]).random(total) < 0.5 if s.flip else None
+        positions = self.positions()
+        reader = ShardReader(self.index)
+        warned: set[str] = set()
+        try:
+            for rows in worker_batches(len(positions), s.batch_size, workers, worker, s.drop_last):
+                items, skipped, last_good = [], 0, None
+                for g in positions[rows.start:rows.stop]:
+                    sample = int(order[g % total])
+                    item = self._load(reader, sample, warned)
+                    if item is None:  # skipped bad sample: repeat a good one so ranks stay in step
+                        skipped += 1
+                        continue
+                    if flips is not None and flips[g % total]:
+                        item = {k: v.flip(-1) if v.dim() == 3 else v for k, v in item.items()}
+                    items.append(item)
+                    last_good = item
+                if skipped:
+                    if last_good is None:
+                        raise DataError(f"every sample of a batch was bad (epoch {self.epoch}, rank {s.rank})")
+                    items += [last_good] * skipped
+                batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+                batch["position"] = torch.as_tensor(positions[rows.start:rows.stop])
+                batch["skipped"] = torch.tensor(skipped)
+                yield batch
+        finally:
+            reader.close()
+
+    def _load(self, reader: ShardReader, sample: int, warned: set[str]) -> dict[str, torch.Tensor] | None:
+        shard, key = None, "?"
+        try:
+            shard, key, members = reader.read(sample)
+            return decode_sample(self.index.kind, self.index.meta, members)
+        except Exception as e:  # noqa: BLE001 - any decode failure is a bad sample
+            name = shard.name if shard else self.index.locate(sample)[0].name
+            if not isinstance(e, DataError) or key == "?":
+                key = self.index.locate(sample)[1].key
+            msg = str(e) if isinstance(e, DataError) else f"{name}: key {key}: cannot decode ({type(e).__name__}: {e})"
+            if self.spec.on_error == "raise":
+                raise DataError(msg) from None
+            if name not in warned:
+                warned.add(name)
+                print(f"ganforge: skipping bad sample ({msg}); further ones in {name} are counted silently",
+                      file=sys.stderr, flush=True)
+            return None
+
+
+def make_loader(stream: ShardStream, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over whole batches; iterate it once per (epoch, start) set on `stream`."""
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers > 0 else None,
+                      multiprocessing_context="fork" if num_workers > 0 else None)

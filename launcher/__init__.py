@@ -1,0 +1,1 @@
+"""The `ganforge` command line: data tools, training, sampling, launching and the demo."""

@@ -1,0 +1,80 @@
+"""`ganforge` command: one subcommand per job; errors become one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launcher import data_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ganforge", description="Distributed GAN training from WebDataset shards.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    data_cli.add_parser(sub)
+
+    t = sub.add_parser("train", help="train in this process (use `ganforge launch` for several)")
+    t.add_argument("--config", required=True)
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    t.set_defaults(func=train)
+
+    s = sub.add_parser("sample", help="generate samples from a run's checkpoint")
+    s.add_argument("--run", required=True, help="run directory")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npy (raw float32 N x C x H x W)")
+    s.add_argument("--checkpoint", help="a checkpoint file (default: the newest valid one of --run)")
+    s.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
+    s.set_defaults(func=sample)
+
+    d = sub.add_parser("demo", help="MNIST shards + a 2-process DCGAN run + a sample grid, in a few minutes")
+    d.add_argument("--dir", default="runs", help="where data, runs and mlflow.db go (default runs/)")
+    d.add_argument("--minutes", type=float, default=3.5, help="training time budget")
+    d.add_argument("--nproc", type=int, default=0, help="processes (default: all GPUs, or 2 on CPU)")
+    d.add_argument("overrides", nargs="*", help="dotted key=value overrides for the run")
+    d.set_defaults(func=demo)
+    return p
+
+
+def train(args: argparse.Namespace) -> int:
+    from trainer.main import main as train_main
+
+    return train_main(["--config", args.config, *args.overrides])
+
+
+def sample(args: argparse.Namespace) -> int:
+    from trainer.generate import sample_to_file
+
+    path = sample_to_file(args.run, args.n, args.seed, args.out, args.checkpoint, use_ema=not args.no_ema)
+    print(path)
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from launcher.demo import run_demo
+
+    return run_demo(args.dir, args.minutes, args.nproc, args.overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_pipeline import DataError
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"ganforge: {e}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError) as e:
+        print(f"ganforge: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""Typed run configuration: YAML recipes plus dotted `key=value` overrides.
+
+Every field is declared here with its default and meaning. Loading checks names and types
+and the combinations that cannot work, and raises ConfigError naming the key, before any
+process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A bad configuration; `key` is the dotted name at fault."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config error: {key}: {message}")
+        self.key = key
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # identity in MLflow and the launcher's rendezvous id
+    dir: str = ""  # holds config.yaml, checkpoints/, samples/; default runs/<name>
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # a make-shards directory (or URL prefix holding index.json)
+    train_b: str = ""  # second domain for unpaired translation
+    num_workers: int = 0  # DataLoader workers per rank
+    on_error: str = "raise"  # raise | skip (a bad sample is counted and replaced)
+    flip: bool = False  # random horizontal flips, fixed by (seed, epoch, position)
+    pad: bool = True  # pad the epoch so every rank reads the same count (else drop the tail)
+    shuffle_block_shards: int = 0  # 0: shuffle all samples; k: shuffle within blocks of k shards
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dcgan"
+    resolution: int = 32  # image side; a power of two >= 16
+    channels: int = 1
+    z_dim: int = 100
+    g_width: int = 64  # feature maps of G's last hidden layer (doubles towards 4x4)
+    d_width: int = 64  # feature maps of D's first layer (doubles towards 4x4)
+    norm: str = "batch"  # batch | none  (normalisation in G and D hidden layers)
+
+
+@dataclass
+class LossConfig:
+    type: str = "bce"  # bce | hinge | wgan | wgan_gp | lsgan
+    gp_weight: float = 10.0  # wgan_gp penalty weight
+    clip: float = 0.01  # wgan weight clipping bound
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # GLOBAL batch; each rank takes batch_size / world_size
+    max_steps: int = 1000  # G steps
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
+    n_critic: int = 1  # D steps per G step
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    ema_kimg: float = 10.0  # half-life of G's EMA in thousands of images; 0 disables EMA
+    ema_rampup: float = 0.05  # EMA half-life is at most this fraction of images seen
+    threads: int = 0  # torch threads per process; 0 = leave as launched
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    keep: int = 3  # newest checkpoints kept
+    resume: str = "latest"  # latest | none | PATH
+
+
+@dataclass
+class LogConfig:
+    mlflow_uri: str = ""  # default sqlite:///<parent of run.dir>/mlflow.db; "none" disables
+    experiment: str = "ganforge"
+    prometheus_port: int = 0  # 0 disables the /metrics exporter
+    every_steps: int = 50
+    sample_every_steps: int = 500
+    sample_count: int = 64
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    strategy: str = "ddp"  # ddp | deepspeed
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "data.on_error": ("raise", "skip"),
+    "model.arch": ("dcgan",),
+    "model.norm": ("batch", "none"),
+    "loss.type": ("bce", "hinge", "wgan", "wgan_gp", "lsgan"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "strategy": ("ddp",),
+}
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if value is None:
+            return ""
+    raise ConfigError(key, f"expected {typ.__name__}, got {value!r}")
+
+
+def _set(node: Any, path: list[str], value: Any, prefix: str = "") -> None:
+    name = path[0]
+    key = f"{prefix}{name}"
+    fields = {f.name: f for f in dataclasses.fields(node)}
+    if name not in fields:
+        raise ConfigError(key, f"unknown key (known: {', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(type(node))
+    typ = hints[name]
+    if dataclasses.is_dataclass(typ):
+        if len(path) > 1:
+            _set(getattr(node, name), path[1:], value, key + ".")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _set(getattr(node, name), [str(k)], v, key + ".")
+        else:
+            raise ConfigError(key, f"is a section; set {key}.<field> or give a mapping, got {value!r}")
+        return
+    if len(path) > 1:
+        raise ConfigError(f"{key}.{path[1]}", f"{key} is a {typ.__name__}, not a section")
+    if isinstance(typ, types.UnionType):
+        typ = next(t for t in typ.__args__ if t is not type(None))
+    setattr(node, name, _coerce(key, value, typ))
+
+
+def apply(cfg: Config, values: dict[str, Any]) -> Config:
+    """Apply a nested mapping (as read from YAML) onto `cfg`."""
+    if not isinstance(values, dict):
+        raise ConfigError("<root>", f"expected a mapping at the top of the file, got {type(values).__name__}")
+    for k, v in values.items():
+        _set(cfg, [str(k)], v)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(text, "override must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Config from a YAML file (or defaults) plus dotted overrides, validated."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError("--config", f"no such file {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        apply(cfg, doc)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key.split("."), value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Reject impossible values and combinations, naming the key."""
+    flat = to_flat(cfg)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {flat[key]!r}")
+    positive = ["train.batch_size", "train.max_steps", "train.n_critic", "checkpoint.every_steps",
+                "checkpoint.keep", "log.every_steps", "log.sample_every_steps", "model.z_dim",
+                "model.g_width", "model.d_width", "model.channels"]
+    for key in positive:
+        if flat[key] <= 0:
+            raise ConfigError(key, f"must be > 0; got {flat[key]}")
+    for key in ["train.lr_g", "train.lr_d"]:
+        if flat[key] <= 0:
+            raise ConfigError(key, f"must be > 0; got {flat[key]}")
+    res = cfg.model.resolution
+    if res < 16 or res & (res - 1):
+        raise ConfigError("model.resolution", f"must be a power of two >= 16; got {res}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError("data.num_workers", f"must be >= 0; got {cfg.data.num_workers}")
+    if not cfg.data.train:
+        raise ConfigError("data.train", "required: a directory written by `ganforge data make-shards`")
+    if not cfg.run.dir:
+        cfg.run.dir = os.path.join("runs", cfg.run.name)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.train.batch_size % world_size:
+        raise ConfigError("train.batch_size", f"global batch {cfg.train.batch_size} is not divisible "
+                                              f"by the world size {world_size}")
+    if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:
+        raise ConfigError("loss.clip", f"wgan needs a positive clipping bound; got {cfg.loss.clip}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    """{"train.batch_size": 64, ...}: the form used for overrides and MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with to_dict (e.g. inside a checkpoint)."""
+    return apply(Config(), values)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

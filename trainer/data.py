@@ -1,0 +1,58 @@
+"""The trainer's view of the data: a cursor over epochs whose whole state is (epoch, consumed)."""
+
+from __future__ import annotations
+
+import torch
+
+from data_pipeline import DataError
+from data_pipeline.loader import ShardStream, StreamSpec, make_loader
+from trainer.config import Config
+from trainer.distributed import DistEnv
+
+
+class DataCursor:
+    """Endless stream of this rank's batches; `consumed` counts samples of the epoch across all ranks."""
+
+    def __init__(self, location: str, cfg: Config, env: DistEnv):
+        self.global_batch = cfg.train.batch_size
+        spec = StreamSpec(
+            seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+            batch_size=cfg.train.batch_size // env.world_size, pad=cfg.data.pad, drop_last=True,
+            flip=cfg.data.flip, block_shards=cfg.data.shuffle_block_shards, on_error=cfg.data.on_error)
+        self.stream = ShardStream(location, spec)
+        if self.stream.index.num_samples < self.global_batch:
+            raise DataError(f"{location}: {self.stream.index.num_samples} samples, fewer than one "
+                            f"global batch ({self.global_batch})")
+        self.loader = make_loader(self.stream, cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+        self.device = env.device
+        self.epoch, self.consumed, self.skipped = 0, 0, 0
+        self._it = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+        self.skipped = int(state.get("skipped", 0))
+        self._it = None
+
+    def next(self) -> dict[str, torch.Tensor]:
+        """The next batch on the device (uint8 images as they were stored)."""
+        for _ in range(2):
+            if self._it is None:
+                self.stream.set_position(self.epoch, self.consumed)
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self.epoch, self.consumed, self._it = self.epoch + 1, 0, None
+                continue
+            self.consumed += self.global_batch
+            self.skipped += int(batch.pop("skipped"))
+            return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        raise DataError("the data stream yields no batch for a whole epoch")
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], on whatever device the images are."""
+    return images.float().div_(127.5).sub_(1.0)

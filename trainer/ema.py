@@ -1,0 +1,32 @@
+"""Exponential moving average of G's weights with a half-life in images (StyleGAN2-ADA's ema_kimg)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def ema_beta(batch: int, nimg: int, ema_kimg: float, rampup: float) -> float:
+    """Decay per step: half-life ema_kimg*1000 images, at most rampup * images seen so far."""
+    half_life = ema_kimg * 1000
+    if rampup > 0:
+        half_life = min(half_life, nimg * rampup)
+    return 0.5 ** (batch / max(half_life, 1e-8))
+
+
+class EMA:
+    """Holds the averaged copy of a generator; buffers (e.g. BN statistics) are copied as they are."""
+
+    def __init__(self, g: nn.Module, ema_kimg: float, rampup: float):
+        self.model = copy.deepcopy(g).eval().requires_grad_(False)
+        self.ema_kimg, self.rampup = ema_kimg, rampup
+
+    @torch.no_grad()
+    def update(self, g: nn.Module, batch: int, nimg: int) -> None:
+        beta = ema_beta(batch, nimg, self.ema_kimg, self.rampup) if self.ema_kimg > 0 else 0.0
+        for p_ema, p in zip(self.model.parameters(), g.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1.0 - beta)
+        for b_ema, b in zip(self.model.buffers(), g.buffers(), strict=True):
+            b_ema.copy_(b)

@@ -1,0 +1,43 @@
+"""Generate from a saved run: what `ganforge sample` does."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from trainer.checkpoint import CheckpointError, load_latest, read_checkpoint
+from trainer.config import ConfigError, from_dict
+from trainer.models import build_models
+from trainer.sampling import generate, latents, save_grid
+
+
+def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = True):
+    """(generator in eval mode, config, checkpoint path) from a run directory."""
+    if checkpoint:
+        path, state = checkpoint, read_checkpoint(checkpoint)
+    else:
+        if not os.path.isdir(run_dir):
+            raise CheckpointError(f"{run_dir}: no such run directory")
+        found = load_latest(run_dir)
+        if found is None:
+            raise CheckpointError(f"{run_dir}: no valid checkpoint in {os.path.join(run_dir, 'checkpoints')}")
+        path, state = found
+    cfg = from_dict(state["config"])
+    g, _ = build_models(cfg.model)
+    g.load_state_dict(state["G_ema" if use_ema else "G"])
+    return g.eval(), cfg, path
+
+
+def sample_to_file(run_dir: str, n: int, seed: int, out: str, checkpoint: str | None = None,
+                   use_ema: bool = True) -> str:
+    """Write n samples for `seed` as a PNG grid or a raw float32 .npy; returns the path."""
+    if not out.endswith((".png", ".npy")):
+        raise ConfigError("--out", f"{out} must end in .png or .npy")
+    g, cfg, _ = load_generator(run_dir, checkpoint, use_ema)
+    images = generate(g, latents(seed, n, cfg.model.z_dim))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if out.endswith(".npy"):
+        np.save(out, images.numpy().astype(np.float32))
+        return out
+    return save_grid(images, out)

@@ -1,0 +1,67 @@
+"""Entry point of one training process: `accelerate launch trainer/main.py --config F [k=v ...]`.
+
+Also what torchrun runs and what `ganforge train` calls for a single process. The config is
+validated before any process group starts; a bad one exits with code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script: import the `trainer` package, not this folder's modules as top-level ones.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="trainer/main.py", description="Train a GAN (one process of the job).")
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/dcgan_digits.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=30")
+    return p.parse_args(argv)
+
+
+def prepare(config: str, overrides: list[str]):
+    """Load and check the config against the data, before any process group exists."""
+    from data_pipeline import DataError, load_index
+    from trainer.config import ConfigError, load_config
+
+    cfg = load_config(config, overrides)
+    try:
+        index = load_index(cfg.data.train)
+    except DataError as e:
+        raise ConfigError("data.train", str(e)) from None
+    size, channels = index.meta.get("size"), index.meta.get("channels")
+    if index.kind != "image":
+        raise ConfigError("data.train", f"{cfg.data.train} holds {index.kind} samples; {cfg.model.arch} needs images")
+    if size is not None and size != cfg.model.resolution:
+        raise ConfigError("model.resolution", f"{cfg.model.resolution}, but {cfg.data.train} has {size}x{size} images")
+    if channels is not None and channels != cfg.model.channels:
+        raise ConfigError("model.channels", f"{cfg.model.channels}, but {cfg.data.train} has {channels}-channel images")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from data_pipeline import DataError
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
+
+    try:
+        cfg = prepare(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"ganforge: {e}", file=sys.stderr)
+        return 2
+    from trainer.loop import run_training
+
+    try:
+        run_training(cfg)
+    except (DataError, CheckpointError) as e:
+        print(f"ganforge: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""DCGAN (Radford et al. 2015): all-convolutional G and D, batch norm, ReLU in G, LeakyReLU in D.
+
+D returns logits (no Sigmoid), so the loss can use the autocast-safe logit forms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _levels(resolution: int) -> int:
+    """Number of 2x up/down-sampling stages between 4x4 and `resolution`."""
+    return int(math.log2(resolution)) - 2
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
+
+
+class DCGANGenerator(nn.Module):
+    def __init__(self, z_dim: int = 100, width: int = 64, channels: int = 1, resolution: int = 32,
+                 norm: str = "batch"):
+        super().__init__()
+        self.z_dim = z_dim
+        n = _levels(resolution)
+        maps = [width * 2 ** (n - 1 - i) for i in range(n)]  # e.g. 256, 128, 64 for width 64 at 32x32
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(z_dim, maps[0], 4, 1, 0, bias=norm != "batch"),
+            _norm(norm, maps[0]), nn.ReLU(True),
+        ]
+        for c_in, c_out in zip(maps, maps[1:], strict=False):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=norm != "batch"),
+                       _norm(norm, c_out), nn.ReLU(True)]
+        layers += [nn.ConvTranspose2d(maps[-1], channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        self.apply(init_weights)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, width: int = 64, channels: int = 1, resolution: int = 32, norm: str = "batch"):
+        super().__init__()
+        n = _levels(resolution)
+        maps = [width * 2 ** i for i in range(n)]  # e.g. 64, 128, 256
+        layers: list[nn.Module] = [nn.Conv2d(channels, maps[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        for c_in, c_out in zip(maps, maps[1:], strict=False):
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm != "batch"),
+                       _norm(norm, c_out), nn.LeakyReLU(0.2, True)]
+        layers += [nn.Conv2d(maps[-1], 1, 4, 1, 0)]
+        self.net = nn.Sequential(*layers)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten()
+
+
+def init_weights(m: nn.Module) -> None:
+    """The DCGAN paper's init: conv weights N(0, 0.02), BN weights N(1, 0.02), biases 0."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,41 @@
+"""GAN objectives on raw D outputs (logits), safe under autocast."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def d_loss(kind: str, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator (critic) loss from its outputs on real and generated samples."""
+    real, fake = real.float(), fake.float()
+    if kind == "bce":  # -log sigmoid(real) - log(1 - sigmoid(fake))
+        return F.softplus(-real).mean() + F.softplus(fake).mean()
+    if kind == "hinge":
+        return F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+    if kind in ("wgan", "wgan_gp"):
+        return fake.mean() - real.mean()
+    if kind == "lsgan":
+        return 0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake**2).mean()
+    raise ValueError(f"unknown loss.type {kind!r}")
+
+
+def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
+    """Generator loss from D's outputs on generated samples (non-saturating for bce)."""
+    fake = fake.float()
+    if kind == "bce":
+        return F.softplus(-fake).mean()
+    if kind in ("hinge", "wgan", "wgan_gp"):
+        return -fake.mean()
+    if kind == "lsgan":
+        return 0.5 * ((fake - 1) ** 2).mean()
+    raise ValueError(f"unknown loss.type {kind!r}")
+
+
+def gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP: E[(||grad D(x_hat)|| - 1)^2] at x_hat = eps*real + (1-eps)*fake."""
+    shape = (-1,) + (1,) * (real.dim() - 1)
+    x_hat = (eps.view(shape) * real + (1 - eps.view(shape)) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(d(x_hat).sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()

@@ -1,0 +1,124 @@
+"""MLflow tracking from rank 0, in a background thread so a slow or absent server never stalls training."""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any
+
+
+def default_tracking_uri(run_dir: str) -> str:
+    """sqlite:///<parent of run.dir>/mlflow.db, e.g. runs/mlflow.db for run.dir=runs/demo."""
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    return f"sqlite:///{os.path.join(parent, 'mlflow.db')}"
+
+
+def resolve_tracking_uri(configured: str, run_dir: str) -> str | None:
+    """log.mlflow_uri, else $MLFLOW_TRACKING_URI, else the sqlite default; None when disabled."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "") or default_tracking_uri(run_dir)
+    return None if uri.lower() == "none" else uri
+
+
+class MlflowTracker:
+    """Queue-fed MLflow client. Calls return at once; the worker thread retries on errors."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str | None = None,
+                 params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
+                 resume_step: int = -1):
+        self.uri = uri
+        self.run_id: str | None = run_id
+        self._queue: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+        self._warned = False
+        self._skip_through = resume_step
+        self._thread = threading.Thread(
+            target=self._work, args=(experiment, run_name, params or {}, tags or {}), daemon=True,
+            name="ganforge-mlflow")
+        self._thread.start()
+
+    # -- public, called from the training loop -------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._queue.put(("metrics", dict(metrics), step, int(time.time() * 1000)))
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self._queue.put(("artifact", path, artifact_path, 0))
+
+    def wait_ready(self, timeout: float = 60.0) -> str | None:
+        """The run id once the run exists (None if the store could not be reached in time)."""
+        self._ready.wait(timeout)
+        return self.run_id
+
+    def close(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
+        """Flush what is queued (bounded by `timeout`) and mark the run ended."""
+        self._queue.put(("end", status, None, 0))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._warn(f"could not flush to {self.uri} within {timeout:.0f} s; some points were not logged")
+
+    # -- worker thread --------------------------------------------------------------------------
+    def _warn(self, msg: str) -> None:
+        if not self._warned:
+            self._warned = True
+            print(f"ganforge: warning: MLflow: {msg} (training continues; retrying)", file=sys.stderr, flush=True)
+
+    def _retry(self, fn, *args, attempts: int = 5):
+        for i in range(attempts):
+            try:
+                return fn(*args)
+            except Exception as e:  # noqa: BLE001 - any store failure is retried, never raised
+                self._warn(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                time.sleep(min(10.0, 0.5 * 2**i))
+        return None
+
+    def _open(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]):
+        from mlflow.entities import Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.uri)
+        if self.run_id is None:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                artifacts = None
+                if self.uri.startswith("sqlite:///"):
+                    root = os.path.dirname(self.uri[len("sqlite:///"):])
+                    artifacts = "file://" + os.path.join(root, "mlartifacts")
+                exp_id = client.create_experiment(experiment, artifact_location=artifacts)
+            else:
+                exp_id = exp.experiment_id
+            run = client.create_run(exp_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+            for i in range(0, len(items), 100):
+                client.log_batch(self.run_id, params=items[i:i + 100])
+        else:
+            client.update_run(self.run_id, status="RUNNING")
+            # Points logged after the checkpoint we resumed from are not logged twice.
+            history = client.get_metric_history(self.run_id, "loss/g")
+            self._skip_through = max([self._skip_through] + [m.step for m in history])
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items() if k != "mlflow.runName"])
+        return client
+
+    def _work(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        client = self._retry(self._open, experiment, run_name, params, tags, attempts=8)
+        self._ready.set()
+        from mlflow.entities import Metric
+
+        while True:
+            kind, a, b, ts = self._queue.get()
+            if client is None:
+                if kind == "end":
+                    return
+                continue
+            if kind == "metrics":
+                if b <= self._skip_through:  # already logged before the resume
+                    continue
+                metrics = [Metric(k, float(v), ts, b) for k, v in a.items()]
+                self._retry(lambda m=metrics: client.log_batch(self.run_id, metrics=m))
+            elif kind == "artifact":
+                self._retry(client.log_artifact, self.run_id, a, b)
+            elif kind == "end":
+                self._retry(client.set_terminated, self.run_id, a)
+                return
