@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import warnings
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
 from data_pipeline.index import ShardIndex, ShardRecord, is_url, load_index
-from data_pipeline.planner import epoch_order, rank_positions, worker_batches
+from data_pipeline.planner import epoch_order, rank_positions, samples_at, worker_batches
 
 
 @dataclass
@@ -88,6 +89,9 @@ class ShardReader:
         for handle in self._open.values():
             handle.close()
         self._open.clear()
+
+
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 
 def _decode_image(payload: bytes, channels: int) -> torch.Tensor:
@@ -163,18 +167,18 @@ class ShardStream(IterableDataset):
         total = len(order)
         flips = np.random.default_rng([s.seed, self.epoch, 1]).random(total) < 0.5 if s.flip else None
         positions = self.positions()
+        samples = samples_at(order, positions, self.start)
         reader = ShardReader(self.index)
         warned: set[str] = set()
         try:
             for rows in worker_batches(len(positions), s.batch_size, workers, worker, s.drop_last):
                 items, skipped, last_good = [], 0, None
-                for g in positions[rows.start:rows.stop]:
-                    sample = int(order[g % total])
-                    item = self._load(reader, sample, warned)
+                for sample in samples[rows.start:rows.stop]:
+                    item = self._load(reader, int(sample), warned)
                     if item is None:  # skipped bad sample: repeat a good one so ranks stay in step
                         skipped += 1
                         continue
-                    if flips is not None and flips[g % total]:
+                    if flips is not None and flips[sample]:
                         item = {k: v.flip(-1) if v.dim() == 3 else v for k, v in item.items()}
                     items.append(item)
                     last_good = item

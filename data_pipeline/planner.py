@@ -38,14 +38,27 @@ def epoch_order(shard_sizes: Sequence[int], seed: int, epoch: int, block_shards:
 def rank_positions(total: int, world_size: int, rank: int, start: int = 0, pad: bool = True) -> np.ndarray:
     """Global positions rank `rank` reads from position `start` to the end of the epoch.
 
-    Every rank gets the same count: the remainder is padded by wrapping to the start of the
-    order (positions >= total, at most world_size - 1 of them) or, with pad=False, dropped.
+    Every rank gets the same count: the remainder is padded (positions >= total, at most
+    world_size - 1 of them; see `samples_at`) or, with pad=False, dropped.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
     remaining = max(0, total - start)
     per_rank = -(-remaining // world_size) if pad else remaining // world_size
     return start + rank + world_size * np.arange(per_rank, dtype=np.int64)
+
+
+def samples_at(order: np.ndarray, positions: np.ndarray, start: int = 0) -> np.ndarray:
+    """Sample numbers at global `positions` of an epoch read from `start`.
+
+    A padding position total + j repeats the j-th sample of the part read from `start`, so a
+    plan from any start holds exactly the keys of the positions >= start, plus repeats of them.
+    """
+    total = len(order)
+    positions = np.asarray(positions, dtype=np.int64)
+    remaining = max(1, total - start)
+    wrapped = np.where(positions < total, positions, start + (positions - total) % remaining)
+    return order[wrapped]
 
 
 def worker_batches(count: int, batch_size: int, num_workers: int, worker: int, drop_last: bool) -> list[range]:
@@ -69,9 +82,9 @@ class PlanEntry:
 
 def plan_rank(order: np.ndarray, world_size: int, rank: int, start: int = 0, pad: bool = True) -> list[PlanEntry]:
     """What one rank reads, in order, for an epoch whose global order is `order`."""
-    total = len(order)
-    positions = rank_positions(total, world_size, rank, start, pad)
-    return [PlanEntry(rank, i, int(g), int(order[g % total])) for i, g in enumerate(positions)]
+    positions = rank_positions(len(order), world_size, rank, start, pad)
+    samples = samples_at(order, positions, start)
+    return [PlanEntry(rank, i, int(g), int(k)) for i, (g, k) in enumerate(zip(positions, samples, strict=True))]
 
 
 def plan_epoch(order: np.ndarray, world_size: int, start: int = 0, pad: bool = True) -> list[PlanEntry]:

@@ -37,7 +37,7 @@ class DataConfig:
     train_b: str = ""  # second domain for unpaired translation
     num_workers: int = 0  # DataLoader workers per rank
     on_error: str = "raise"  # raise | skip (a bad sample is counted and replaced)
-    flip: bool = False  # random horizontal flips, fixed by (seed, epoch, position)
+    flip: bool = False  # random horizontal flips, fixed by (seed, epoch, sample)
     pad: bool = True  # pad the epoch so every rank reads the same count (else drop the tail)
     shuffle_block_shards: int = 0  # 0: shuffle all samples; k: shuffle within blocks of k shards
 

@@ -51,11 +51,32 @@ def shutdown() -> None:
 
 
 def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
-    """DDP for a multi-process run (rank 0's buffers broadcast each forward), else the module."""
+    """DDP for a multi-process run, else the module.
+
+    Buffers (BN statistics) are not broadcast from rank 0 at each forward; the loop averages
+    them across ranks after every step instead (`average_buffers`), so they reflect all data.
+    """
     if env.world_size == 1:
         return module
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=True)
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module, env: DistEnv) -> None:
+    """Make floating-point buffers (BN running mean/var) the mean over ranks: identical everywhere."""
+    if env.world_size == 1:
+        return
+    buffers = [b for b in unwrap(module).buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.flatten() for b in buffers])
+    dist.all_reduce(flat)
+    flat /= env.world_size
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
 
 
 def unwrap(module: nn.Module) -> nn.Module:

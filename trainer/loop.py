@@ -19,7 +19,16 @@ from trainer import __version__
 from trainer.checkpoint import CheckpointError, load_latest, read_checkpoint, save_checkpoint
 from trainer.config import Config, dump_yaml, to_dict, to_flat
 from trainer.data import DataCursor, to_unit_range
-from trainer.distributed import DistEnv, any_rank, init_distributed, mean_across, shutdown, unwrap, wrap
+from trainer.distributed import (
+    DistEnv,
+    any_rank,
+    average_buffers,
+    init_distributed,
+    mean_across,
+    shutdown,
+    unwrap,
+    wrap,
+)
 from trainer.ema import EMA
 from trainer.models import build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty
@@ -144,6 +153,8 @@ class Trainer:
                 eps = global_draw(derive_seed(cfg.seed, step, 2, i), (gb,), env, uniform=True)
             stats = self.d_step(real, z, eps)
         stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, 3), (gb, zd), env))
+        average_buffers(self.G.module, env)
+        average_buffers(self.D.module, env)
         self.state.step += 1
         self.state.nimg += gb
         self.ema.update(unwrap(self.G.module), gb, self.state.nimg)

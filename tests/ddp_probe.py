@@ -1,0 +1,49 @@
+"""Run a few real training steps in this process of a DDP job and save what each rank holds.
+
+Used by tests/test_training.py: `accelerate launch ... tests/ddp_probe.py OUT [overrides]`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from trainer.config import load_config  # noqa: E402
+from trainer.distributed import init_distributed, shutdown, unwrap  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+
+
+def main() -> None:
+    out, overrides = sys.argv[1], sys.argv[2:]
+    cfg = load_config("configs/dcgan_digits.yaml", overrides)
+    env = init_distributed()
+    trainer = Trainer(cfg, env)
+    init_g = {k: v.clone() for k, v in unwrap(trainer.G.module).state_dict().items()}
+    positions = []
+    next_batch = trainer.data.next
+
+    def recording_next():
+        batch = next_batch()
+        positions.extend(batch["position"].tolist())
+        return batch
+
+    trainer.data.next = recording_next
+    steps = int(os.environ.get("PROBE_STEPS", "5"))
+    for _ in range(steps):
+        trainer.train_step()
+    torch.save({
+        "world_size": env.world_size,
+        "G": unwrap(trainer.G.module).state_dict(),
+        "D": unwrap(trainer.D.module).state_dict(),
+        "G_init": init_g,
+        "positions": positions,
+    }, os.path.join(out, f"rank{env.rank}.pt"))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The D/G loop: phases touch only their own network; DDP ranks stay identical; runs resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import BIN, REPO, accelerate_cpu, free_port, run_cli
+
+RECIPE = "configs/dcgan_digits.yaml"
+TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", "train.batch_size=16", "log.mlflow_uri=none"]
+
+
+@pytest.fixture()
+def single_trainer(digits_dir, tmp_path, monkeypatch):
+    from trainer.config import load_config
+    from trainer.distributed import init_distributed
+    from trainer.loop import Trainer
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(RECIPE, [f"data.train={digits_dir}", f"run.dir={tmp_path}/run", *TINY])
+    return Trainer(cfg, init_distributed())
+
+
+def test_g_step_computes_no_d_gradients_and_d_step_no_g_gradients(single_trainer):
+    t = single_trainer
+    z = torch.randn(16, 16)
+    t.g_step(z)
+    assert all(p.grad is None for p in t.D.module.parameters())
+    assert all(p.grad is not None for p in t.G.module.parameters())
+    t.G.opt.zero_grad(set_to_none=True)
+    real = torch.rand(16, 1, 32, 32) * 2 - 1
+    before = [p.clone() for p in t.G.module.parameters()]
+    t.d_step(real, z, None)
+    assert all(p.grad is None for p in t.G.module.parameters())
+    assert all(p.grad is not None for p in t.D.module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, t.G.module.parameters(), strict=True))
+
+
+def test_ema_follows_its_formula(single_trainer):
+    from trainer.ema import ema_beta
+
+    t = single_trainer
+    ema_before = [p.clone() for p in t.ema.model.parameters()]
+    t.train_step()
+    beta = ema_beta(16, 16, t.cfg.train.ema_kimg, t.cfg.train.ema_rampup)
+    for e0, e1, g in zip(ema_before, t.ema.model.parameters(), t.G.module.parameters(), strict=True):
+        torch.testing.assert_close(e1, g.detach() + beta * (e0 - g.detach()))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_weights_after_training(digits_dir, tmp_path):
+    out = tmp_path / "probe"
+    out.mkdir()
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "--multi_gpu",
+           "--num_processes", "2", "tests/ddp_probe.py", str(out), f"data.train={digits_dir}", *TINY]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PROBE_STEPS="6")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    assert [s["world_size"] for s in ranks] == [2, 2]
+    for net in ("G", "D"):
+        for name, value in ranks[0][net].items():
+            assert torch.equal(value, ranks[1][net][name]), f"{net}.{name} differs between ranks"
+    changed = [not torch.equal(v, ranks[0]["G_init"][k]) for k, v in ranks[0]["G"].items() if v.is_floating_point()]
+    assert all(changed), "training must have moved every G tensor"
+    seen = [set(s["positions"]) for s in ranks]
+    assert seen[0].isdisjoint(seen[1]) and len(seen[0]) == len(seen[1]) == 6 * 8
+
+
+@pytest.mark.slow
+def test_accelerate_run_checkpoints_samples_logs_and_resumes(tmp_path):
+    data, run = tmp_path / "d", tmp_path / "runs" / "r"
+    r = run_cli("data", "make-shards", "--source", "digits", "--out", str(data))
+    assert r.returncode == 0, r.stderr
+    args = ["--config", RECIPE, f"data.train={data}", f"run.dir={run}", "checkpoint.every_steps=10",
+            "log.every_steps=5", "model.g_width=16", "model.d_width=16"]
+    r = accelerate_cpu(2, *args, "train.max_steps=30")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(run / "checkpoints")) == [f"step_{s:08d}.pt" for s in (10, 20, 30)]
+    assert "world size 2" in r.stdout
+
+    png = tmp_path / "s.png"
+    r = run_cli("sample", "--run", str(run), "--n", "16", "--seed", "0", "--out", str(png))
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert Image.open(png).size == (4 * 34 + 2, 4 * 34 + 2)
+    npy = tmp_path / "s.npy"
+    assert run_cli("sample", "--run", str(run), "--n", "5", "--seed", "3", "--out", str(npy)).returncode == 0
+    x = np.load(npy)
+    assert x.shape == (5, 1, 32, 32) and x.dtype == np.float32 and x.std() > 0.05
+
+    r = accelerate_cpu(2, *args, "train.max_steps=40")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stdout and "at step 30" in r.stdout
+    assert "step_00000040.pt" in os.listdir(run / "checkpoints")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ganforge").experiment_id])
+    assert len(runs) == 1, "the resumed run continues the same MLflow run"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss/g")]
+    assert steps == sorted(set(steps)) and steps[-1] == 40 and 30 in steps
+    assert runs[0].data.params["train.batch_size"] == "64"
+    assert runs[0].data.tags["world_size"] == "2"
+
+
+@pytest.mark.slow
+def test_single_process_train_and_resume_from_saved_step(digits_dir, tmp_path):
+    run = tmp_path / "run"
+    base = ["train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *TINY,
+            "checkpoint.every_steps=4"]
+    r = run_cli(*base, "train.max_steps=6", env={"WORLD_SIZE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000004.pt", "step_00000006.pt"]
+    state = torch.load(run / "checkpoints" / "step_00000006.pt", weights_only=True)
+    assert state["step"] == 6 and state["data"]["consumed"] == 6 * 16
+    r = run_cli(*base, "train.max_steps=9", env={"WORLD_SIZE": "1"})
+    assert r.returncode == 0 and "at step 6" in r.stdout
+    state = torch.load(run / "checkpoints" / "step_00000009.pt", weights_only=True)
+    assert state["step"] == 9 and state["data"]["consumed"] == 9 * 16
