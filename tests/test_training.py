@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import BIN, REPO, accelerate_cpu, free_port, run_cli
+from trainer.checkpoint import read_checkpoint
 
 RECIPE = "configs/dcgan_digits.yaml"
 TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", "train.batch_size=16", "log.mlflow_uri=none"]
@@ -83,7 +84,7 @@ def test_accelerate_run_checkpoints_samples_logs_and_resumes(tmp_path):
             "log.every_steps=5", "model.g_width=16", "model.d_width=16"]
     r = accelerate_cpu(2, *args, "train.max_steps=30")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(os.listdir(run / "checkpoints")) == [f"step_{s:08d}.pt" for s in (10, 20, 30)]
+    assert sorted(os.listdir(run / "checkpoints")) == [f"step_{s:08d}" for s in (10, 20, 30)]
     assert "world size 2" in r.stdout
 
     png = tmp_path / "s.png"
@@ -100,7 +101,7 @@ def test_accelerate_run_checkpoints_samples_logs_and_resumes(tmp_path):
     r = accelerate_cpu(2, *args, "train.max_steps=40")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from" in r.stdout and "at step 30" in r.stdout
-    assert "step_00000040.pt" in os.listdir(run / "checkpoints")
+    assert "step_00000040" in os.listdir(run / "checkpoints")
 
     from mlflow.tracking import MlflowClient
 
@@ -120,10 +121,10 @@ def test_single_process_train_and_resume_from_saved_step(digits_dir, tmp_path):
             "checkpoint.every_steps=4"]
     r = run_cli(*base, "train.max_steps=6", env={"WORLD_SIZE": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000004.pt", "step_00000006.pt"]
-    state = torch.load(run / "checkpoints" / "step_00000006.pt", weights_only=True)
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000004", "step_00000006"]
+    state = read_checkpoint(str(run / "checkpoints" / "step_00000006"))
     assert state["step"] == 6 and state["data"]["consumed"] == 6 * 16
     r = run_cli(*base, "train.max_steps=9", env={"WORLD_SIZE": "1"})
     assert r.returncode == 0 and "at step 6" in r.stdout
-    state = torch.load(run / "checkpoints" / "step_00000009.pt", weights_only=True)
+    state = read_checkpoint(str(run / "checkpoints" / "step_00000009"))
     assert state["step"] == 9 and state["data"]["consumed"] == 9 * 16

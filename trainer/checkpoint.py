@@ -1,15 +1,29 @@
-"""Checkpoints in run.dir/checkpoints: atomic writes, newest-valid resume, retention."""
+"""Checkpoints in run.dir/checkpoints: atomic, verified, written off the training thread.
+
+Layout: checkpoints/step_XXXXXXXX/{state.pt, COMMITTED}. A checkpoint is written into a
+temporary directory, fsynced, and renamed into place; the COMMITTED marker (sizes and sha256
+of every file) is written last inside it, so a directory without a valid marker is never
+used. Loading goes newest first and falls back, with one warning line, past any checkpoint
+that is incomplete, truncated or corrupt.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shutil
 import sys
+import threading
+import time
 from typing import Any
 
 import torch
 
-NAME = re.compile(r"^step_(\d{8})\.pt$")
+NAME = re.compile(r"^step_(\d{8})$")
+STATE = "state.pt"
+MARKER = "COMMITTED"
 
 
 class CheckpointError(Exception):
@@ -21,7 +35,7 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every checkpoint file, newest first."""
+    """(step, path) of every checkpoint directory, newest first (valid or not)."""
     d = checkpoint_dir(run_dir)
     if not os.path.isdir(d):
         return []
@@ -29,46 +43,163 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def save_checkpoint(run_dir: str, step: int, state: dict[str, Any], keep: int) -> str:
-    """Write `state` to checkpoints/step_XXXXXXXX.pt via a temp file, fsync and rename; prune old ones."""
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def to_cpu(obj: Any) -> Any:
+    """A copy of `obj` whose tensors are detached CPU copies: safe to write while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def write_checkpoint(run_dir: str, step: int, state: dict[str, Any]) -> str:
+    """Write one checkpoint directory atomically; returns its path."""
     d = checkpoint_dir(run_dir)
     os.makedirs(d, exist_ok=True)
-    path = os.path.join(d, f"step_{step:08d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    final = os.path.join(d, f"step_{step:08d}")
+    tmp = os.path.join(d, f".tmp-step_{step:08d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    state_path = os.path.join(tmp, STATE)
+    with open(state_path, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(d, os.O_RDONLY)
+    marker = {"step": step, "time": time.time(),
+              "files": {STATE: {"bytes": os.path.getsize(state_path), "sha256": _sha256(state_path)}}}
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump(marker, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(d)
+    return final
+
+
+def verify_checkpoint(path: str) -> str:
+    """The state file of a committed, intact checkpoint directory (or a bare .pt file)."""
+    if os.path.isfile(path):
+        return path
+    marker_path = os.path.join(path, MARKER)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not os.path.exists(marker_path):
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MARKER} marker)")
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    for _, old in list_checkpoints(run_dir)[keep:]:
-        os.remove(old)
-    return path
+        with open(marker_path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{marker_path}: unreadable marker ({e})") from None
+    for name, expect in files.items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise CheckpointError(f"{file}: missing")
+        size = os.path.getsize(file)
+        if size != expect["bytes"]:
+            raise CheckpointError(f"{file}: truncated or changed ({size} bytes, marker says {expect['bytes']})")
+        if _sha256(file) != expect["sha256"]:
+            raise CheckpointError(f"{file}: corrupt (sha256 differs from the marker)")
+    return os.path.join(path, STATE)
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
-    """Load one checkpoint (tensors and plain data only: weights_only=True)."""
+    """Load one verified checkpoint (tensors and plain data only: weights_only=True)."""
+    state_path = verify_checkpoint(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint") from None
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zips and bad pickles raise many kinds
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{state_path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path}: not a ganforge checkpoint (no 'step')")
+        raise CheckpointError(f"{state_path}: not a ganforge checkpoint (no 'step')")
     return state
 
 
 def load_latest(run_dir: str, warn: bool = True) -> tuple[str, dict[str, Any]] | None:
-    """The newest checkpoint of `run_dir` that loads; unreadable newer ones are reported and skipped."""
+    """The newest checkpoint of `run_dir` that verifies and loads; bad newer ones are reported and skipped."""
     for _, path in list_checkpoints(run_dir):
         try:
             return path, read_checkpoint(path)
         except CheckpointError as e:
             if warn:
-                print(f"ganforge: warning: {e}; trying the previous checkpoint", file=sys.stderr, flush=True)
+                print(f"ganforge: warning: {e}; using an earlier checkpoint", file=sys.stderr, flush=True)
     return None
+
+
+class CheckpointManager:
+    """Saves on a background thread (one in flight), keeps the newest `keep` plus milestones."""
+
+    def __init__(self, run_dir: str, keep: int, milestone_every: int = 0):
+        self.run_dir, self.keep, self.milestone_every = run_dir, keep, milestone_every
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_path: str | None = None
+        self.last_stall_s = 0.0  # time the training loop was blocked by the last save
+        self.last_write_s = 0.0  # time the last write took (in the background)
+        self.last_time = 0.0  # wall-clock time of the last completed save
+
+    def save(self, step: int, state: dict[str, Any], blocking: bool = False) -> str:
+        t0 = time.perf_counter()
+        self.wait()
+        snapshot = to_cpu(state)
+        path = os.path.join(checkpoint_dir(self.run_dir), f"step_{step:08d}")
+        self._thread = threading.Thread(target=self._write, args=(step, snapshot), daemon=False,
+                                        name="ganforge-checkpoint")
+        self._thread.start()
+        if blocking:
+            self.wait()
+        self.last_stall_s = time.perf_counter() - t0
+        return path
+
+    def _write(self, step: int, snapshot: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.last_path = write_checkpoint(self.run_dir, step, snapshot)
+            self.prune()
+        except BaseException as e:  # noqa: BLE001 - surfaced to the training thread by wait()
+            self._error = e
+        self.last_write_s = time.perf_counter() - t0
+        self.last_time = time.time()
+
+    def wait(self) -> None:
+        """Block until the save in flight is on disk; re-raise its error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"saving a checkpoint in {checkpoint_dir(self.run_dir)} failed: {error}")
+
+    def prune(self) -> None:
+        """Remove all but the newest `keep` checkpoints (milestones stay) and stale temp dirs."""
+        kept = 0
+        for step, path in list_checkpoints(self.run_dir):
+            if self.milestone_every and step % self.milestone_every == 0:
+                continue
+            kept += 1
+            if kept > self.keep:
+                shutil.rmtree(path, ignore_errors=True)
+        d = checkpoint_dir(self.run_dir)
+        for name in os.listdir(d):
+            if name.startswith(".tmp-step_") and not name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(os.path.join(d, name), ignore_errors=True)

@@ -79,6 +79,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 500
     keep: int = 3  # newest checkpoints kept
+    milestone_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
     resume: str = "latest"  # latest | none | PATH
 
 

@@ -83,13 +83,13 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
-def any_rank(flag: bool, env: DistEnv) -> bool:
-    """True on every rank when `flag` is true on at least one."""
+def stop_votes(votes: list[bool], env: DistEnv) -> list[bool]:
+    """Each vote true on every rank when it is true on any rank (one all-reduce for all of them)."""
     if env.world_size == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=env.device)
+        return [bool(v) for v in votes]
+    t = torch.tensor([1.0 if v else 0.0 for v in votes], device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(x > 0) for x in t.tolist()]
 
 
 def mean_across(values: torch.Tensor, env: DistEnv) -> torch.Tensor:

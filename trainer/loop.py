@@ -16,22 +16,23 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer import __version__
-from trainer.checkpoint import CheckpointError, load_latest, read_checkpoint, save_checkpoint
+from trainer.checkpoint import CheckpointError, CheckpointManager, load_latest, read_checkpoint
 from trainer.config import Config, dump_yaml, to_dict, to_flat
 from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import (
     DistEnv,
-    any_rank,
     average_buffers,
     init_distributed,
     mean_across,
     shutdown,
+    stop_votes,
     unwrap,
     wrap,
 )
 from trainer.ema import EMA
 from trainer.models import build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty
+from trainer.preemption import Preempted, StopFlag
 from trainer.sampling import generate, latents, save_grid
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
 
@@ -316,12 +317,22 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
     if reporter.tracker:
         trainer.state.mlflow_run_id = reporter.tracker.wait_ready(timeout=30)
 
-    def checkpoint() -> str | None:
-        if not env.is_main:
-            return None
-        return save_checkpoint(cfg.run.dir, trainer.state.step, trainer.state_dict(), cfg.checkpoint.keep)
+    ckpt = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.checkpoint.milestone_every)
+    saved_step = trainer.state.step if resumed else -1
 
-    start, status, last_ckpt = time.perf_counter(), "FAILED", None
+    def checkpoint(blocking: bool = False) -> None:
+        nonlocal saved_step
+        if env.is_main and saved_step != trainer.state.step:
+            ckpt.save(trainer.state.step, trainer.state_dict(), blocking)
+        if blocking:
+            if env.is_main:
+                ckpt.wait()
+            if env.world_size > 1:
+                dist.barrier()  # no rank exits (and gets the job torn down) before the save is on disk
+        saved_step = trainer.state.step
+
+    flag = StopFlag().install()
+    start, status = time.perf_counter(), "FAILED"
     budget = cfg.train.max_minutes * 60
     try:
         while trainer.state.step < cfg.train.max_steps:
@@ -329,18 +340,24 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
             reporter.log(stats)
             reporter.samples()
             if trainer.state.step % cfg.checkpoint.every_steps == 0:
-                last_ckpt = checkpoint()
-            if budget and any_rank(time.perf_counter() - start > budget, env):
+                checkpoint()
+            preempt, over_budget = stop_votes([flag.requested, budget > 0 and time.perf_counter() - start > budget], env)
+            if preempt:
+                checkpoint(blocking=True)
+                status = "KILLED"
+                raise Preempted(trainer.state.step, flag.signum or 15)
+            if over_budget:
                 if env.is_main:
                     print(f"ganforge: time budget of {cfg.train.max_minutes} min reached at step "
                           f"{trainer.state.step}", flush=True)
                 break
-        if trainer.state.step % cfg.checkpoint.every_steps:
-            last_ckpt = checkpoint()
+        checkpoint(blocking=True)
         grid = reporter.samples(final=True)
         status = "FINISHED"
     finally:
+        flag.uninstall()
         reporter.close(status)
+    last_ckpt = ckpt.last_path or (resumed[0] if resumed else None)
     summary = {"step": trainer.state.step, "checkpoint": last_ckpt, "samples": grid,
                "run_dir": cfg.run.dir, "mlflow_uri": getattr(reporter, "uri", None),
                "mlflow_run_id": trainer.state.mlflow_run_id}

@@ -54,9 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ganforge: {e}", file=sys.stderr)
         return 2
     from trainer.loop import run_training
+    from trainer.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         run_training(cfg)
+    except Preempted as e:
+        print(f"ganforge: {e}; re-run the same command to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (DataError, CheckpointError) as e:
         print(f"ganforge: error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,48 @@
+"""Graceful preemption: SIGTERM/SIGINT ask for a checkpoint at the next step boundary.
+
+Every rank checks the flag at each step boundary through one all-reduce, so all ranks stop
+at the same step, rank 0 writes one checkpoint, and the job exits with EXIT_PREEMPTED,
+which torchrun restarts and Kubernetes retries. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a container killed by SIGTERM reports
+
+
+class Preempted(Exception):
+    """Raised once the checkpoint for a requested stop is on disk."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after checkpointing")
+        self.step, self.signum = step, signum
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop reads `requested` at step boundaries."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:  # second signal: the user (or kubelet) means it
+            os._exit(128 + signum)
+        self.requested, self.signum = True, signum
+        print(f"ganforge: {signal.Signals(signum).name} received; checkpointing at the next step boundary "
+              f"(send again to exit at once)", file=sys.stderr, flush=True)
