@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import data_cli
+from launcher import data_cli, launch
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ganforge", description="Distributed GAN training from WebDataset shards.")
     sub = p.add_subparsers(dest="cmd", required=True)
     data_cli.add_parser(sub)
+    launch.add_parser(sub)
 
     t = sub.add_parser("train", help="train in this process (use `ganforge launch` for several)")
     t.add_argument("--config", required=True)
