@@ -35,6 +35,7 @@ from trainer.objectives import d_loss, g_loss, gradient_penalty
 from trainer.preemption import Preempted, StopFlag
 from trainer.sampling import generate, latents, save_grid
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
+from trainer.telemetry.prometheus import PrometheusExporter, restart_count
 
 
 def derive_seed(*parts: int) -> int:
@@ -232,7 +233,7 @@ def git_commit() -> str:
 
 
 class Reporter:
-    """Rank 0's progress line, sample grids and MLflow; a no-op on other ranks."""
+    """Rank 0's progress line, sample grids and MLflow; every rank's /metrics exporter."""
 
     def __init__(self, trainer: Trainer, resumed_step: int):
         self.t = trainer
@@ -241,23 +242,73 @@ class Reporter:
         self.tracker: MlflowTracker | None = None
         self.t0 = time.perf_counter()
         self.last = (self.t0, trainer.state.step)
+        self.iter_mark: float | None = None  # end of the previous iteration (start: first batch request)
+        self.data_wait, self.wait_window, self.images_read = 0.0, 0.0, 0
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=env.device)  # summed without a sync
+        self.ckpt_seen, self.checkpoints = 0.0, None
+        self._time_data(trainer.data)
+        build = {"version": __version__, "commit": git_commit(), "torch": torch.__version__,
+                 "device": env.device.type, "precision": trainer.precision}
+        self.exporter = PrometheusExporter.for_rank(cfg.log.prometheus_port, env, cfg.run.name, build)
+        if self.exporter:
+            self.exporter.restarted(restart_count(resumed_step >= 0))
+            self.exporter.checkpoint_saved(None, time.time())  # nothing to lose yet
         if not self.active:
             return
         uri = resolve_tracking_uri(cfg.log.mlflow_uri, cfg.run.dir)
         if uri:
-            tags = {"ganforge.version": __version__, "git.commit": git_commit(),
+            tags = {"ganforge.version": __version__, "git.commit": build["commit"],
                     "world_size": str(env.world_size), "device": env.device.type,
+                    "device_count": str(torch.cuda.device_count() if env.device.type == "cuda" else 1),
                     "precision": trainer.precision, "mlflow.runName": cfg.run.name}
             self.tracker = MlflowTracker(uri, cfg.log.experiment, cfg.run.name, trainer.state.mlflow_run_id,
                                          to_flat(cfg), tags, resume_step=resumed_step)
             self.uri = uri
 
+    def _time_data(self, data: DataCursor) -> None:
+        """Count the time this rank waits in `data.next()` (and the images it gets) for telemetry."""
+        fetch = data.next
+
+        def timed_next() -> dict[str, torch.Tensor]:
+            t0 = time.perf_counter()
+            if self.iter_mark is None:
+                self.iter_mark = t0
+            batch = fetch()
+            self.data_wait += time.perf_counter() - t0
+            self.images_read += len(next(iter(batch.values())))
+            return batch
+
+        data.next = timed_next
+
+    def watch_checkpoints(self, manager: CheckpointManager) -> None:
+        """Report the saves of `manager` (duration, time) on /metrics as they complete."""
+        self.checkpoints = manager
+
+    def _count_step(self, stats: dict[str, torch.Tensor]) -> None:
+        """Every step, on every rank, without a device sync: non-finite losses and /metrics counters."""
+        self.nonfinite += ~torch.isfinite(torch.stack(list(stats.values()))).all()
+        now = time.perf_counter()
+        self.wait_window += self.data_wait
+        if self.exporter:
+            seconds = now - self.iter_mark if self.iter_mark is not None else None
+            self.exporter.step_done(self.t.state.step, seconds, self.images_read, self.data_wait)
+            done = getattr(self.checkpoints, "last_time", 0.0)
+            if done > self.ckpt_seen:  # a background save finished since the last step
+                self.ckpt_seen = done
+                self.exporter.checkpoint_saved(self.checkpoints.last_write_s, done)
+        self.iter_mark, self.data_wait, self.images_read = now, 0.0, 0
+
     def log(self, stats: dict[str, torch.Tensor]) -> None:
         t = self.t
         step, cfg = t.state.step, t.cfg
+        self._count_step(stats)
         if step % cfg.log.every_steps and step != cfg.train.max_steps:
             return
         values = {k: float(v) for k, v in zip(stats, mean_across(torch.stack(list(stats.values())), t.env).tolist(), strict=True)}
+        values |= {f"lr/{p.name.lower()}": p.opt.param_groups[0]["lr"] for p in (t.G, t.D)}
+        values["train/nonfinite_steps"] = float(self.nonfinite.item())
+        if self.exporter:
+            self.exporter.report(values, int(values["train/nonfinite_steps"]), t.env.device, t.data.epoch)
         if not self.active:
             return
         now = time.perf_counter()
@@ -266,6 +317,8 @@ class Reporter:
         ips = dsteps * cfg.train.batch_size * cfg.train.n_critic / max(dt, 1e-9)
         values |= {"perf/images_per_s": ips, "progress/kimg": t.state.nimg / 1000,
                    "data/epoch": t.data.epoch, "data/skipped": t.data.skipped}
+        values["perf/data_wait_fraction"] = min(1.0, self.wait_window / max(dt, 1e-9))
+        self.wait_window = 0.0
         remaining = (cfg.train.max_steps - step) * dt / max(dsteps, 1)
         shown = "  ".join(f"{k.split('/')[-1] if k.startswith('loss') else k}={v:.3f}"
                           for k, v in values.items() if k.startswith(("loss", "d/")))
@@ -289,7 +342,19 @@ class Reporter:
     def close(self, status: str) -> None:
         if self.tracker:
             self.tracker.log_artifact(os.path.join(self.t.cfg.run.dir, "config.yaml"))
+            if status == "FINISHED":
+                self.tracker.log_artifact(self.save_generator(), "model")
             self.tracker.close(status)
+        if self.exporter:
+            self.exporter.close()
+
+    def save_generator(self) -> str:
+        """run.dir/generator_ema.pt: the final EMA generator alone, loadable by `ganforge sample --checkpoint`."""
+        t = self.t
+        g = t.ema.model if t.cfg.train.ema_kimg > 0 else unwrap(t.G.module)
+        path = os.path.join(t.cfg.run.dir, "generator_ema.pt")
+        torch.save({"step": t.state.step, "config": to_dict(t.cfg), "G_ema": g.state_dict()}, path)
+        return path
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
@@ -318,6 +383,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
         trainer.state.mlflow_run_id = reporter.tracker.wait_ready(timeout=30)
 
     ckpt = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.checkpoint.milestone_every)
+    reporter.watch_checkpoints(ckpt)
     saved_step = trainer.state.step if resumed else -1
 
     def checkpoint(blocking: bool = False) -> None:
