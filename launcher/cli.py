@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import data_cli, launch
+from launcher import data_cli, launch, runs_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     data_cli.add_parser(sub)
     launch.add_parser(sub)
+    runs_cli.add_parser(sub)
 
     t = sub.add_parser("train", help="train in this process (use `ganforge launch` for several)")
     t.add_argument("--config", required=True)

@@ -1,1 +1,1 @@
-"""Telemetry: MLflow tracking (rank 0) and, later, the Prometheus exporter (every rank)."""
+"""Telemetry: MLflow tracking (rank 0) and the Prometheus exporter (every rank)."""
