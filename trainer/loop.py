@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -324,6 +325,8 @@ class Reporter:
                           for k, v in values.items() if k.startswith(("loss", "d/")))
         print(f"step {step}/{cfg.train.max_steps}  {shown}  {ips:.0f} img/s  "
               f"epoch {t.data.epoch}  eta {remaining / 60:.1f} min", flush=True)
+        with open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tracker:
             self.tracker.log_metrics(values, step)
 

@@ -2,7 +2,9 @@
 
 Every rank checks the flag at each step boundary through one all-reduce, so all ranks stop
 at the same step, rank 0 writes one checkpoint, and the job exits with EXIT_PREEMPTED,
-which torchrun restarts and Kubernetes retries. A second signal exits at once.
+which torchrun restarts and Kubernetes retries. A second signal exits at once; one that
+arrives within a second of the first is taken as the same request (Ctrl-C reaches every
+process of the group directly *and* through the launcher, which forwards it).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a container killed by SIGTERM reports
 
@@ -28,6 +31,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.requested = False
         self.signum = 0
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def install(self) -> StopFlag:
@@ -41,8 +45,10 @@ class StopFlag:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:  # second signal: the user (or kubelet) means it
-            os._exit(128 + signum)
-        self.requested, self.signum = True, signum
+        if self.requested:
+            if time.monotonic() - self._first_at > 1.0:  # a real second signal: exit now
+                os._exit(128 + signum)
+            return
+        self.requested, self.signum, self._first_at = True, signum, time.monotonic()
         print(f"ganforge: {signal.Signals(signum).name} received; checkpointing at the next step boundary "
               f"(send again to exit at once)", file=sys.stderr, flush=True)

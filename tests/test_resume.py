@@ -1,0 +1,200 @@
+"""Resumption: bit-exact after SIGKILL, graceful SIGTERM, corrupt checkpoints, config changes, elastic."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import BIN, REPO, free_port, run_cli
+from trainer.checkpoint import list_checkpoints, read_checkpoint
+
+RECIPE = "configs/dcgan_digits.yaml"
+SMALL = ["model.g_width=16", "model.d_width=16", "model.z_dim=16", "train.batch_size=32",
+         "log.mlflow_uri=none", "log.every_steps=1", "checkpoint.every_steps=5"]
+STEPS = 60
+
+
+def launch_cmd(nproc: int, data: str, run: str, *extra: str) -> list[str]:
+    cmd = [os.path.join(BIN, "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    if nproc > 1:
+        cmd.append("--multi_gpu")
+    return cmd + ["--num_processes", str(nproc), "trainer/main.py", "--config", RECIPE,
+                  f"data.train={data}", f"run.dir={run}", *SMALL, *extra]
+
+
+ENV = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+
+
+def run_to_end(cmd: list[str]) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(run: str) -> dict[int, dict[str, float]]:
+    """Loss terms per step from metrics.jsonl; a step logged again after a resume overrides."""
+    out = {}
+    for line in open(os.path.join(run, "metrics.jsonl")):
+        rec = json.loads(line)
+        out[rec["step"]] = {k: v for k, v in rec.items() if k.startswith(("loss/", "d/"))}
+    return out
+
+
+def samples(run: str, tmp) -> np.ndarray:
+    out = str(tmp / f"{os.path.basename(run)}-samples.npy")
+    r = run_cli("sample", "--run", run, "--n", "16", "--seed", "0", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return np.load(out)
+
+
+def signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the launcher and every process below it (torchrun starts workers in new sessions)."""
+    import psutil
+
+    tree = psutil.Process(proc.pid)
+    for p in [*tree.children(recursive=True), tree]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def start_and_wait_for_step(cmd: list[str], step: int) -> subprocess.Popen:
+    """Start a job in its own process group and return once its metrics show `step`."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            cwd=REPO, start_new_session=True)
+    run = next(a.split("=", 1)[1] for a in cmd if a.startswith("run.dir="))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with open(os.path.join(run, "metrics.jsonl")) as f:
+                if sum(1 for _ in f) >= step:
+                    return proc
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"job did not reach step {step} (exit {proc.poll()})")
+
+
+@pytest.fixture(scope="module")
+def reference(digits_dir, tmp_path_factory):
+    """An uninterrupted 2-process run of STEPS steps."""
+    run = str(tmp_path_factory.mktemp("reference") / "run")
+    run_to_end(launch_cmd(2, digits_dir, run, f"train.max_steps={STEPS}"))
+    return run
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_identical(reference, digits_dir, tmp_path):
+    run = str(tmp_path / "run")
+    cmd = launch_cmd(2, digits_dir, run, f"train.max_steps={STEPS}")
+    proc = start_and_wait_for_step(cmd, 20)
+    signal_tree(proc, signal.SIGKILL)
+    proc.wait(30)
+    killed_at = max(losses(run))
+    assert 20 <= killed_at < STEPS, "the job must be killed mid-run"
+    r = run_to_end(cmd)
+    resumed_from = int(re.search(r"resuming from \S+ at step (\d+)", r.stdout).group(1))
+    assert 0 < resumed_from <= killed_at
+    assert losses(run) == losses(reference), "losses differ after resume"
+    ref, got = read_checkpoint(os.path.join(reference, "checkpoints", f"step_{STEPS:08d}")), \
+        read_checkpoint(os.path.join(run, "checkpoints", f"step_{STEPS:08d}"))
+    for net in ("G", "D", "G_ema"):
+        for k, v in ref[net].items():
+            assert torch.equal(v, got[net][k]), f"{net}.{k} differs after resume"
+    assert np.array_equal(samples(run, tmp_path), samples(reference, tmp_path))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_the_step_boundary_and_resume_matches(reference, digits_dir, tmp_path):
+    run = str(tmp_path / "run")
+    cmd = launch_cmd(2, digits_dir, run, f"train.max_steps={STEPS}")
+    proc = start_and_wait_for_step(cmd, 12)
+    signal_tree(proc, signal.SIGTERM)  # every process of the job gets it, some twice (forwarded)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "SIGTERM received" in err
+    stopped = list_checkpoints(run)[0][0]
+    assert 12 <= stopped < STEPS and stopped == max(losses(run)), "checkpoint at the step it stopped"
+    run_to_end(cmd)
+    assert losses(run) == losses(reference)
+    assert np.array_equal(samples(run, tmp_path), samples(reference, tmp_path))
+
+
+@pytest.mark.slow
+def test_single_process_exits_143_on_sigterm(digits_dir, tmp_path):
+    run = str(tmp_path / "run")
+    cmd = [os.path.join(BIN, "ganforge"), "train", "--config", RECIPE, f"data.train={digits_dir}",
+           f"run.dir={run}", *SMALL, "train.max_steps=100000"]
+    proc = start_and_wait_for_step(cmd, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    step = list_checkpoints(run)[0][0]
+    assert read_checkpoint(list_checkpoints(run)[0][1])["step"] == step >= 3
+
+
+def test_truncated_latest_checkpoint_falls_back_with_one_warning(digits_dir, tmp_path):
+    run = tmp_path / "run"
+    base = ["train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *SMALL,
+            "checkpoint.every_steps=3", "model.g_width=8", "model.d_width=8"]
+    assert run_cli(*base, "train.max_steps=6").returncode == 0
+    state = run / "checkpoints" / "step_00000006" / "state.pt"
+    os.truncate(state, os.path.getsize(state) // 2)
+    r = run_cli(*base, "train.max_steps=8")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "step_00000006" in warnings[0]
+    assert "at step 3" in r.stdout
+    assert read_checkpoint(str(run / "checkpoints" / "step_00000008"))["step"] == 8
+
+
+def test_checkpoint_without_marker_is_not_used(digits_dir, tmp_path):
+    run = tmp_path / "run"
+    base = ["train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *SMALL,
+            "checkpoint.every_steps=2", "model.g_width=8", "model.d_width=8"]
+    assert run_cli(*base, "train.max_steps=4").returncode == 0
+    os.remove(run / "checkpoints" / "step_00000004" / "COMMITTED")
+    r = run_cli("sample", "--run", str(run), "--n", "4", "--out", str(tmp_path / "x.npy"))
+    assert r.returncode == 0 and "incomplete checkpoint" in r.stderr
+
+
+def test_incompatible_config_is_refused_naming_keys_and_nothing_is_overwritten(digits_dir, tmp_path):
+    run = tmp_path / "run"
+    base = ["train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *SMALL,
+            "model.g_width=8", "model.d_width=8"]
+    assert run_cli(*base, "train.max_steps=2").returncode == 0
+    before = {p: os.path.getmtime(os.path.join(run, p)) for p in ("config.yaml", "checkpoints/step_00000002/state.pt")}
+    r = run_cli(*base, "train.max_steps=4", "model.g_width=12", "loss.type=hinge")
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert "model.g_width" in line and "loss.type" in line and "step_00000002" in line
+    assert {p: os.path.getmtime(os.path.join(run, p)) for p in before} == before
+    assert [s for s, _ in list_checkpoints(str(run))] == [2]
+
+
+@pytest.mark.slow
+def test_elastic_resume_two_processes_to_one_continues_the_data_exactly(digits_dir, tmp_path):
+    bn_free = ["model.norm=none", "train.max_steps=10"]
+    whole = str(tmp_path / "whole")
+    run_to_end(launch_cmd(1, digits_dir, whole, *bn_free))
+    split = str(tmp_path / "split")
+    run_to_end(launch_cmd(2, digits_dir, split, "model.norm=none", "train.max_steps=5"))
+    r = run_to_end(launch_cmd(1, digits_dir, split, *bn_free))
+    assert "at step 5" in r.stdout and "world size 1" in r.stdout
+    a = read_checkpoint(os.path.join(whole, "checkpoints", "step_00000010"))
+    b = read_checkpoint(os.path.join(split, "checkpoints", "step_00000010"))
+    assert a["data"] == b["data"]
+    for net in ("G", "D"):
+        for k, v in a[net].items():
+            torch.testing.assert_close(b[net][k], v, rtol=1e-5, atol=1e-6, msg=f"{net}.{k}")
