@@ -14,8 +14,9 @@ DEFAULT_URI = "sqlite:///runs/mlflow.db"
 # Which way is better, by a fragment of the metric name; metrics matching neither get no "best".
 LOWER_IS_BETTER = ("loss", "fid", "kid", "wait", "nonfinite")
 HIGHER_IS_BETTER = ("precision", "recall", "images_per_s", "modes", "high_quality")
-# Curves worth overlaying: losses, D outputs and the sample-quality metrics.
-PLOTTED = ("loss/", "d/", "fid", "kid", "precision", "recall", "modes", "high_quality")
+# Curves worth overlaying: losses, D outputs, gradient norms (by prefix) and sample quality.
+PLOTTED_PREFIXES = ("loss/", "d/", "grad_norm/")
+QUALITY = ("fid", "kid", "precision", "recall", "modes", "high_quality")
 
 
 class RunsError(Exception):
@@ -165,7 +166,8 @@ def plot(views: list[RunView], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = sorted({m for v in views for m in v.history if any(p in m for p in PLOTTED)})
+    metrics = sorted({m for v in views for m in v.history
+                      if m.startswith(PLOTTED_PREFIXES) or any(q in m for q in QUALITY)})
     if not metrics:
         raise RunsError("nothing to plot: none of the runs logged a loss or quality metric")
     cols = min(3, len(metrics))
