@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import data_cli, launch, runs_cli
+from launcher import data_cli, k8s, launch, runs_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     data_cli.add_parser(sub)
     launch.add_parser(sub)
+    k8s.add_parser(sub)
     runs_cli.add_parser(sub)
 
     t = sub.add_parser("train", help="train in this process (use `ganforge launch` for several)")

@@ -1,0 +1,461 @@
+"""`ganforge k8s render`: Kubernetes manifests for one run that survive preemption.
+
+Three flavours share one pod template: an Indexed Job (plain Kubernetes >= 1.29), a Kubeflow
+PyTorchJob with an elastic policy, and a JobSet. Every pod runs `ganforge launch`, which
+reads its node index and rendezvous address from the environment the flavour provides; the
+run's config travels in a ConfigMap. The committed k8s/ tree is this module's output for
+configs/dcgan_digits.yaml (`--kustomize`), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from launcher.cluster import RDZV_PORT
+from launcher.launch import DEFAULT_MAX_RESTARTS
+
+CONFIG_DIR = "/etc/ganforge"
+CHECKPOINTS, DATA = "/checkpoints", "/data"
+EXIT_CONFIG_ERROR, EXIT_PREEMPTED = 2, 143  # trainer/main.py's contract
+METRICS_PORT = 9400  # rank r of a node serves /metrics on METRICS_PORT + local rank
+MLFLOW_URI = "http://mlflow:5000"  # the Service of k8s/mlflow, same namespace
+MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow:v3.17.2"  # the mlflow pinned in constraints.txt
+FLAVORS = ("job", "pytorchjob", "jobset")
+
+
+class RenderError(Exception):
+    """An option the manifests cannot honour; the message names it."""
+
+
+@dataclass
+class RenderOptions:
+    nodes: int
+    gpus_per_node: int
+    image: str
+    flavor: str = "job"
+    min_nodes: int | None = None  # elastic lower bound (pytorchjob); default: nodes
+    data_dir: str | None = None  # data.train inside the pod; default /data/<basename>
+    shutdown_seconds: int = 90  # workers' time to checkpoint after SIGTERM
+    storage_class: str | None = None
+    checkpoint_storage: str = "100Gi"
+    data_storage: str = "200Gi"
+    mlflow_uri: str = MLFLOW_URI
+    namespace: str | None = None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    k = sub.add_parser("k8s", help="Kubernetes manifests for a run")
+    ksub = k.add_subparsers(dest="k8s_cmd", required=True)
+    p = ksub.add_parser("render", help="write ready manifests (Indexed Job, PyTorchJob or JobSet) for a run")
+    p.add_argument("--config", required=True, help="YAML recipe; embedded in a ConfigMap")
+    p.add_argument("--nodes", type=int, required=True, help="pods (one per node)")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per pod, one process each (0: CPU)")
+    p.add_argument("--image", required=True, help="container image with ganforge installed (deploy/Dockerfile)")
+    p.add_argument("--flavor", choices=FLAVORS, default="job")
+    p.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force)")
+    p.add_argument("--force", action="store_true", help="replace the contents of --out")
+    p.add_argument("--kustomize", action="store_true",
+                   help="write a kustomize tree instead: base/ (Indexed Job), overlays/pytorchjob, "
+                        "overlays/jobset, mlflow/")
+    p.add_argument("--min-nodes", type=int, help="elastic lower bound for the pytorchjob flavour")
+    p.add_argument("--data-dir", help=f"data.train inside the pod (default {DATA}/<name of data.train>)")
+    p.add_argument("--shutdown-seconds", type=int, default=90,
+                   help="time workers get to write a checkpoint after SIGTERM; the pod's grace period adds 30")
+    p.add_argument("--storage-class", help="StorageClass of the ReadWriteMany volumes (default: the cluster's)")
+    p.add_argument("--mlflow-uri", default=MLFLOW_URI, help="tracking server seen from the pods ('none' disables)")
+    p.add_argument("--namespace", help="namespace for every object (default: kubectl's current one)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides for the run")
+    p.set_defaults(func=render_cli)
+
+
+def render_cli(args: argparse.Namespace) -> int:
+    opts = RenderOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, flavor=args.flavor,
+                         min_nodes=args.min_nodes, data_dir=args.data_dir, shutdown_seconds=args.shutdown_seconds,
+                         storage_class=args.storage_class, mlflow_uri=args.mlflow_uri, namespace=args.namespace)
+    try:
+        cfg, text = run_config(args.config, args.overrides, opts)
+        files = kustomize_tree(cfg, text, opts) if args.kustomize else manifest_files(cfg, text, opts)
+        written = write_tree(files, args.out, args.force)
+    except RenderError as e:
+        print(f"ganforge: k8s render: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def run_config(path: str, overrides: list[str], opts: RenderOptions) -> tuple[Any, str]:
+    """The config as the pods will see it (paths on the volumes, metrics on, tracking from the
+    env), validated, and the YAML text to embed: the recipe as written plus those settings."""
+    from trainer.config import load_config, parse_override, validate
+
+    check_options(opts)
+    cfg = load_config(path, overrides)  # ConfigError (exit 2) names the key
+    cluster = [f"data.train={opts.data_dir or DATA + '/' + (os.path.basename(cfg.data.train.rstrip('/')) or 'train')}",
+               f"run.dir={CHECKPOINTS}/{cfg.run.name}",
+               f"log.prometheus_port={cfg.log.prometheus_port or METRICS_PORT}"]
+    if cfg.log.mlflow_uri != "none":
+        cluster.append("log.mlflow_uri=")  # MLFLOW_TRACKING_URI of the pod decides
+    cfg = load_config(path, [*overrides, *cluster])
+    nproc = max(1, opts.gpus_per_node)
+    for n in range(opts.min_nodes or opts.nodes, opts.nodes + 1):
+        validate(cfg, world_size=n * nproc)
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    for text in [*overrides, *cluster]:
+        key, value = parse_override(text)
+        node = doc
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return cfg, yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
+
+
+def check_options(opts: RenderOptions) -> None:
+    if opts.nodes < 1:
+        raise RenderError(f"--nodes must be >= 1, got {opts.nodes}")
+    if opts.gpus_per_node < 0:
+        raise RenderError(f"--gpus-per-node must be >= 0, got {opts.gpus_per_node}")
+    if opts.min_nodes is not None and not 1 <= opts.min_nodes <= opts.nodes:
+        raise RenderError(f"--min-nodes must be in 1..{opts.nodes}, got {opts.min_nodes}")
+    if opts.min_nodes is not None and opts.min_nodes != opts.nodes and opts.flavor != "pytorchjob":
+        raise RenderError(f"--min-nodes {opts.min_nodes}: only the pytorchjob flavour resizes a running job")
+    if not re.fullmatch(r"[^\s]+", opts.image or ""):
+        raise RenderError(f"--image must be an image reference, got {opts.image!r}")
+    if opts.shutdown_seconds < 1:
+        raise RenderError(f"--shutdown-seconds must be >= 1, got {opts.shutdown_seconds}")
+    if opts.flavor not in FLAVORS:
+        raise RenderError(f"--flavor must be one of {', '.join(FLAVORS)}, got {opts.flavor!r}")
+
+
+def job_name(run_name: str) -> str:
+    """A DNS label short enough for `<job>-<jobset-suffix>-<index>` pod hostnames."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-")[:40].strip("-")
+    return f"gan-{slug or 'run'}"
+
+
+def labels(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "ganforge", "app.kubernetes.io/instance": name, "ganforge.io/run": name}
+
+
+def meta(name: str, opts: RenderOptions, **extra: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {"name": name, "labels": labels(extra.pop("run", name))}
+    if opts.namespace:
+        m["namespace"] = opts.namespace
+    return m | extra
+
+
+# -- objects ------------------------------------------------------------------------------------
+
+def config_map(text: str, name: str, opts: RenderOptions) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(f"{name}-config", opts, run=name),
+            "data": {"config.yaml": text}}
+
+
+def volume_claims(opts: RenderOptions) -> list[dict[str, Any]]:
+    """Checkpoints and the shard cache, shared by every run: all pods read and rank 0 writes."""
+    out = []
+    for claim, size in (("ganforge-checkpoints", opts.checkpoint_storage), ("ganforge-data", opts.data_storage)):
+        spec: dict[str, Any] = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": size}}}
+        if opts.storage_class:
+            spec["storageClassName"] = opts.storage_class
+        m = {"name": claim, "labels": {"app.kubernetes.io/name": "ganforge"}}
+        if opts.namespace:
+            m["namespace"] = opts.namespace
+        out.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": m, "spec": spec})
+    return out
+
+
+def headless_service(name: str, opts: RenderOptions) -> dict[str, Any]:
+    """Gives pod i the DNS name `<job>-i.<service>`; pod 0's is the c10d endpoint."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta(name, opts),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,  # DNS before any readiness
+                     "selector": {"ganforge.io/run": name},
+                     "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}]}}
+
+
+def pod_monitor(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
+    endpoints = [{"port": f"metrics-{r}", "path": "/metrics", "interval": "15s"}
+                 for r in range(max(1, opts.gpus_per_node))]
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": meta(name, opts),
+            "spec": {"selector": {"matchLabels": {"ganforge.io/run": name}}, "podMetricsEndpoints": endpoints}}
+
+
+def container(cfg, name: str, opts: RenderOptions, launch_args: list[str], container_name: str = "trainer"
+              ) -> dict[str, Any]:
+    gpus = opts.gpus_per_node
+    nproc = max(1, gpus)
+    cpu, memory = (f"{6 * gpus}", f"{32 * gpus}Gi") if gpus else ("2", "8Gi")
+    resources: dict[str, Any] = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
+    if gpus:
+        resources["requests"]["nvidia.com/gpu"] = gpus
+        resources["limits"]["nvidia.com/gpu"] = gpus
+    env = [
+        {"name": "JOB_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "GANFORGE_RDZV_SERVICE", "value": name},
+        {"name": "MLFLOW_TRACKING_URI", "value": "" if opts.mlflow_uri == "none" else opts.mlflow_uri},
+        # The root filesystem is read-only: caches and home go to the /tmp volume.
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
+        {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    ports = [{"name": "rdzv", "containerPort": RDZV_PORT}]
+    ports += [{"name": f"metrics-{r}", "containerPort": cfg.log.prometheus_port + r} for r in range(nproc)]
+    return {
+        "name": container_name,
+        "image": opts.image,
+        "imagePullPolicy": "IfNotPresent",
+        # args, not command: the image's ENTRYPOINT (tini) stays PID 1 and passes SIGTERM on.
+        "args": ["ganforge", "launch", "--config", f"{CONFIG_DIR}/config.yaml", "--nproc-per-node", str(nproc),
+                    "--max-restarts", str(DEFAULT_MAX_RESTARTS), "--shutdown-timeout", str(opts.shutdown_seconds),
+                    *launch_args],
+        "env": env,
+        "ports": ports,
+        "resources": resources,
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "checkpoints", "mountPath": CHECKPOINTS},
+            {"name": "data", "mountPath": DATA},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "shm", "mountPath": "/dev/shm"},  # NCCL and loader workers need more than 64 MiB
+        ],
+    }
+
+
+def pod_template(cfg, name: str, opts: RenderOptions, launch_args: list[str], container_name: str = "trainer",
+                 restart_policy: str | None = "Never") -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        # SIGTERM -> the launcher -> torchrun -> workers checkpoint; SIGKILL only after this.
+        "terminationGracePeriodSeconds": opts.shutdown_seconds + 30,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container(cfg, name, opts, launch_args, container_name)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": f"{name}-config"}},
+            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "ganforge-checkpoints"}},
+            {"name": "data", "persistentVolumeClaim": {"claimName": "ganforge-data"}},
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi" if opts.gpus_per_node else "1Gi"}},
+        ],
+    }
+    if restart_policy:
+        spec["restartPolicy"] = restart_policy
+    if opts.gpus_per_node:
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    return {"metadata": {"labels": labels(name)}, "spec": spec}
+
+
+def pod_failure_policy(container_name: str) -> dict[str, Any]:
+    """Preemption is not a failure; a bad config fails at once; a checkpointed stop is retried."""
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": container_name, "operator": "In",
+                                               "values": [EXIT_CONFIG_ERROR]}},
+        {"action": "Ignore", "onExitCodes": {"containerName": container_name, "operator": "In",
+                                              "values": [EXIT_PREEMPTED]}},
+    ]}
+
+
+def indexed_job_spec(cfg, name: str, opts: RenderOptions, subdomain: str | None) -> dict[str, Any]:
+    template = pod_template(cfg, name, opts, ["--nnodes", str(opts.nodes)])
+    if subdomain:
+        template["spec"]["subdomain"] = subdomain
+    return {
+        "completionMode": "Indexed",  # JOB_COMPLETION_INDEX = node rank; pod i is `<job>-i`
+        "completions": opts.nodes,
+        "parallelism": opts.nodes,
+        "backoffLimitPerIndex": DEFAULT_MAX_RESTARTS,  # a crashing node is replaced alone
+        "maxFailedIndexes": 0,  # training needs every index: one exhausted index fails the job
+        # A replacement starts only once the old pod is gone: never two pods for one index.
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": pod_failure_policy("trainer"),
+        "template": template,
+    }
+
+
+def indexed_job(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta(name, opts),
+            "spec": indexed_job_spec(cfg, name, opts, subdomain=name)}
+
+
+def pytorch_job(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
+    """Kubeflow training operator v1: it sets PET_* (nnodes range, c10d endpoint) for the launcher."""
+    lo = opts.min_nodes or opts.nodes
+    template = pod_template(cfg, name, opts, [], container_name="pytorch", restart_policy=None)
+    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": meta(name, opts), "spec": {
+        "elasticPolicy": {"rdzvBackend": "c10d", "minReplicas": lo, "maxReplicas": opts.nodes,
+                          "maxRestarts": DEFAULT_MAX_RESTARTS},
+        "nprocPerNode": str(max(1, opts.gpus_per_node)),
+        "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 20},
+        "pytorchReplicaSpecs": {"Worker": {
+            "replicas": opts.nodes,
+            # ExitCode: 128+signal (preemption, 143) restarts the pod; 1-127 (config error 2) does not.
+            "restartPolicy": "ExitCode",
+            "template": template}},
+    }}
+
+
+def job_set(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
+    """JobSet: one Indexed Job of `nodes` pods, recreated as a whole when it fails."""
+    job_spec = indexed_job_spec(cfg, name, opts, subdomain=None)  # JobSet sets the subdomain
+    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": meta(name, opts), "spec": {
+        "network": {"enableDNSHostnames": True, "subdomain": name, "publishNotReadyAddresses": True},
+        "failurePolicy": {"maxRestarts": 5, "restartStrategy": "Recreate", "rules": [
+            # The pod failure policy failed the Job (exit code 2: bad config): restarting cannot help.
+            {"name": "ConfigError", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"]},
+        ]},
+        "replicatedJobs": [{"name": "workers", "replicas": 1, "template": {"spec": job_spec}}],
+    }}
+
+
+def mlflow_objects(opts: RenderOptions) -> list[dict[str, Any]]:
+    """A small MLflow tracking server: sqlite and artifacts on a volume, served in the namespace."""
+    name = "mlflow"
+    lab = {"app.kubernetes.io/name": "mlflow"}
+    m = {"name": name, "labels": lab} | ({"namespace": opts.namespace} if opts.namespace else {})
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": copy.deepcopy(m),
+           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}}}
+    if opts.storage_class:
+        pvc["spec"]["storageClassName"] = opts.storage_class
+    server = {
+        "name": "mlflow", "image": MLFLOW_IMAGE, "imagePullPolicy": "IfNotPresent",
+        "command": ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000",
+                    "--backend-store-uri", "sqlite:////mlflow/mlflow.db", "--artifacts-destination", "/mlflow/artifacts",
+                    "--serve-artifacts",
+                    # Host headers the pods and `kubectl port-forward` send (DNS-rebinding guard).
+                    "--allowed-hosts", "mlflow,mlflow:5000,mlflow.*,localhost,localhost:5000,127.0.0.1:5000"],
+        "env": [{"name": "HOME", "value": "/tmp"}],
+        "ports": [{"name": "http", "containerPort": 5000}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
+        "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "store", "mountPath": "/mlflow"}, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": copy.deepcopy(m), "spec": {
+        "replicas": 1, "strategy": {"type": "Recreate"},  # one writer of the sqlite store
+        "selector": {"matchLabels": lab},
+        "template": {"metadata": {"labels": lab}, "spec": {
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [server],
+            "volumes": [{"name": "store", "persistentVolumeClaim": {"claimName": name}},
+                        {"name": "tmp", "emptyDir": {}}]}}}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": copy.deepcopy(m),
+               "spec": {"selector": lab, "ports": [{"name": "http", "port": 5000, "targetPort": "http"}]}}
+    return [pvc, deployment, service]
+
+
+def render(cfg, text: str, opts: RenderOptions) -> list[dict[str, Any]]:
+    """Every object of the run, for the chosen flavour; `text` is the config to embed."""
+    name = job_name(cfg.run.name)
+    objs = [config_map(text, name, opts), *volume_claims(opts)]
+    if opts.flavor == "job":
+        objs += [headless_service(name, opts), indexed_job(cfg, name, opts)]
+    elif opts.flavor == "pytorchjob":
+        objs.append(pytorch_job(cfg, name, opts))
+    else:
+        objs.append(job_set(cfg, name, opts))
+    return [*objs, pod_monitor(cfg, name, opts)]
+
+
+# -- files --------------------------------------------------------------------------------------
+
+class _Dumper(yaml.SafeDumper):
+    """Block style (`|`) for multi-line strings: the embedded config stays readable."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
+def to_yaml(objs: list[dict[str, Any]]) -> str:
+    return "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=120) for o in objs)
+
+
+def file_name(obj: dict[str, Any]) -> str:
+    return f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
+
+
+def manifest_files(cfg, text: str, opts: RenderOptions) -> dict[str, str]:
+    """{relative path: text}: one object per file, for `kubectl apply -f DIR`."""
+    return {f"{i:02d}-{file_name(o)}": to_yaml([o]) for i, o in enumerate(render(cfg, text, opts))}
+
+
+def kustomization(resources: list[str], patches: list[dict[str, Any]] | None = None) -> str:
+    doc: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                           "resources": resources}
+    if patches:
+        doc["patches"] = patches
+    head = "# Written by `ganforge k8s render --kustomize`; re-render rather than edit.\n"
+    return head + yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
+
+
+def delete_patch(kind: str, api: str, name: str) -> dict[str, Any]:
+    return {"patch": yaml.safe_dump({"$patch": "delete", "apiVersion": api, "kind": kind,
+                                     "metadata": {"name": name}}, sort_keys=False)}
+
+
+def kustomize_tree(cfg, text: str, opts: RenderOptions) -> dict[str, str]:
+    """base/ = the Indexed Job flavour; overlays swap the Job (and its Service) for a PyTorchJob or JobSet."""
+    name = job_name(cfg.run.name)
+    files: dict[str, str] = {}
+    base = render(cfg, text, RenderOptions(**{**opts.__dict__, "flavor": "job", "min_nodes": None}))
+    for o in base:
+        files[f"base/{file_name(o)}"] = to_yaml([o])
+    files["base/kustomization.yaml"] = kustomization([file_name(o) for o in base])
+    drop = [delete_patch("Job", "batch/v1", name), delete_patch("Service", "v1", name)]
+    for flavor, build in (("pytorchjob", pytorch_job), ("jobset", job_set)):
+        obj = build(cfg, name, RenderOptions(**{**opts.__dict__, "flavor": flavor}))
+        files[f"overlays/{flavor}/{file_name(obj)}"] = to_yaml([obj])
+        files[f"overlays/{flavor}/kustomization.yaml"] = kustomization(["../../base", file_name(obj)], drop)
+    server = mlflow_objects(opts)
+    for o in server:
+        files[f"mlflow/{file_name(o)}"] = to_yaml([o])
+    files["mlflow/kustomization.yaml"] = kustomization([file_name(o) for o in server])
+    return files
+
+
+def write_tree(files: dict[str, str], out: str, force: bool) -> list[str]:
+    """Write all files or none: into a sibling temp dir, then swapped in place of `out`."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RenderError(f"--out {out} is a file, not a directory")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise RenderError(f"--out {out} is not empty; pass --force to replace its contents")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".k8s-render-", dir=parent)
+    try:
+        for rel, text in files.items():
+            path = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+        old = None
+        if os.path.isdir(out):
+            old = tempfile.mkdtemp(prefix=".k8s-old-", dir=parent)
+            os.rename(out, os.path.join(old, "out"))
+        os.rename(tmp, out)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return [os.path.join(out, rel) for rel in sorted(files)]
