@@ -6,6 +6,7 @@ rank sees its plan in order for any number of workers; the stream position is on
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sys
@@ -101,6 +102,23 @@ def _decode_image(payload: bytes, channels: int) -> torch.Tensor:
     return decode_image(torch.frombuffer(bytearray(payload), dtype=torch.uint8), mode=mode)
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool]:
+    import ast
+
+    d = ast.literal_eval(header.decode("latin1"))
+    return np.dtype(d["descr"]), tuple(d["shape"]), bool(d["fortran_order"])
+
+
+def decode_npy(payload: bytes) -> np.ndarray:
+    """np.load for one small .npy payload, parsing each distinct header once (np.load dominates otherwise)."""
+    if payload[:6] != b"\x93NUMPY" or payload[6] != 1:
+        return np.load(io.BytesIO(payload))
+    start = 10 + int.from_bytes(payload[8:10], "little")
+    dtype, shape, fortran = _npy_layout(payload[10:start])
+    return np.frombuffer(payload, dtype=dtype, offset=start).reshape(shape, order="F" if fortran else "C")
+
+
 def decode_sample(kind: str, meta: dict[str, Any], members: dict[str, bytes]) -> dict[str, torch.Tensor]:
     """Decode one sample's members into tensors (uint8 images, float32 points, int64 label)."""
     out: dict[str, torch.Tensor] = {}
@@ -112,7 +130,7 @@ def decode_sample(kind: str, meta: dict[str, Any], members: dict[str, bytes]) ->
         out["a"] = _decode_image(members[f"a.{ext}"], channels)
         out["b"] = _decode_image(members[f"b.{ext}"], channels)
     elif kind == "points":
-        out["points"] = torch.from_numpy(np.load(io.BytesIO(members["npy"])).astype(np.float32))
+        out["points"] = torch.from_numpy(decode_npy(members["npy"]).astype(np.float32))
     else:
         raise DataError(f"unknown dataset kind {kind!r}")
     if "cls" in members:

@@ -44,20 +44,27 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"
-    resolution: int = 32  # image side; a power of two >= 16
-    channels: int = 1
+    arch: str = "dcgan"  # dcgan (images) | mlp (2-D points)
+    resolution: int = 32  # image side; a power of two >= 16 (ignored by mlp)
+    channels: int = 1  # image channels, or the point dimension for mlp
     z_dim: int = 100
-    g_width: int = 64  # feature maps of G's last hidden layer (doubles towards 4x4)
-    d_width: int = 64  # feature maps of D's first layer (doubles towards 4x4)
-    norm: str = "batch"  # batch | none  (normalisation in G and D hidden layers)
+    g_width: int = 64  # dcgan: maps of G's last hidden layer (doubling towards 4x4); mlp: hidden units
+    d_width: int = 64  # dcgan: maps of D's first layer (doubling towards 4x4); mlp: hidden units
+    depth: int = 4  # mlp hidden layers
+    norm: str = "batch"  # batch | none: normalisation in G's (and, unless d_norm is set, D's) hidden layers
+    d_norm: str = ""  # batch | none for D; empty: same as norm
+    spectral_norm: bool = False  # spectral normalisation of D's weights (SNGAN)
+    num_classes: int = 0  # > 0: class-conditional G and projection D, trained on the data's labels
+    sync_bn: bool = False  # SyncBatchNorm across ranks (GPU); default: BN statistics averaged after each step
 
 
 @dataclass
 class LossConfig:
     type: str = "bce"  # bce | hinge | wgan | wgan_gp | lsgan
-    gp_weight: float = 10.0  # wgan_gp penalty weight
+    gp_weight: float = 10.0  # wgan_gp penalty weight (lambda)
     clip: float = 0.01  # wgan weight clipping bound
+    r1_gamma: float = 0.0  # R1 penalty gamma/2 * E||grad D(x_real)||^2; 0 disables
+    r1_every: int = 16  # lazy R1: every k D steps, scaled by k (StyleGAN2)
 
 
 @dataclass
@@ -66,10 +73,16 @@ class TrainConfig:
     max_steps: int = 1000  # G steps
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
     n_critic: int = 1  # D steps per G step
+    optimizer: str = "adam"  # adam | rmsprop (the WGAN paper's choice with weight clipping)
     lr_g: float = 2e-4
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
+    accumulate: int = 1  # micro-batches per phase step (gradient accumulation)
+    grad_clip: float = 0.0  # clip each network's gradient norm to this; 0 = off
+    max_nonfinite: int = 20  # abort after this many consecutive steps with a non-finite loss or gradient
+    compile: bool = False  # torch.compile G and D
+    channels_last: bool = True  # channels_last memory format for conv nets on GPU
     ema_kimg: float = 10.0  # half-life of G's EMA in thousands of images; 0 disables EMA
     ema_rampup: float = 0.05  # EMA half-life is at most this fraction of images seen
     threads: int = 0  # torch threads per process; 0 = leave as launched
@@ -109,8 +122,10 @@ class Config:
 
 CHOICES = {
     "data.on_error": ("raise", "skip"),
-    "model.arch": ("dcgan",),
+    "model.arch": ("dcgan", "mlp"),
     "model.norm": ("batch", "none"),
+    "model.d_norm": ("", "batch", "none"),
+    "train.optimizer": ("adam", "rmsprop"),
     "loss.type": ("bce", "hinge", "wgan", "wgan_gp", "lsgan"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "strategy": ("ddp",),
@@ -216,7 +231,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {flat[key]!r}")
-    positive = ["train.batch_size", "train.max_steps", "train.n_critic", "checkpoint.every_steps",
+    positive = ["train.batch_size", "train.max_steps", "train.n_critic", "train.accumulate",
+                "train.max_nonfinite", "loss.r1_every", "checkpoint.every_steps",
                 "checkpoint.keep", "log.every_steps", "log.sample_every_steps", "model.z_dim",
                 "model.g_width", "model.d_width", "model.channels"]
     for key in positive:
@@ -226,7 +242,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if flat[key] <= 0:
             raise ConfigError(key, f"must be > 0; got {flat[key]}")
     res = cfg.model.resolution
-    if res < 16 or res & (res - 1):
+    if cfg.model.arch == "dcgan" and (res < 16 or res & (res - 1)):
         raise ConfigError("model.resolution", f"must be a power of two >= 16; got {res}")
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers", f"must be >= 0; got {cfg.data.num_workers}")
@@ -239,6 +255,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.train.batch_size % world_size:
         raise ConfigError("train.batch_size", f"global batch {cfg.train.batch_size} is not divisible "
                                               f"by the world size {world_size}")
+    if (cfg.train.batch_size // world_size) % cfg.train.accumulate:
+        raise ConfigError("train.accumulate", f"per-rank batch {cfg.train.batch_size // world_size} is not "
+                                              f"divisible into {cfg.train.accumulate} micro-batches")
+    if cfg.loss.type == "wgan_gp" and (cfg.model.d_norm or cfg.model.norm) == "batch" and not cfg.model.arch == "mlp":
+        raise ConfigError("model.norm", "wgan_gp penalises per-sample gradients; batch norm in D breaks "
+                                        "that (set model.norm=none or model.d_norm=none)")
+    if cfg.model.num_classes < 0:
+        raise ConfigError("model.num_classes", f"must be >= 0; got {cfg.model.num_classes}")
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:
         raise ConfigError("loss.clip", f"wgan needs a positive clipping bound; got {cfg.loss.clip}")
 

@@ -9,7 +9,7 @@ import numpy as np
 from trainer.checkpoint import CheckpointError, load_latest, read_checkpoint
 from trainer.config import ConfigError, from_dict
 from trainer.models import build_models
-from trainer.sampling import generate, latents, save_grid
+from trainer.sampling import class_cycle, generate, latents, save_samples
 
 
 def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = True):
@@ -35,9 +35,9 @@ def sample_to_file(run_dir: str, n: int, seed: int, out: str, checkpoint: str | 
     if not out.endswith((".png", ".npy")):
         raise ConfigError("--out", f"{out} must end in .png or .npy")
     g, cfg, _ = load_generator(run_dir, checkpoint, use_ema)
-    images = generate(g, latents(seed, n, cfg.model.z_dim))
+    samples = generate(g, latents(seed, n, cfg.model.z_dim), class_cycle(n, cfg.model.num_classes))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".npy"):
-        np.save(out, images.numpy().astype(np.float32))
+        np.save(out, samples.numpy().astype(np.float32))
         return out
-    return save_grid(images, out)
+    return save_samples(samples, out)

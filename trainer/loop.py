@@ -8,13 +8,14 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from trainer import __version__
 from trainer.checkpoint import CheckpointError, CheckpointManager, load_latest, read_checkpoint
@@ -32,9 +33,9 @@ from trainer.distributed import (
 )
 from trainer.ema import EMA
 from trainer.models import build_models
-from trainer.objectives import d_loss, g_loss, gradient_penalty
+from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 from trainer.preemption import Preempted, StopFlag
-from trainer.sampling import generate, latents, save_grid
+from trainer.sampling import generate, latents, save_samples
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
 from trainer.telemetry.prometheus import PrometheusExporter, restart_count
 
@@ -58,28 +59,57 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+class TrainingError(Exception):
+    """Training cannot go on (e.g. losses stayed non-finite); the message says why."""
+
+
 @dataclass
 class Phase:
-    """One network's update: its (possibly DDP-wrapped) module, optimiser and loss scaler."""
+    """One network's update: its (possibly DDP-wrapped) module, optimiser and own loss scaler."""
 
     name: str
     module: nn.Module
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
+    grad_clip: float = 0.0
 
-    def step(self, loss: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.opt)
+    def accumulating(self, last: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch."""
+        if last or not isinstance(self.module, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    def apply(self) -> tuple[torch.Tensor, bool]:
+        """Unscale, measure (and clip) the gradient norm, then step unless it is non-finite.
+
+        Gradients are already averaged over ranks here, so every rank takes the same decision.
+        """
+        self.scaler.unscale_(self.opt)
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.scaler._device)
+        finite = bool(torch.isfinite(norm))
+        if finite and self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, norm)
+        if finite or self.scaler.is_enabled():  # the fp16 scaler skips the step and lowers its scale itself
+            self.scaler.step(self.opt)
         self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return norm.detach(), finite
 
 
 @dataclass
 class TrainState:
     step: int = 0
     nimg: int = 0
+    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient, in total
+    nonfinite_run: int = 0  # ... in a row, up to now
     mlflow_run_id: str | None = None
-    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def make_optimizer(kind: str, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 class Trainer:
@@ -90,19 +120,34 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, env.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
+        gpu = env.device.type == "cuda"
+        if gpu:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
         g, d = build_models(cfg.model)
-        g, d = g.to(env.device), d.to(env.device)
+        if cfg.model.sync_bn and env.world_size > 1:
+            g, d = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (g, d))
+        self.memory_format = torch.channels_last if gpu and cfg.train.channels_last and cfg.model.arch == "dcgan" \
+            else torch.preserve_format
+        g, d = (m.to(env.device, memory_format=self.memory_format) for m in (g, d))
         self.ema = EMA(g, cfg.train.ema_kimg, cfg.train.ema_rampup)
+        if cfg.train.compile:
+            g.compile()
+            d.compile()
         betas = (cfg.train.beta1, cfg.train.beta2)
         fp16 = self.precision == "fp16"
-        self.G = Phase("G", wrap(g, env), torch.optim.Adam(g.parameters(), cfg.train.lr_g, betas),
-                       torch.amp.GradScaler(env.device.type, enabled=fp16))
-        self.D = Phase("D", wrap(d, env), torch.optim.Adam(d.parameters(), cfg.train.lr_d, betas),
-                       torch.amp.GradScaler(env.device.type, enabled=fp16))
+        t = cfg.train
+        self.G = Phase("G", wrap(g, env), make_optimizer(t.optimizer, g.parameters(), t.lr_g, betas),
+                       torch.amp.GradScaler(env.device.type, enabled=fp16), t.grad_clip)
+        self.D = Phase("D", wrap(d, env), make_optimizer(t.optimizer, d.parameters(), t.lr_d, betas),
+                       torch.amp.GradScaler(env.device.type, enabled=fp16), t.grad_clip)
         self.data = DataCursor(cfg.data.train, cfg, env)
+        self.points = self.data.stream.index.kind == "points"
         self.state = TrainState()
         self.fixed_z = latents(cfg.seed, cfg.log.sample_count, cfg.model.z_dim, env.device)
+        self.fixed_labels = (torch.arange(cfg.log.sample_count, device=env.device) % cfg.model.num_classes
+                             if cfg.model.num_classes else None)
 
     # -- the step -------------------------------------------------------------------------------
     def autocast(self):
@@ -111,57 +156,115 @@ class Trainer:
             return torch.autocast(self.env.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
-    def d_step(self, real: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next real batch on the device, in the model's range, with its labels if conditional."""
+        batch = self.data.next()
+        x = batch["points"] if self.points else to_unit_range(batch["image"]).contiguous(memory_format=self.memory_format)
+        return x, batch.get("label") if self.cfg.model.num_classes else None
+
+    def d_step(self, real: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None = None,
+               real_labels: torch.Tensor | None = None, fake_labels: torch.Tensor | None = None,
+               r1: bool = False) -> dict[str, torch.Tensor]:
+        """One D update over `accumulate` micro-batches: real vs G(z), plus GP / lazy R1 terms."""
         cfg, g, d = self.cfg, unwrap(self.G.module), self.D.module
         g.requires_grad_(False)
         d.requires_grad_(True)
-        with torch.no_grad(), self.autocast():
-            fake = g(z)
-        with self.autocast():
-            real_out, fake_out = d(real), d(fake.detach())
-            loss = d_loss(cfg.loss.type, real_out, fake_out)
-        stats = {"loss/d": loss.detach()}
-        if eps is not None:
-            gp = gradient_penalty(unwrap(d), real, fake.detach().float(), eps)
-            loss = loss + cfg.loss.gp_weight * gp
-            stats["loss/gp"] = gp.detach()
-        self.D.step(loss)
-        if cfg.loss.type == "wgan":
+        k = cfg.train.accumulate
+        terms: dict[str, list[torch.Tensor]] = {}
+        for i in range(k):
+            part = slice(i * len(z) // k, (i + 1) * len(z) // k)
+            x, yr = real[part], real_labels[part] if real_labels is not None else None
+            yf = fake_labels[part] if fake_labels is not None else None
+            with torch.no_grad(), self.autocast():
+                fake = g(z[part], yf)
+            if r1:
+                x = x.detach().requires_grad_(True)
+            with self.D.accumulating(last=i == k - 1):
+                with self.autocast():
+                    real_out, fake_out = d(x, yr), d(fake.detach(), yf)
+                    loss = d_loss(cfg.loss.type, real_out, fake_out)
+                parts = {"loss/d": loss.detach(), "d/real": real_out.detach().float().mean(),
+                         "d/fake": fake_out.detach().float().mean()}
+                if eps is not None:
+                    gp = gradient_penalty(unwrap(d), x, fake.detach().float(), eps[part], yr)
+                    loss = loss + cfg.loss.gp_weight * gp
+                    parts["loss/gp"] = gp.detach()
+                if r1:
+                    penalty = r1_penalty(real_out, x)
+                    # Lazy regularisation: applied every r1_every steps, so scaled by r1_every.
+                    loss = loss + cfg.loss.r1_gamma / 2 * penalty * cfg.loss.r1_every
+                    parts["loss/r1"] = penalty.detach()
+                self.D.scaler.scale(loss / k).backward()
+            for key, v in parts.items():
+                terms.setdefault(key, []).append(v)
+        norm, finite = self.D.apply()
+        if cfg.loss.type == "wgan" and finite:
             with torch.no_grad():
                 for p in d.parameters():
                     p.clamp_(-cfg.loss.clip, cfg.loss.clip)
-        stats["d/real"] = real_out.detach().float().mean()
-        stats["d/fake"] = fake_out.detach().float().mean()
-        return stats
+        stats = {key: torch.stack(v).mean() for key, v in terms.items()}
+        return stats | {"grad_norm/d": norm, "skipped/d": torch.tensor(float(not finite))}
 
-    def g_step(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        g, d = self.G.module, unwrap(self.D.module)  # D unwrapped: no DDP reduction for D here
+    def g_step(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One G update: D frozen and unwrapped, so DDP reduces only G's gradients."""
+        g, d = self.G.module, unwrap(self.D.module)
         d.requires_grad_(False)
         g.requires_grad_(True)
-        with self.autocast():
-            loss = g_loss(self.cfg.loss.type, d(g(z)))
-        self.G.step(loss)
+        k = self.cfg.train.accumulate
+        losses = []
+        for i in range(k):
+            part = slice(i * len(z) // k, (i + 1) * len(z) // k)
+            y = labels[part] if labels is not None else None
+            with self.G.accumulating(last=i == k - 1), self.autocast():
+                loss = g_loss(self.cfg.loss.type, d(g(z[part], y), y))
+                self.G.scaler.scale(loss / k).backward()
+            losses.append(loss.detach())
+        norm, finite = self.G.apply()
         d.requires_grad_(True)
-        return {"loss/g": loss.detach()}
+        return {"loss/g": torch.stack(losses).mean(), "grad_norm/g": norm,
+                "skipped/g": torch.tensor(float(not finite))}
+
+    def fake_labels(self, seed: int) -> torch.Tensor | None:
+        n = self.cfg.model.num_classes
+        if not n:
+            return None
+        full = torch.randint(n, (self.cfg.train.batch_size,), generator=torch.Generator().manual_seed(seed))
+        per_rank = len(full) // self.env.world_size
+        return full[self.env.rank * per_rank:(self.env.rank + 1) * per_rank].to(self.env.device)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
         gb, zd = cfg.train.batch_size, cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
+        skipped = False
         for i in range(cfg.train.n_critic):
-            real = to_unit_range(self.data.next()["image"])
+            real, real_labels = self.real_batch()
             z = global_draw(derive_seed(cfg.seed, step, 1, i), (gb, zd), env)
             eps = None
             if cfg.loss.type == "wgan_gp":
                 eps = global_draw(derive_seed(cfg.seed, step, 2, i), (gb,), env, uniform=True)
-            stats = self.d_step(real, z, eps)
-        stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, 3), (gb, zd), env))
+            r1 = cfg.loss.r1_gamma > 0 and (step * cfg.train.n_critic + i) % cfg.loss.r1_every == 0
+            stats = self.d_step(real, z, eps, real_labels, self.fake_labels(derive_seed(cfg.seed, step, 4, i)), r1)
+            skipped |= bool(stats["skipped/d"])
+        stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, 3), (gb, zd), env),
+                             self.fake_labels(derive_seed(cfg.seed, step, 5)))
+        skipped |= bool(stats["skipped/g"])
         average_buffers(self.G.module, env)
         average_buffers(self.D.module, env)
         self.state.step += 1
         self.state.nimg += gb
         self.ema.update(unwrap(self.G.module), gb, self.state.nimg)
+        self.count_nonfinite(skipped)
         return stats
+
+    def count_nonfinite(self, skipped: bool) -> None:
+        s = self.state
+        s.nonfinite += skipped
+        s.nonfinite_run = s.nonfinite_run + 1 if skipped else 0
+        if s.nonfinite_run >= self.cfg.train.max_nonfinite:
+            raise TrainingError(f"{s.nonfinite_run} steps in a row had a non-finite loss or gradient "
+                                f"(up to step {s.step}); lower train.lr_g/lr_d, try precision=fp32 or "
+                                f"train.grad_clip, or resume from an earlier checkpoint")
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -169,6 +272,7 @@ class Trainer:
             "version": __version__,
             "step": self.state.step,
             "nimg": self.state.nimg,
+            "nonfinite": self.state.nonfinite,
             "world_size": self.env.world_size,
             "config": to_dict(self.cfg),
             "data": self.data.state_dict(),
@@ -193,6 +297,7 @@ class Trainer:
         self.D.scaler.load_state_dict(state["scaler_D"])
         self.data.load_state_dict(state["data"])
         self.state.step, self.state.nimg = int(state["step"]), int(state["nimg"])
+        self.state.nonfinite = int(state.get("nonfinite", 0))
         self.state.mlflow_run_id = state.get("mlflow_run_id")
 
 
@@ -335,9 +440,13 @@ class Reporter:
         step, cfg = t.state.step, t.cfg
         if not self.active or (step % cfg.log.sample_every_steps and not final):
             return None
-        images = generate(t.ema.model if cfg.train.ema_kimg > 0 else unwrap(t.G.module), t.fixed_z)
-        path = save_grid(images, os.path.join(cfg.run.dir, "samples", f"step_{step:08d}.png"))
-        save_grid(images, os.path.join(cfg.run.dir, "samples", "latest.png"))
+        centres = t.data.stream.index.meta.get("centres")
+        samples_dir = os.path.join(cfg.run.dir, "samples")
+        raw = generate(unwrap(t.G.module), t.fixed_z, t.fixed_labels)
+        save_samples(raw, os.path.join(samples_dir, f"step_{step:08d}_raw.png"), centres)
+        images = generate(t.ema.model, t.fixed_z, t.fixed_labels) if cfg.train.ema_kimg > 0 else raw
+        path = save_samples(images, os.path.join(samples_dir, f"step_{step:08d}.png"), centres)
+        save_samples(images, os.path.join(samples_dir, "latest.png"), centres)
         if self.tracker:
             self.tracker.log_artifact(path, "samples")
         return path

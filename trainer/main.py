@@ -32,9 +32,20 @@ def prepare(config: str, overrides: list[str]):
         index = load_index(cfg.data.train)
     except DataError as e:
         raise ConfigError("data.train", str(e)) from None
+    from trainer.models import POINT_ARCHS
+
+    if cfg.model.arch in POINT_ARCHS:
+        if index.kind != "points":
+            raise ConfigError("model.arch", f"{cfg.model.arch} models 2-D points; {cfg.data.train} holds {index.kind} samples")
+        dims = index.meta.get("dims", 2)
+        if dims != cfg.model.channels:
+            raise ConfigError("model.channels", f"{cfg.model.channels}, but {cfg.data.train} has {dims}-D points")
+        return cfg
     size, channels = index.meta.get("size"), index.meta.get("channels")
     if index.kind != "image":
         raise ConfigError("data.train", f"{cfg.data.train} holds {index.kind} samples; {cfg.model.arch} needs images")
+    if cfg.model.num_classes and not index.meta.get("label_names"):
+        raise ConfigError("model.num_classes", f"{cfg.data.train} has no labels for a conditional model")
     if size is not None and size != cfg.model.resolution:
         raise ConfigError("model.resolution", f"{cfg.model.resolution}, but {cfg.data.train} has {size}x{size} images")
     if channels is not None and channels != cfg.model.channels:
@@ -53,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ganforge: {e}", file=sys.stderr)
         return 2
-    from trainer.loop import run_training
+    from trainer.loop import TrainingError, run_training
     from trainer.preemption import EXIT_PREEMPTED, Preempted
 
     try:
@@ -61,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:
         print(f"ganforge: {e}; re-run the same command to resume", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, TrainingError) as e:
         print(f"ganforge: error: {e}", file=sys.stderr)
         return 1
     return 0

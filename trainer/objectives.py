@@ -33,9 +33,16 @@ def g_loss(kind: str, fake: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown loss.type {kind!r}")
 
 
-def gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
     """WGAN-GP: E[(||grad D(x_hat)|| - 1)^2] at x_hat = eps*real + (1-eps)*fake."""
     shape = (-1,) + (1,) * (real.dim() - 1)
-    x_hat = (eps.view(shape) * real + (1 - eps.view(shape)) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(d(x_hat).sum(), x_hat, create_graph=True)
+    x_hat = (eps.view(shape) * real.detach() + (1 - eps.view(shape)) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(d(x_hat, labels).float().sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def r1_penalty(real_out: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): E||grad_x D(x)||^2 on real data; `real` must require grad."""
+    (grad,) = torch.autograd.grad(real_out.float().sum(), real, create_graph=True)
+    return grad.flatten(1).pow(2).sum(dim=1).mean()

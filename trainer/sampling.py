@@ -15,14 +15,46 @@ def latents(seed: int, n: int, z_dim: int, device: torch.device | str = "cpu") -
 
 
 @torch.no_grad()
-def generate(g: nn.Module, z: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """G(z) in eval mode, in chunks, as float32 on CPU."""
+def generate(g: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
+    """G(z[, labels]) in eval mode, in chunks, as float32 on CPU."""
     was_training = g.training
     g.eval()
     try:
-        return torch.cat([g(z[i:i + batch]).float().cpu() for i in range(0, len(z), batch)])
+        return torch.cat([g(z[i:i + batch], None if labels is None else labels[i:i + batch]).float().cpu()
+                          for i in range(0, len(z), batch)])
     finally:
         g.train(was_training)
+
+
+def class_cycle(n: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Labels 0, 1, ..., num_classes-1, 0, 1, ... for conditional models (None otherwise)."""
+    return torch.arange(n, device=device) % num_classes if num_classes else None
+
+
+def save_samples(samples: torch.Tensor, path: str, centres=None) -> str:
+    """Images as a grid, 2-D points as a scatter plot (over the mode centres, if known)."""
+    if samples.dim() == 4:
+        return save_grid(samples, path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    pts = samples.numpy()
+    ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, label="generated")
+    if centres is not None:
+        c = torch.as_tensor(centres).numpy()
+        ax.scatter(c[:, 0], c[:, 1], s=30, marker="x", color="red", label="modes")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> str:

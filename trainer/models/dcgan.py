@@ -1,6 +1,8 @@
 """DCGAN (Radford et al. 2015): all-convolutional G and D, batch norm, ReLU in G, LeakyReLU in D.
 
-D returns logits (no Sigmoid), so the loss can use the autocast-safe logit forms.
+D returns logits (no Sigmoid), so the loss can use the autocast-safe logit forms. With
+`num_classes > 0` both are class-conditional: G takes a label embedding beside z, and D adds
+the projection term <embed(y), phi(x)> (Miyato & Koyama 2018) to its logit.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 class DCGANGenerator(nn.Module):
     def __init__(self, z_dim: int = 100, width: int = 64, channels: int = 1, resolution: int = 32,
-                 norm: str = "batch"):
+                 norm: str = "batch", num_classes: int = 0):
         super().__init__()
-        self.z_dim = z_dim
+        self.z_dim, self.num_classes = z_dim, num_classes
+        self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
         n = _levels(resolution)
         maps = [width * 2 ** (n - 1 - i) for i in range(n)]  # e.g. 256, 128, 64 for width 64 at 32x32
+        z_in = z_dim * 2 if num_classes else z_dim
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(z_dim, maps[0], 4, 1, 0, bias=norm != "batch"),
+            nn.ConvTranspose2d(z_in, maps[0], 4, 1, 0, bias=norm != "batch"),
             _norm(norm, maps[0]), nn.ReLU(True),
         ]
         for c_in, c_out in zip(maps, maps[1:], strict=False):
@@ -38,12 +42,15 @@ class DCGANGenerator(nn.Module):
         self.net = nn.Sequential(*layers)
         self.apply(init_weights)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.view(z.shape[0], self.z_dim, 1, 1))
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        return self.net(z.view(z.shape[0], -1, 1, 1))
 
 
 class DCGANDiscriminator(nn.Module):
-    def __init__(self, width: int = 64, channels: int = 1, resolution: int = 32, norm: str = "batch"):
+    def __init__(self, width: int = 64, channels: int = 1, resolution: int = 32, norm: str = "batch",
+                 num_classes: int = 0):
         super().__init__()
         n = _levels(resolution)
         maps = [width * 2 ** i for i in range(n)]  # e.g. 64, 128, 256
@@ -51,12 +58,17 @@ class DCGANDiscriminator(nn.Module):
         for c_in, c_out in zip(maps, maps[1:], strict=False):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm != "batch"),
                        _norm(norm, c_out), nn.LeakyReLU(0.2, True)]
-        layers += [nn.Conv2d(maps[-1], 1, 4, 1, 0)]
-        self.net = nn.Sequential(*layers)
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Conv2d(maps[-1], 1, 4, 1, 0)
+        self.embed = nn.Embedding(num_classes, maps[-1]) if num_classes else None
         self.apply(init_weights)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x)
+        out = self.head(h).flatten()
+        if self.embed is not None:
+            out = out + (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)
+        return out
 
 
 def init_weights(m: nn.Module) -> None:
@@ -68,3 +80,5 @@ def init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.BatchNorm2d):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, 0.0, 0.02)

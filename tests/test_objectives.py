@@ -1,0 +1,127 @@
+"""The training core: objectives, penalties, phases, precision and recipes."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.config import load_config
+from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
+
+
+def test_logit_losses_match_their_textbook_forms():
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    bce = nn.functional.binary_cross_entropy_with_logits
+    torch.testing.assert_close(d_loss("bce", real, fake),
+                               bce(real, torch.ones(2)) + bce(fake, torch.zeros(2)))
+    torch.testing.assert_close(g_loss("bce", fake), bce(fake, torch.ones(2)))
+    torch.testing.assert_close(d_loss("hinge", real, fake), torch.tensor((0 + 2 + 1.5 + 0) / 2))
+    torch.testing.assert_close(d_loss("wgan", real, fake), fake.mean() - real.mean())
+    torch.testing.assert_close(d_loss("lsgan", real, fake),
+                               0.5 * ((real - 1) ** 2).mean() + 0.5 * (fake**2).mean())
+
+
+def test_gradient_penalty_and_r1_of_a_linear_critic_are_exact():
+    w = torch.tensor([3.0, 4.0])  # |w| = 5: the gradient of x -> w.x everywhere
+    critic = nn.Linear(2, 1, bias=False)
+    critic.weight.data = w.view(1, 2)
+    d = lambda x, labels=None: critic(x).flatten()  # noqa: E731
+    real, fake = torch.randn(8, 2), torch.randn(8, 2)
+    torch.testing.assert_close(gradient_penalty(d, real, fake, torch.rand(8)), torch.tensor(16.0))
+    x = real.clone().requires_grad_(True)
+    torch.testing.assert_close(r1_penalty(d(x), x), torch.tensor(25.0))
+
+
+@pytest.fixture()
+def make_trainer(digits_dir, tmp_path, monkeypatch):
+    from trainer.distributed import init_distributed
+    from trainer.loop import Trainer
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+    def make(recipe: str = "configs/dcgan_digits.yaml", *overrides: str) -> Trainer:
+        cfg = load_config(recipe, [f"data.train={digits_dir}", f"run.dir={tmp_path}/run", "log.mlflow_uri=none",
+                                   "model.g_width=8", "model.d_width=8", "model.z_dim=16",
+                                   "train.batch_size=16", *overrides])
+        return Trainer(cfg, init_distributed())
+
+    return make
+
+
+def test_weight_clipping_bounds_hold(make_trainer):
+    t = make_trainer("configs/wgan_clip_digits.yaml", "train.lr_d=0.05")
+    for _ in range(3):
+        t.train_step()
+    assert isinstance(t.D.opt, torch.optim.RMSprop)
+    params = torch.cat([p.flatten() for p in t.D.module.parameters()])
+    assert params.abs().max() <= 0.01 and params.abs().max() > 0.009  # clipped, and the bound is reached
+
+
+def test_gradient_accumulation_equals_the_full_batch(make_trainer):
+    a = make_trainer("configs/wgan_gp_digits.yaml")
+    b = make_trainer("configs/wgan_gp_digits.yaml", "train.accumulate=4")
+    real, z, eps = torch.rand(16, 1, 32, 32) * 2 - 1, torch.randn(16, 16), torch.rand(16)
+    a.d_step(real, z, eps)
+    b.d_step(real, z, eps)
+    for p, q in zip(a.D.module.parameters(), b.D.module.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_nonfinite_step_is_skipped_and_repeated_ones_abort(make_trainer):
+    from trainer.loop import TrainingError
+
+    t = make_trainer("configs/dcgan_digits.yaml", "train.max_nonfinite=3")
+    before = [p.clone() for p in t.D.module.parameters()]
+    stats = t.d_step(torch.full((16, 1, 32, 32), float("nan")), torch.randn(16, 16))
+    assert stats["skipped/d"] == 1 and not torch.isfinite(stats["grad_norm/d"])
+    assert all(torch.equal(a, b) for a, b in zip(before, t.D.module.parameters(), strict=True))
+    t.count_nonfinite(True)
+    t.count_nonfinite(False)  # a good step resets the run
+    t.count_nonfinite(True)
+    t.count_nonfinite(True)
+    with pytest.raises(TrainingError, match="3 steps in a row"):
+        t.count_nonfinite(True)
+    assert t.state.nonfinite == 4
+
+
+def test_fp16_scalers_are_independent(make_trainer):
+    t = make_trainer("configs/wgan_gp_digits.yaml", "precision=fp16")
+    assert t.G.scaler is not t.D.scaler and t.D.scaler.is_enabled()
+    d_scale, g_scale = t.D.scaler.get_scale(), t.G.scaler.get_scale()
+    d_before = [p.clone() for p in t.D.module.parameters()]
+    d_out = t.D.module(torch.rand(16, 1, 32, 32))
+    t.D.scaler.scale(d_out.float().mean() * float("inf")).backward()  # D overflows
+    _, finite = t.D.apply()
+    assert not finite and t.D.scaler.get_scale() < d_scale
+    assert all(torch.equal(a, b) for a, b in zip(d_before, t.D.module.parameters(), strict=True))
+    g_before = [p.clone() for p in t.G.module.parameters()]
+    stats = t.g_step(torch.randn(16, 16))
+    assert stats["skipped/g"] == 0 and t.G.scaler.get_scale() == g_scale
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, t.G.module.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("recipe", ["configs/sngan_hinge_digits.yaml", "configs/dcgan_digits_cond.yaml"])
+def test_recipe_trains_and_samples(make_trainer, recipe):
+    from trainer.sampling import generate
+
+    t = make_trainer(recipe)
+    if t.cfg.model.spectral_norm:
+        assert any("parametrizations" in n for n, _ in t.D.module.named_parameters())
+    for _ in range(2):
+        stats = t.train_step()
+    assert all(torch.isfinite(v) for v in stats.values())
+    out = generate(t.ema.model, t.fixed_z[:10], t.fixed_labels[:10] if t.fixed_labels is not None else None)
+    assert out.shape == (10, 1, 32, 32)
+
+
+def test_every_recipe_loads():
+    recipes = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+    assert len(recipes) >= 8
+    for recipe in recipes:
+        cfg = load_config(recipe, [])
+        assert cfg.train.batch_size > 0, recipe
