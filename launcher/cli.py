@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import data_cli, k8s, launch, runs_cli
+from launcher import data_cli, eval_cli, k8s, launch, runs_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_parser(sub)
     k8s.add_parser(sub)
     runs_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
 
     t = sub.add_parser("train", help="train in this process (use `ganforge launch` for several)")
     t.add_argument("--config", required=True)

@@ -1,0 +1,77 @@
+"""`ganforge eval`: FID, KID, precision/recall and mode coverage of a run, on one process or many."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="sample-quality metrics of a run (FID, KID, precision/recall, modes)")
+    p.add_argument("--run", required=True, help="run directory (its newest valid checkpoint is evaluated)")
+    p.add_argument("--metrics", default="fid", help="comma-separated: fid,kid,pr,modes,classes (default fid)")
+    p.add_argument("--n", type=int, default=None, help="generated samples (default: eval.n of the run, else 5000)")
+    p.add_argument("--json", action="store_true", help="print one JSON object keyed by metric name")
+    p.add_argument("--seed", type=int, default=0, help="latents of sample i are row i of this seed's draw")
+    p.add_argument("--checkpoint", help="a checkpoint file (default: the newest valid one of --run)")
+    p.add_argument("--no-ema", action="store_true", help="evaluate the raw generator instead of its EMA")
+    p.add_argument("--data", help="real data (default: the run's data.train)")
+    p.add_argument("--features", default="auto", choices=["auto", "inception", "digits", "points"],
+                   help="feature extractor (auto: Inception if weights are given, else the dataset's classifier)")
+    p.add_argument("--inception-weights", help="Inception-v3 state dict (eval.inception_weights); see docs/evaluation.md")
+    p.add_argument("--cache-dir", help="classifier and real-feature cache (default: <parent of run>/eval_cache)")
+    p.add_argument("--nproc", type=int, default=1, help="evaluate with this many processes (torchrun, gloo on CPU)")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(args)
+    from trainer.distributed import init_distributed, shutdown
+    from trainer.evaluation.errors import EvaluationError
+    from trainer.evaluation.evaluator import evaluate
+
+    env = init_distributed()
+    try:
+        result = evaluate(args.run, args.metrics, args.n, data=args.data, checkpoint=args.checkpoint,
+                          use_ema=not args.no_ema, seed=args.seed, features=args.features,
+                          inception_weights=args.inception_weights, cache_dir=args.cache_dir, env=env,
+                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except EvaluationError as e:
+        print(f"ganforge: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown()
+    if env.rank == 0:
+        print(json.dumps(result) if args.json else format_result(result), flush=True)
+    return 0
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    """Run this same evaluation under torchrun with `args.nproc` processes (one rank each)."""
+    argv = ["eval", "--run", args.run, "--metrics", args.metrics, "--seed", str(args.seed),
+            "--features", args.features]
+    for flag, value in (("--n", args.n), ("--checkpoint", args.checkpoint), ("--data", args.data),
+                        ("--inception-weights", args.inception_weights), ("--cache-dir", args.cache_dir)):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--json"] * args.json + ["--no-ema"] * args.no_ema
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           "-m", "launcher.cli", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.call(cmd, env=env)
+
+
+def format_result(result: dict) -> str:
+    """Aligned `name  value` lines, numbers first."""
+    lines = []
+    for k, v in result.items():
+        if isinstance(v, float):
+            v = f"{v:.6g}" if math.isfinite(v) else str(v)
+        lines.append(f"{k:<20} {v}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Sample-quality metrics: mode coverage on 2-D mixtures, FID/KID/precision-recall on images."""

@@ -1,0 +1,166 @@
+"""`evaluate`: sample-quality metrics of a run (or a generator), on one rank or many."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from data_pipeline.index import load_index
+from trainer.distributed import DistEnv, pick_device
+from trainer.evaluation.errors import EvaluationError
+from trainer.evaluation.features import build_extractor
+from trainer.evaluation.sharding import generated_features
+
+METRICS = ("fid", "kid", "pr", "modes", "classes")
+MODE_POINTS = 2500  # the PacGAN protocol's sample count for the 2-D mode metric
+PR_K = 3
+DEFAULT_N = 5000
+
+
+def current_env() -> DistEnv:
+    """This process's place in an already initialised process group, or a single process."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(dist.get_rank(), dist.get_world_size(), local, pick_device(local))
+    return DistEnv(0, 1, 0, pick_device(0))
+
+
+def parse_metrics(text: str | Sequence[str]) -> list[str]:
+    """"fid,kid" or ["fid", "kid"] -> validated, de-duplicated metric names."""
+    names = [m.strip() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    for m in names:
+        if m not in METRICS:
+            raise EvaluationError(f"--metrics: unknown metric {m!r} (choose from {', '.join(METRICS)})")
+    if not names:
+        raise EvaluationError("--metrics: no metric given")
+    return list(dict.fromkeys(names))
+
+
+def default_cache_dir(run_dir: str) -> str:
+    """Caches sit beside the runs (<parent of run dir>/eval_cache), shared by runs on the same data."""
+    return os.path.join(os.path.dirname(os.path.abspath(run_dir)) or ".", "eval_cache")
+
+
+def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n: int | None = None, *,
+             cfg: Any = None, data: str | None = None, checkpoint: str | None = None,
+             use_ema: bool = True, seed: int = 0, features: str = "auto",
+             inception_weights: str | None = None, cache_dir: str | None = None,
+             env: DistEnv | None = None, log=print) -> dict[str, Any]:
+    """Metrics of a run directory's newest checkpoint (or of `source` as a generator, with its `cfg`).
+
+    Every rank of the current process group must call this with the same arguments: each
+    generates its share of the n samples, the features are gathered, rank 0 computes, and every
+    rank gets the same dict back. The result does not depend on the world size.
+    `n` defaults to the config's `eval.n` when it has one, else DEFAULT_N.
+    """
+    names = parse_metrics(metrics)
+    env = env or current_env()
+    info: dict[str, Any] = {}
+    if isinstance(source, str):
+        from trainer.generate import load_generator
+
+        g, cfg, path = load_generator(source, checkpoint, use_ema)
+        run_dir = source
+        info["checkpoint"] = path
+        step = re.search(r"step_(\d+)", os.path.basename(path))
+        if step:
+            info["step"] = int(step.group(1))
+    else:
+        if cfg is None:
+            raise EvaluationError("evaluate(generator, ...) needs the run's cfg (for z_dim and the data)")
+        g, run_dir = source, cfg.run.dir
+    g = g.to(env.device)
+    data = data or cfg.data.train
+    if not data or ("://" not in data and not os.path.exists(os.path.join(data, "index.json"))):
+        raise EvaluationError(f"data: no dataset index at {data!r} (the run's data.train); pass --data DIR")
+    index = load_index(data)
+    cache_dir = cache_dir or default_cache_dir(run_dir)
+    inception_weights = inception_weights or _config_value(cfg, "inception_weights")
+    n = int(n or _config_value(cfg, "n") or DEFAULT_N)
+
+    # Rank 0 may have to train and cache the classifier; the others then load it from the cache.
+    extractor = None
+    if env.rank == 0:
+        extractor = build_extractor(index, features, inception_weights, cache_dir, log)
+    if env.world_size > 1:
+        dist.barrier()
+    if extractor is None:
+        extractor = build_extractor(index, features, inception_weights, cache_dir, log)
+    extractor = extractor.to(env.device)
+    if index.kind == "points" and "classes" in names:
+        raise EvaluationError("--metrics classes: needs labelled images; this dataset holds 2-D points")
+    if index.kind != "points" and {"classes", "modes"} & set(names) and not hasattr(extractor, "classify"):
+        raise EvaluationError(f"--metrics classes/modes on images need the dataset classifier "
+                              f"(--features digits), not {extractor.key}")
+
+    image_metrics = [m for m in names if m != "modes"]
+    n_gen = n if image_metrics or index.kind != "points" else 0
+    if "modes" in names and index.kind == "points":
+        n_gen = max(n_gen, MODE_POINTS)
+    if n_gen < max(PR_K + 1, 2):
+        raise EvaluationError(f"--n: need at least {PR_K + 1} samples, got {n}")
+    fake = generated_features(g, extractor, n_gen, cfg.model.z_dim, seed, env,
+                              getattr(cfg.model, "num_classes", 0) or 0)
+    result: dict[str, Any] = {}
+    if env.rank == 0:
+        result = _compute(names, fake[:n] if image_metrics else fake, fake, index, extractor, n,
+                          cache_dir, env.device, log)
+        result |= info | {"n": min(n, n_gen), "features": extractor.key, "world_size": env.world_size}
+        if hasattr(extractor, "accuracy"):
+            result["classifier_accuracy"] = round(extractor.accuracy, 4)
+    if env.world_size > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
+
+def _config_value(cfg: Any, key: str) -> Any:
+    """`cfg.eval.<key>` when the config has an eval section, else None."""
+    section = getattr(cfg, "eval", None)
+    return getattr(section, key, None) or None
+
+
+def _compute(names: list[str], fake: torch.Tensor, all_fake: torch.Tensor, index: Any, extractor: nn.Module,
+             n: int, cache_dir: str, device: torch.device, log) -> dict[str, Any]:
+    """Rank 0's part: real features (cached) and the requested metrics."""
+    out: dict[str, Any] = {}
+    if any(m in names for m in ("fid", "kid", "pr")):
+        from trainer.evaluation.real_stats import real_features
+
+        real = real_features(index, extractor, n, cache_dir, device, log)
+        out["n_real"] = len(real)
+        if "fid" in names:
+            from trainer.evaluation.fid import fid
+
+            out["fid"] = fid(real, fake)
+        if "kid" in names:
+            from trainer.evaluation.kid import kid
+
+            out["kid"], out["kid_std"] = kid(real, fake)
+        if "pr" in names:
+            from trainer.evaluation.precision_recall import precision_recall
+
+            out["precision"], out["recall"] = precision_recall(real, fake, PR_K)
+    if index.kind != "points" and {"classes", "modes"} & set(names):
+        from trainer.evaluation.class_coverage import class_coverage
+
+        cov = class_coverage(extractor.classify(fake.to(device)).cpu(), extractor.net.num_classes)
+        out |= cov
+        if "modes" in names:  # on digits, a mode is a class (as in stacked-MNIST mode counting)
+            out |= {"modes_covered": cov["classes_covered"], "modes_total": cov["classes_total"],
+                    "high_quality": cov["class_confident"]}
+    if "modes" in names and index.kind == "points":
+        from trainer.evaluation.modes import mode_metrics
+
+        mixture = index.meta.get("mixture")
+        if not mixture:
+            raise EvaluationError(f"{index.root}: points dataset without meta.mixture; cannot count modes")
+        out |= mode_metrics(all_fake[:MODE_POINTS].numpy(), mixture)
+    return out

@@ -1,0 +1,68 @@
+"""Generated-sample features split across ranks by global sample index, gathered in global order.
+
+Sample i always gets latent row i of `latents(seed, n, z_dim)` (and label i mod num_classes for a
+class-conditional generator), and samples are generated in fixed chunks of global indices that
+are dealt round-robin to the ranks. Each sample is therefore produced by the same computation
+whatever the world size, and the gathered features are the same set in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trainer.distributed import DistEnv
+from trainer.sampling import latents
+
+
+def rank_chunks(n: int, chunk: int, world_size: int, rank: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of global sample indices that `rank` generates."""
+    starts = range(0, n, chunk)
+    return [(s, min(s + chunk, n)) for i, s in enumerate(starts) if i % world_size == rank]
+
+
+@torch.no_grad()
+def local_features(g: nn.Module, extractor: nn.Module, z: torch.Tensor, labels: torch.Tensor | None,
+                   chunks: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """Features (float64) of this rank's chunks, concatenated in chunk order."""
+    out = []
+    for start, stop in chunks:
+        args = (z[start:stop].to(device),)
+        if labels is not None:
+            args += (labels[start:stop].to(device),)
+        out.append(extractor(g(*args).float()).double())
+    return torch.cat(out) if out else torch.zeros(0, extractor.num_features, dtype=torch.float64, device=device)
+
+
+def gather_in_order(local: torch.Tensor, n: int, chunk: int, env: DistEnv) -> torch.Tensor:
+    """Every rank's chunk features, reassembled into global sample order (on CPU, on every rank)."""
+    if env.world_size == 1:
+        return local.cpu()
+    most = max(sum(b - a for a, b in rank_chunks(n, chunk, env.world_size, r)) for r in range(env.world_size))
+    padded = torch.zeros(most, local.shape[1], dtype=local.dtype, device=local.device)
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(env.world_size)]
+    dist.all_gather(parts, padded)
+    out = torch.empty(n, local.shape[1], dtype=local.dtype)
+    for r, part in enumerate(parts):
+        offset = 0
+        for a, b in rank_chunks(n, chunk, env.world_size, r):
+            out[a:b] = part[offset:offset + b - a].cpu()
+            offset += b - a
+    return out
+
+
+def generated_features(g: nn.Module, extractor: nn.Module, n: int, z_dim: int, seed: int, env: DistEnv,
+                       num_classes: int = 0, chunk: int = 250) -> torch.Tensor:
+    """Features of generated samples 0..n-1 (N x d, float64, CPU), computed across all ranks."""
+    z = latents(seed, n, z_dim)
+    labels = torch.arange(n) % num_classes if num_classes > 0 else None
+    chunks = rank_chunks(n, chunk, env.world_size, env.rank)
+    was_training = g.training
+    g.eval()
+    try:
+        local = local_features(g, extractor, z, labels, chunks, env.device)
+    finally:
+        g.train(was_training)
+    return gather_in_order(local, n, chunk, env)
