@@ -1,0 +1,193 @@
+"""`ganforge k8s render` and k8s/: valid objects, and the fields that decide what preemption does.
+
+Core kinds are checked offline with `kubernetes-validate --strict`; the kustomize tree with
+the real `kubectl kustomize`. PyTorchJob, JobSet and PodMonitor have no schema here (see
+docs/kubernetes.md): their pod and job templates are validated as core objects instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import BIN, REPO, run_cli
+
+RECIPE = "configs/dcgan_digits.yaml"
+IMAGE = "ghcr.io/example/ganforge:1"
+CORE = {"ConfigMap", "PersistentVolumeClaim", "Service", "Job", "Deployment", "PodTemplate"}
+KUSTOMIZATIONS = ["base", "overlays/pytorchjob", "overlays/jobset", "mlflow"]
+needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+
+
+def render(out, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("k8s", "render", "--config", RECIPE, "--nodes", "4", "--gpus-per-node", "8", "--image", IMAGE,
+                   "--out", str(out), *extra, timeout=120)
+
+
+def load_dir(path) -> list[dict]:
+    return [o for f in sorted(os.listdir(path)) if f.endswith(".yaml") and f != "kustomization.yaml"
+            for o in yaml.safe_load_all(open(os.path.join(path, f))) if o]
+
+
+def validate_strict(objs: list[dict], tmp_path) -> subprocess.CompletedProcess:
+    """kubernetes-validate --strict on these objects (unknown fields are errors)."""
+    path = tmp_path / f"objs-{len(list(tmp_path.iterdir()))}.yaml"
+    path.write_text(yaml.safe_dump_all(objs))
+    return subprocess.run([os.path.join(BIN, "kubernetes-validate"), "--strict", str(path)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def by_kind(objs: list[dict]) -> dict[str, dict]:
+    return {o["kind"]: o for o in objs}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("render") / "manifests"
+    r = render(out)
+    assert r.returncode == 0, r.stderr
+    return load_dir(out)
+
+
+def test_rendered_core_kinds_pass_strict_validation(rendered, tmp_path):
+    kinds = sorted(o["kind"] for o in rendered)
+    assert kinds == ["ConfigMap", "Job", "PersistentVolumeClaim", "PersistentVolumeClaim", "PodMonitor", "Service"]
+    r = validate_strict([o for o in rendered if o["kind"] in CORE], tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("passed") == 5
+
+
+def test_indexed_job_survives_preemption_and_fails_fast_on_a_bad_config(rendered):
+    job = by_kind(rendered)["Job"]["spec"]
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 4
+    assert job["backoffLimitPerIndex"] >= 1 and job["podReplacementPolicy"] == "Failed"
+    rules = job["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    fail = [r for r in rules if r["action"] == "FailJob"]
+    assert fail and fail[0]["onExitCodes"]["operator"] == "In" and fail[0]["onExitCodes"]["values"] == [2]
+    assert any(r["action"] == "Ignore" and r.get("onExitCodes", {}).get("values") == [143] for r in rules)
+    pod = job["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["restartPolicy"] == "Never"  # required by podFailurePolicy
+    timeout = int(c["args"][c["args"].index("--shutdown-timeout") + 1])
+    assert pod["terminationGracePeriodSeconds"] > timeout > 0, "SIGKILL must come after the checkpoint"
+    assert c["args"][:2] == ["ganforge", "launch"] and "command" not in c, "the image's init must stay PID 1"
+    assert pod["subdomain"] == by_kind(rendered)["Service"]["metadata"]["name"]
+
+
+def test_pods_are_unprivileged_gpu_pods_with_tracking_and_metrics(rendered, tmp_path):
+    objs = by_kind(rendered)
+    pod = objs["Job"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    assert sc["readOnlyRootFilesystem"] is True
+    writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert {"/tmp", "/checkpoints", "/data", "/dev/shm"} <= writable
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://")
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {o["metadata"]["name"] for o in rendered if o["kind"] == "PersistentVolumeClaim"}
+    # Every local rank's /metrics port is a named container port the PodMonitor scrapes.
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    scraped = [e["port"] for e in objs["PodMonitor"]["spec"]["podMetricsEndpoints"]]
+    assert sorted(scraped) == sorted(f"metrics-{r}" for r in range(8)) and set(scraped) <= set(ports)
+    from trainer.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(objs["ConfigMap"]["data"]["config.yaml"])
+    cfg = load_config(str(path))
+    assert ports["metrics-0"] == cfg.log.prometheus_port and cfg.run.dir.startswith("/checkpoints/")
+    assert cfg.data.train.startswith("/data/") and cfg.log.mlflow_uri == ""
+
+
+def test_launcher_in_a_rendered_pod_meets_pod_0_through_the_service(rendered, digits_dir, tmp_path):
+    """The pod's own variables (as the Job controller and downward API fill them) drive the launcher."""
+    objs = by_kind(rendered)
+    c = objs["Job"]["spec"]["template"]["spec"]["containers"][0]
+    job_name = objs["Job"]["metadata"]["name"]
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    env |= {"JOB_COMPLETION_INDEX": "0", "JOB_NAME": job_name}
+    config = tmp_path / "config.yaml"
+    config.write_text(objs["ConfigMap"]["data"]["config.yaml"])
+    args = c["args"][2:]
+    args[args.index("--config") + 1] = str(config)
+    r = run_cli("launch", *args, "--dry-run", f"data.train={digits_dir}", "run.dir=" + str(tmp_path / "r"),
+                env={k: v for k, v in env.items() if k != "HOME"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[1]
+    assert f"--rdzv-endpoint {job_name}-0.{objs['Service']['metadata']['name']}:29400" in line
+    assert "--nnodes 4" in line and "--nproc-per-node 8" in line and "--rdzv-conf is_host=1" in line
+
+
+def test_render_writes_nothing_over_existing_output_or_for_a_bad_config(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.yaml").write_text("mine\n")
+    r = render(out)
+    assert r.returncode == 2 and "--force" in r.stderr and (out / "keep.yaml").read_text() == "mine\n"
+    fresh = tmp_path / "fresh"
+    r = render(fresh, "train.batch_size=12")  # 4 nodes x 8 GPUs do not divide 12
+    assert r.returncode == 2 and "train.batch_size" in r.stderr and not fresh.exists()
+    r = render(fresh, "--min-nodes", "2")
+    assert r.returncode == 2 and "pytorchjob" in r.stderr and not fresh.exists()
+    r = render(out, "--force", "--flavor", "jobset")
+    assert r.returncode == 0 and not (out / "keep.yaml").exists()
+    assert "JobSet" in {o["kind"] for o in load_dir(out)}
+
+
+def test_committed_k8s_tree_is_what_render_writes(tmp_path):
+    out = tmp_path / "k8s"
+    r = render(out, "--kustomize")
+    assert r.returncode == 0, r.stderr
+    committed = os.path.join(REPO, "k8s")
+    files = sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs)
+    assert files == sorted(os.path.relpath(os.path.join(d, f), committed)
+                           for d, _, fs in os.walk(committed) for f in fs)
+    for rel in files:
+        assert (out / rel).read_text() == open(os.path.join(committed, rel)).read(), \
+            f"k8s/{rel} differs from the renderer: re-run the command in docs/kubernetes.md"
+
+
+@needs_kubectl
+def test_every_kustomization_builds_and_its_core_kinds_validate(tmp_path):
+    built = {}
+    for k in KUSTOMIZATIONS:
+        r = subprocess.run(["kubectl", "kustomize", os.path.join(REPO, "k8s", k)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, f"{k}: {r.stderr}"
+        built[k] = [o for o in yaml.safe_load_all(r.stdout) if o]
+    kinds = {k: sorted({o["kind"] for o in objs}) for k, objs in built.items()}
+    assert kinds["base"] == ["ConfigMap", "Job", "PersistentVolumeClaim", "PodMonitor", "Service"]
+    assert kinds["overlays/pytorchjob"] == ["ConfigMap", "PersistentVolumeClaim", "PodMonitor", "PyTorchJob"]
+    assert kinds["overlays/jobset"] == ["ConfigMap", "JobSet", "PersistentVolumeClaim", "PodMonitor"]
+    assert kinds["mlflow"] == ["Deployment", "PersistentVolumeClaim", "Service"]
+    core = [o for objs in built.values() for o in objs if o["kind"] in CORE]
+    r = validate_strict(core, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # The custom resources' templates, validated as the core objects they become.
+    pj = by_kind(built["overlays/pytorchjob"])["PyTorchJob"]["spec"]
+    js = by_kind(built["overlays/jobset"])["JobSet"]["spec"]
+    worker = pj["pytorchReplicaSpecs"]["Worker"]
+    job_template = js["replicatedJobs"][0]["template"]
+    wrapped = [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "worker"}, "template": worker["template"]},
+               {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "workers"}, "spec": job_template["spec"]}]
+    r = validate_strict(wrapped, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    # Elastic PyTorchJob: c10d, a node range, and restarts only for retryable (signal) exit codes.
+    assert pj["elasticPolicy"]["rdzvBackend"] == "c10d" and worker["replicas"] == pj["elasticPolicy"]["maxReplicas"] == 4
+    assert worker["restartPolicy"] == "ExitCode" and worker["template"]["spec"]["containers"][0]["name"] == "pytorch"
+    # JobSet: the same Indexed Job; a config error (FailJob by the pod failure policy) ends the JobSet.
+    assert job_template["spec"]["completionMode"] == "Indexed" and job_template["spec"]["completions"] == 4
+    assert js["failurePolicy"]["maxRestarts"] > 0
+    assert js["failurePolicy"]["rules"][0]["action"] == "FailJobSet"
+    assert js["failurePolicy"]["rules"][0]["onJobFailureReasons"] == ["PodFailurePolicy"]
