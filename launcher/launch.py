@@ -65,6 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rdzv-endpoint", default=None,
                    help=f"HOST[:PORT] of node 0's c10d store (port {RDZV_PORT} if left out); "
                         "required for several nodes outside a cluster")
+    p.add_argument("--local-addr", default=None,
+                   help="this node's address as the others reach it (default: its hostname; 127.0.0.1 "
+                        "when the endpoint is on loopback)")
     p.add_argument("--max-restarts", type=int, default=None,
                    help=f"worker-group restarts before the job fails (default {DEFAULT_MAX_RESTARTS})")
     p.add_argument("--monitor-interval", type=float, default=DEFAULT_MONITOR_INTERVAL,
@@ -226,8 +229,8 @@ def plan_launch(args: argparse.Namespace, run_name: str, nnodes: tuple[int, int]
         # Without this each agent guesses from its addresses whether it hosts the store; a
         # replacement node must never start a second, empty store.
         cmd += ["--rdzv-conf", f"is_host={'1' if node_rank == 0 else '0'}"]
-    if is_loopback(host):
-        cmd += ["--local-addr", "127.0.0.1"]  # every "node" is on this machine
+    if args.local_addr or is_loopback(host):
+        cmd += ["--local-addr", args.local_addr or "127.0.0.1"]  # loopback: every "node" is on this machine
     return LaunchPlan([*cmd, script, *train_args], env, summary)
 
 

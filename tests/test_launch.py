@@ -208,3 +208,30 @@ def test_losing_a_node_restarts_the_workers_and_resumes_from_the_last_checkpoint
     assert resumed and int(resumed[-1]) >= 5, logs
     path, state = newest_checkpoint(str(run))
     assert state["step"] == 120 and state["world_size"] == 2, logs
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_checkpoints_and_exits_143(digits_dir, tmp_path):
+    """What the kubelet does on preemption: SIGTERM to the container's launcher, and only to it."""
+    run = tmp_path / "run"
+    cmd = [os.path.join(BIN, "ganforge"), "launch", "--config", RECIPE, "--nproc-per-node", "2",
+           "train.max_steps=100000", "checkpoint.every_steps=1000", f"run.dir={run}", f"data.train={digits_dir}",
+           *TINY]
+    log = open(tmp_path / "launch.log", "w")
+    node = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**CLEAN, "OMP_NUM_THREADS": "1"},
+                            cwd=REPO)
+    try:
+        deadline = time.monotonic() + 180
+        while not re.search(r"^step \d+/", (tmp_path / "launch.log").read_text(), re.MULTILINE):
+            assert time.monotonic() < deadline and node.poll() is None, (tmp_path / "launch.log").read_text()
+            time.sleep(0.2)
+        assert not (run / "checkpoints").exists() or not os.listdir(run / "checkpoints")
+        node.send_signal(signal.SIGTERM)
+        code = finish(node, 120)
+    finally:
+        if node.poll() is None:
+            kill_node(node)
+    out = (tmp_path / "launch.log").read_text()
+    assert code == 143, out[-3000:]
+    path, state = newest_checkpoint(str(run))
+    assert 0 < state["step"] < 1000, "the stop must have written its own checkpoint"
