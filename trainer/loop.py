@@ -46,11 +46,15 @@ def derive_seed(*parts: int) -> int:
 
 
 def global_draw(seed: int, shape: tuple[int, ...], env: DistEnv, uniform: bool = False) -> torch.Tensor:
-    """Draw for the whole global batch from `seed`, keep this rank's slice: independent of world size."""
+    """Draw for the whole global batch from `seed`, keep this rank's rows: independent of world size.
+
+    Rank r takes rows r, r + W, ...: the same interleave as its data (see data_pipeline.planner),
+    so the j-th real sample of the global batch meets the j-th latent (and penalty
+    interpolation) whatever the number of ranks.
+    """
     draw = torch.rand if uniform else torch.randn
     full = draw(shape, generator=torch.Generator().manual_seed(seed))
-    per_rank = shape[0] // env.world_size
-    return full[env.rank * per_rank:(env.rank + 1) * per_rank].to(env.device)
+    return full[env.rank::env.world_size].to(env.device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -229,8 +233,7 @@ class Trainer:
         if not n:
             return None
         full = torch.randint(n, (self.cfg.train.batch_size,), generator=torch.Generator().manual_seed(seed))
-        per_rank = len(full) // self.env.world_size
-        return full[self.env.rank * per_rank:(self.env.rank + 1) * per_rank].to(self.env.device)
+        return full[self.env.rank::self.env.world_size].to(self.env.device)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
