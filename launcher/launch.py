@@ -183,9 +183,13 @@ def available_cpus() -> int:
     return max(1, n)
 
 
-def thread_env(nproc: int, device: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """OMP_NUM_THREADS shares the node's cores between its processes (kept when already set)."""
-    env: dict[str, str] = {}
+def launch_env(nproc: int, device: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """Variables the job needs on top of the caller's environment."""
+    # torchrun's agents reuse the first round's master address when they share the rendezvous
+    # TCP store with the workers; a replacement node that joins a later round then waits
+    # forever for an address nobody writes. Without sharing, every round publishes its own.
+    env: dict[str, str] = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    # OMP_NUM_THREADS shares the node's cores between its processes (kept when already set).
     if "OMP_NUM_THREADS" not in environ:
         env["OMP_NUM_THREADS"] = str(max(1, available_cpus() // nproc))
     if device == "cpu":
@@ -208,7 +212,7 @@ def plan_launch(args: argparse.Namespace, run_name: str, nnodes: tuple[int, int]
                           "(node 0's address) outside a Kubernetes, PyTorchJob or Slurm job")
     # One node: a free port on loopback, chosen by the c10d store itself (torchrun --standalone).
     host, port = split_endpoint(endpoint) if endpoint else ("127.0.0.1", 0)
-    env = thread_env(nproc, device, environ)
+    env = launch_env(nproc, device, environ)
     from trainer import main as trainer_main
 
     script = trainer_main.__file__

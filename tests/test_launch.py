@@ -195,6 +195,12 @@ def test_losing_a_node_restarts_the_workers_and_resumes_from_the_last_checkpoint
             time.sleep(0.2)
         kill_node(lost)
         assert host.poll() is None, "the job must still be running when node 1 is lost\n" + node_logs(run)
+        # Node 0's agent notices (its worker's collective fails) and opens a new round. Only then
+        # does the replacement arrive, as a new pod would: joining while node 0 still sees the
+        # old round makes it restart twice in quick succession.
+        while "failed (exitcode" not in node_logs(run):
+            assert time.monotonic() < deadline and host.poll() is None, "node 0 did not notice\n" + node_logs(run)
+            time.sleep(0.2)
         # The scheduler replaces the lost machine: the same command on a fresh node.
         replacement = start_node(1, port, str(run), digits_dir, *steps)
         codes = [finish(host, 240), finish(replacement, 60)]
