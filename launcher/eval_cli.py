@@ -61,7 +61,7 @@ def _relaunch(args: argparse.Namespace) -> int:
             argv += [flag, str(value)]
     argv += ["--json"] * args.json + ["--no-ema"] * args.no_ema
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "-m", "launcher.cli", *argv]
+           "-m", "launcher.cli", "--", *argv]  # "--": torchrun would take --run for its --run-path
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.call(cmd, env=env)
