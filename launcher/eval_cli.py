@@ -42,7 +42,8 @@ def run_eval(args: argparse.Namespace) -> int:
                           inception_weights=args.inception_weights, cache_dir=args.cache_dir, env=env,
                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except EvaluationError as e:
-        print(f"ganforge: error: {e}", file=sys.stderr)
+        if env.rank == 0:  # every rank fails alike; one line is enough
+            print(f"ganforge: error: {e}", file=sys.stderr)
         return 1
     finally:
         shutdown()

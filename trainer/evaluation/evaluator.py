@@ -84,14 +84,13 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
     inception_weights = inception_weights or _config_value(cfg, "inception_weights")
     n = int(n or _config_value(cfg, "n") or DEFAULT_N)
 
+    def build() -> nn.Module:
+        return build_extractor(index, features, inception_weights, cache_dir, log)
+
     # Rank 0 may have to train and cache the classifier; the others then load it from the cache.
-    extractor = None
-    if env.rank == 0:
-        extractor = build_extractor(index, features, inception_weights, cache_dir, log)
-    if env.world_size > 1:
-        dist.barrier()
+    extractor = on_main_first(build, env) if env.world_size > 1 else None
     if extractor is None:
-        extractor = build_extractor(index, features, inception_weights, cache_dir, log)
+        extractor = build()
     extractor = extractor.to(env.device)
     if index.kind == "points" and "classes" in names:
         raise EvaluationError("--metrics classes: needs labelled images; this dataset holds 2-D points")
@@ -107,18 +106,40 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
         raise EvaluationError(f"--n: need at least {PR_K + 1} samples, got {n}")
     fake = generated_features(g, extractor, n_gen, cfg.model.z_dim, seed, env,
                               getattr(cfg.model, "num_classes", 0) or 0)
-    result: dict[str, Any] = {}
-    if env.rank == 0:
+
+    def compute() -> dict[str, Any]:
         result = _compute(names, fake[:n] if image_metrics else fake, fake, index, extractor, n,
                           cache_dir, env.device, log)
         result |= info | {"n": min(n, n_gen), "features": extractor.key, "world_size": env.world_size}
         if hasattr(extractor, "accuracy"):
             result["classifier_accuracy"] = round(extractor.accuracy, 4)
+        return result
+
+    return on_main_first(compute, env, share=True)
+
+
+def on_main_first(fn, env: DistEnv, share: bool = False) -> Any:
+    """Run `fn` on rank 0 while the others wait; its error (or, with `share`, its result) reaches every rank.
+
+    Without this, a rank-0 failure (a missing weights file, bad data) would leave the other
+    ranks blocked in the next collective.
+    """
+    value, error = None, None
+    if env.rank == 0:
+        try:
+            value = fn()
+        except Exception as e:
+            error = e
     if env.world_size > 1:
-        box = [result]
+        box = [(value if share else None, None if error is None else f"{error}")]
         dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    return result
+        if env.rank != 0:
+            value, message = box[0]
+            if message is not None:
+                raise EvaluationError(f"rank 0 failed: {message}")
+    if error is not None:
+        raise error
+    return value
 
 
 def _config_value(cfg: Any, key: str) -> Any:

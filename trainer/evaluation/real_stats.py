@@ -17,7 +17,7 @@ def cache_file(cache_dir: str, index: ShardIndex, extractor: nn.Module, n: int) 
 
 
 def real_features(index: ShardIndex, extractor: nn.Module, n: int, cache_dir: str,
-                  device: torch.device | str = "cpu", log=print) -> torch.Tensor:
+                  device: torch.device | str = "cpu", log=print, chunk: int = 1000) -> torch.Tensor:
     """Features (float64, CPU) of min(n, dataset size) real samples; read from / written to `cache_dir`.
 
     The whole feature matrix is kept (not only mean and covariance) because KID and
@@ -32,8 +32,9 @@ def real_features(index: ShardIndex, extractor: nn.Module, n: int, cache_dir: st
                 return saved["features"]
         except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed, not fatal
             log(f"ganforge eval: ignoring unreadable cache {path} ({type(e).__name__})")
-    data, _ = read_samples(index, samples)
-    feats = extract(extractor, data, device)
+    # In chunks: a large image dataset does not fit in memory as float tensors at once.
+    feats = torch.cat([extract(extractor, read_samples(index, samples[i:i + chunk])[0], device)
+                       for i in range(0, len(samples), chunk)])
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save({"features": feats, "fingerprint": index.fingerprint(), "extractor": extractor.key,
