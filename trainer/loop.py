@@ -149,6 +149,7 @@ class Trainer:
         self.data = DataCursor(cfg.data.train, cfg, env)
         self.points = self.data.stream.index.kind == "points"
         self.state = TrainState()
+        self.kept_fake: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.fixed_z = latents(cfg.seed, cfg.log.sample_count, cfg.model.z_dim, env.device)
         self.fixed_labels = (torch.arange(cfg.log.sample_count, device=env.device) % cfg.model.num_classes
                              if cfg.model.num_classes else None)
@@ -168,19 +169,30 @@ class Trainer:
 
     def d_step(self, real: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None = None,
                real_labels: torch.Tensor | None = None, fake_labels: torch.Tensor | None = None,
-               r1: bool = False) -> dict[str, torch.Tensor]:
-        """One D update over `accumulate` micro-batches: real vs G(z), plus GP / lazy R1 terms."""
+               r1: bool = False, keep_fake: bool = False) -> dict[str, torch.Tensor]:
+        """One D update over `accumulate` micro-batches: real vs G(z), plus GP / lazy R1 terms.
+
+        With keep_fake (one micro-batch), G(z) is computed with its graph and kept for the G
+        step that follows, which then needs no second G forward (as in pytorch/examples dcgan).
+        """
         cfg, g, d = self.cfg, unwrap(self.G.module), self.D.module
-        g.requires_grad_(False)
+        g.requires_grad_(keep_fake)
         d.requires_grad_(True)
         k = cfg.train.accumulate
+        if keep_fake and k != 1:
+            raise ValueError("keep_fake needs train.accumulate=1")
         terms: dict[str, list[torch.Tensor]] = {}
         for i in range(k):
             part = slice(i * len(z) // k, (i + 1) * len(z) // k)
             x, yr = real[part], real_labels[part] if real_labels is not None else None
             yf = fake_labels[part] if fake_labels is not None else None
-            with torch.no_grad(), self.autocast():
-                fake = g(z[part], yf)
+            if keep_fake:
+                with self.autocast():
+                    fake = self.G.module(z, yf)
+                self.kept_fake = (fake, yf)
+            else:
+                with torch.no_grad(), self.autocast():
+                    fake = g(z[part], yf)
             if r1:
                 x = x.detach().requires_grad_(True)
             with self.D.accumulating(last=i == k - 1):
@@ -209,14 +221,21 @@ class Trainer:
         stats = {key: torch.stack(v).mean() for key, v in terms.items()}
         return stats | {"grad_norm/d": norm, "skipped/d": torch.tensor(float(not finite))}
 
-    def g_step(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """One G update: D frozen and unwrapped, so DDP reduces only G's gradients."""
+    def g_step(self, z: torch.Tensor | None, labels: torch.Tensor | None = None,
+               fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One G update on G(z), or on a `fake` kept from the D step: D frozen and unwrapped,
+        so DDP reduces only G's gradients."""
         g, d = self.G.module, unwrap(self.D.module)
         d.requires_grad_(False)
         g.requires_grad_(True)
         k = self.cfg.train.accumulate
         losses = []
-        for i in range(k):
+        if fake is not None:
+            with self.autocast():
+                loss = g_loss(self.cfg.loss.type, d(fake, labels))
+            self.G.scaler.scale(loss).backward()
+            losses.append(loss.detach())
+        for i in range(k if fake is None else 0):
             part = slice(i * len(z) // k, (i + 1) * len(z) // k)
             y = labels[part] if labels is not None else None
             with self.G.accumulating(last=i == k - 1), self.autocast():
@@ -240,6 +259,7 @@ class Trainer:
         gb, zd = cfg.train.batch_size, cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
         skipped = False
+        reuse = cfg.train.accumulate == 1  # the last D step's G(z) feeds the G step
         for i in range(cfg.train.n_critic):
             real, real_labels = self.real_batch()
             z = global_draw(derive_seed(cfg.seed, step, 1, i), (gb, zd), env)
@@ -247,10 +267,16 @@ class Trainer:
             if cfg.loss.type == "wgan_gp":
                 eps = global_draw(derive_seed(cfg.seed, step, 2, i), (gb,), env, uniform=True)
             r1 = cfg.loss.r1_gamma > 0 and (step * cfg.train.n_critic + i) % cfg.loss.r1_every == 0
-            stats = self.d_step(real, z, eps, real_labels, self.fake_labels(derive_seed(cfg.seed, step, 4, i)), r1)
+            stats = self.d_step(real, z, eps, real_labels, self.fake_labels(derive_seed(cfg.seed, step, 4, i)), r1,
+                                keep_fake=reuse and i == cfg.train.n_critic - 1)
             skipped |= bool(stats["skipped/d"])
-        stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, 3), (gb, zd), env),
-                             self.fake_labels(derive_seed(cfg.seed, step, 5)))
+        if reuse:
+            fake, labels = self.kept_fake
+            self.kept_fake = None
+            stats |= self.g_step(None, labels, fake=fake)
+        else:
+            stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, 3), (gb, zd), env),
+                                 self.fake_labels(derive_seed(cfg.seed, step, 5)))
         skipped |= bool(stats["skipped/g"])
         average_buffers(self.G.module, env)
         average_buffers(self.D.module, env)
