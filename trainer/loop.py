@@ -502,7 +502,11 @@ def run_training(cfg: Config) -> dict[str, Any]:
     """Train per `cfg` in this process (one rank of the job); returns a summary on rank 0."""
     env = init_distributed()
     try:
-        return _run(cfg, env)
+        summary = _run(cfg, env)
+        if env.world_size > 1:
+            # Leave together: a rank tearing down gloo while a peer still talks to it can abort.
+            dist.barrier()
+        return summary
     finally:
         shutdown()
 
