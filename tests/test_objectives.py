@@ -125,3 +125,22 @@ def test_every_recipe_loads():
     for recipe in recipes:
         cfg = load_config(recipe, [])
         assert cfg.train.batch_size > 0, recipe
+
+
+def test_point_recipe_trains_with_periodic_mode_evaluation(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    data = tmp_path / "ring8"
+    r = run_cli("data", "make-shards", "--source", "gaussians", "--mixture", "ring8", "--n", "2000", "--out", str(data))
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    r = run_cli("train", "--config", "configs/gan_ring8.yaml", f"data.train={data}", f"run.dir={run}",
+                "train.max_steps=4", "train.batch_size=64", "eval.every_steps=2", "eval.metrics=modes",
+                "log.mlflow_uri=none", env={"WORLD_SIZE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    evals = [rec for rec in map(json.loads, open(run / "metrics.jsonl")) if "eval/modes_total" in rec]
+    assert [rec["step"] for rec in evals] == [2, 4]
+    assert all(rec["eval/modes_total"] == 8 and 0 <= rec["eval/high_quality"] <= 1 for rec in evals)
+    assert (run / "samples" / "latest.png").exists()  # a scatter plot for point models

@@ -107,6 +107,16 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: int = 0  # evaluate the EMA generator every k steps during training; 0 = never
+    metrics: str = "fid"  # comma-separated: fid, kid, pr, modes, classes
+    n: int = 5000  # generated samples per evaluation
+    features: str = "auto"  # auto | inception | digits | points
+    inception_weights: str = ""  # local Inception-v3 FID weights file (nothing is downloaded)
+    cache_dir: str = ""  # real-data statistics and classifier cache; default <parent of run.dir>/eval_cache
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0
@@ -118,6 +128,7 @@ class Config:
     strategy: str = "ddp"  # ddp | deepspeed
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {
@@ -261,6 +272,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.loss.type == "wgan_gp" and (cfg.model.d_norm or cfg.model.norm) == "batch" and not cfg.model.arch == "mlp":
         raise ConfigError("model.norm", "wgan_gp penalises per-sample gradients; batch norm in D breaks "
                                         "that (set model.norm=none or model.d_norm=none)")
+    if cfg.eval.every_steps < 0 or cfg.eval.n < 4:
+        raise ConfigError("eval.every_steps" if cfg.eval.every_steps < 0 else "eval.n",
+                          "eval.every_steps must be >= 0 and eval.n >= 4")
+    unknown = [m for m in cfg.eval.metrics.split(",") if m.strip() not in ("fid", "kid", "pr", "modes", "classes")]
+    if unknown:
+        raise ConfigError("eval.metrics", f"unknown metric {unknown[0]!r} (choose from fid, kid, pr, modes, classes)")
     if cfg.model.num_classes < 0:
         raise ConfigError("model.num_classes", f"must be >= 0; got {cfg.model.num_classes}")
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:

@@ -480,6 +480,29 @@ class Reporter:
             self.tracker.log_artifact(path, "samples")
         return path
 
+    def evaluate(self) -> dict[str, Any]:
+        """Every rank: quality metrics of the EMA generator (eval.*); rank 0 logs them as eval/<name>."""
+        from trainer.evaluation.evaluator import evaluate
+
+        t, cfg = self.t, self.t.cfg
+        started = time.perf_counter()
+        result = evaluate(t.ema.model if cfg.train.ema_kimg > 0 else unwrap(t.G.module), cfg.eval.metrics,
+                          cfg.eval.n, cfg=cfg, features=cfg.eval.features,
+                          inception_weights=cfg.eval.inception_weights or None,
+                          cache_dir=cfg.eval.cache_dir or None, env=t.env, log=lambda *_: None)
+        values = {f"eval/{k}": float(v) for k, v in result.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "n_real", "world_size")}
+        if self.active:
+            step = t.state.step
+            shown = "  ".join(f"{k[5:]}={v:.4g}" for k, v in values.items())
+            print(f"eval at step {step}: {shown}  ({time.perf_counter() - started:.1f} s)", flush=True)
+            with open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+            if self.tracker:
+                self.tracker.log_metrics(values, step)
+        self.last = (self.last[0] + time.perf_counter() - started, self.last[1])  # keep img/s honest
+        return result
+
     def close(self, status: str) -> None:
         if self.tracker:
             self.tracker.log_artifact(os.path.join(self.t.cfg.run.dir, "config.yaml"))
@@ -552,6 +575,8 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
             reporter.samples()
             if trainer.state.step % cfg.checkpoint.every_steps == 0:
                 checkpoint()
+            if cfg.eval.every_steps and trainer.state.step % cfg.eval.every_steps == 0:
+                reporter.evaluate()
             preempt, over_budget = stop_votes([flag.requested, budget > 0 and time.perf_counter() - start > budget], env)
             if preempt:
                 checkpoint(blocking=True)
