@@ -27,12 +27,16 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/overhead.py
 
 lint: install
 	$(BIN)/ruff check .
 
 freeze:
-	$(BIN)/pip freeze --exclude-editable | grep -vi '^ganforge' > constraints.txt
+	{ echo "# Exact pins of the ganforge stack (pip install -c constraints.txt). Regenerate with: make freeze"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -vi -e '^ganforge' -e '^deepspeed'; echo "deepspeed==0.19.8"; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf runs .pytest_cache

@@ -197,7 +197,7 @@ def test_elastic_resume_two_processes_to_one_continues_the_data_exactly(digits_d
     assert a["data"] == b["data"]
     # The first step after the change of world size sees the same data and noise: same losses.
     first = losses(whole)[6], losses(split)[6]
-    assert first[1] == pytest.approx(first[0], rel=1e-5)
+    assert first[1] == pytest.approx(first[0], rel=1e-4, abs=1e-6)
     for net in ("G", "D"):
         for k, v in a[net].items():
             # Summation order differs with the world size; Adam turns that into sign noise on

@@ -51,6 +51,7 @@ class ModelConfig:
     g_width: int = 64  # dcgan: maps of G's last hidden layer (doubling towards 4x4); mlp: hidden units
     d_width: int = 64  # dcgan: maps of D's first layer (doubling towards 4x4); mlp: hidden units
     depth: int = 4  # mlp hidden layers
+    point_scale: float = 1.0  # mlp: the data's scale (std); G and D work at unit scale inside
     norm: str = "batch"  # batch | none: normalisation in G's (and, unless d_norm is set, D's) hidden layers
     d_norm: str = ""  # batch | none for D; empty: same as norm
     spectral_norm: bool = False  # spectral normalisation of D's weights (SNGAN)
@@ -249,7 +250,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key in positive:
         if flat[key] <= 0:
             raise ConfigError(key, f"must be > 0; got {flat[key]}")
-    for key in ["train.lr_g", "train.lr_d"]:
+    for key in ["train.lr_g", "train.lr_d", "model.point_scale"]:
         if flat[key] <= 0:
             raise ConfigError(key, f"must be > 0; got {flat[key]}")
     res = cfg.model.resolution

@@ -18,8 +18,8 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
         g = DCGANGenerator(cfg.z_dim, cfg.g_width, cfg.channels, cfg.resolution, cfg.norm, cfg.num_classes)
         d = DCGANDiscriminator(cfg.d_width, cfg.channels, cfg.resolution, cfg.d_norm or cfg.norm, cfg.num_classes)
     elif cfg.arch == "mlp":
-        g = MLPGenerator(cfg.z_dim, cfg.g_width, cfg.depth, cfg.channels)
-        d = MLPDiscriminator(cfg.d_width, cfg.depth, cfg.channels)
+        g = MLPGenerator(cfg.z_dim, cfg.g_width, cfg.depth, cfg.channels, cfg.point_scale)
+        d = MLPDiscriminator(cfg.d_width, cfg.depth, cfg.channels, cfg.point_scale)
     else:
         raise ValueError(f"unknown model.arch {cfg.arch!r}")
     if cfg.spectral_norm:

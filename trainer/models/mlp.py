@@ -15,19 +15,25 @@ def _mlp(d_in: int, width: int, depth: int, d_out: int, act: nn.Module) -> nn.Se
 
 
 class MLPGenerator(nn.Module):
-    def __init__(self, z_dim: int = 2, width: int = 256, depth: int = 4, out_dim: int = 2):
+    """z -> point; the net works at unit scale and `scale` maps its output to the data's scale."""
+
+    def __init__(self, z_dim: int = 2, width: int = 256, depth: int = 4, out_dim: int = 2, scale: float = 1.0):
         super().__init__()
         self.z_dim = z_dim
         self.net = _mlp(z_dim, width, depth, out_dim, nn.ReLU(True))
+        self.register_buffer("scale", torch.tensor(float(scale)))
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(z)
+        return self.net(z) * self.scale
 
 
 class MLPDiscriminator(nn.Module):
-    def __init__(self, width: int = 256, depth: int = 4, in_dim: int = 2):
+    """point -> logit; inputs are divided by `scale` first, so the critic sees unit-scale data."""
+
+    def __init__(self, width: int = 256, depth: int = 4, in_dim: int = 2, scale: float = 1.0):
         super().__init__()
         self.net = _mlp(in_dim, width, depth, 1, nn.LeakyReLU(0.2, True))
+        self.register_buffer("scale", torch.tensor(float(scale)))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(x).flatten()
+        return self.net(x / self.scale).flatten()
