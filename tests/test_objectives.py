@@ -144,3 +144,13 @@ def test_point_recipe_trains_with_periodic_mode_evaluation(tmp_path):
     assert [rec["step"] for rec in evals] == [2, 4]
     assert all(rec["eval/modes_total"] == 8 and 0 <= rec["eval/high_quality"] <= 1 for rec in evals)
     assert (run / "samples" / "latest.png").exists()  # a scatter plot for point models
+
+
+def test_linear_lr_decay_is_a_function_of_the_step(make_trainer):
+    t = make_trainer("configs/dcgan_digits.yaml", "train.max_steps=10", "train.lr_decay_start=0.6",
+                     "train.lr_g=1e-3", "train.lr_d=2e-3")
+    assert [t.lr_factor(s) for s in (0, 5, 6, 8, 10)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    t.state.step = 8  # e.g. just resumed there
+    t.train_step()
+    assert t.G.opt.param_groups[0]["lr"] == pytest.approx(5e-4)
+    assert t.D.opt.param_groups[0]["lr"] == pytest.approx(1e-3)

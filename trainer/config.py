@@ -79,6 +79,7 @@ class TrainConfig:
     lr_d: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
+    lr_decay_start: float = 1.0  # fraction of max_steps after which both lrs decay linearly to 0 (1.0: constant)
     accumulate: int = 1  # micro-batches per phase step (gradient accumulation)
     grad_clip: float = 0.0  # clip each network's gradient norm to this; 0 = off
     max_nonfinite: int = 20  # abort after this many consecutive steps with a non-finite loss or gradient
@@ -279,6 +280,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     unknown = [m for m in cfg.eval.metrics.split(",") if m.strip() not in ("fid", "kid", "pr", "modes", "classes")]
     if unknown:
         raise ConfigError("eval.metrics", f"unknown metric {unknown[0]!r} (choose from fid, kid, pr, modes, classes)")
+    if not 0.0 <= cfg.train.lr_decay_start <= 1.0:
+        raise ConfigError("train.lr_decay_start", f"must be in 0..1; got {cfg.train.lr_decay_start}")
     if cfg.model.num_classes < 0:
         raise ConfigError("model.num_classes", f"must be >= 0; got {cfg.model.num_classes}")
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:

@@ -254,8 +254,21 @@ class Trainer:
         full = torch.randint(n, (self.cfg.train.batch_size,), generator=torch.Generator().manual_seed(seed))
         return full[self.env.rank::self.env.world_size].to(self.env.device)
 
+    def lr_factor(self, step: int) -> float:
+        """Constant, then linear decay to 0 from lr_decay_start * max_steps (a function of the step,
+        so nothing about it needs saving)."""
+        t = self.cfg.train
+        start = t.lr_decay_start * t.max_steps
+        if step < start or t.lr_decay_start >= 1.0:
+            return 1.0
+        return max(0.0, (t.max_steps - step) / max(1.0, t.max_steps - start))
+
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
+        factor = self.lr_factor(step)
+        for phase, lr in ((self.G, cfg.train.lr_g), (self.D, cfg.train.lr_d)):
+            for group in phase.opt.param_groups:
+                group["lr"] = lr * factor
         gb, zd = cfg.train.batch_size, cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
         skipped = False
