@@ -13,7 +13,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,18 +26,13 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from data_pipeline.sources import digits_source
-    from data_pipeline.writer import write_shards
+    from bench.workspace import digits_workspace
     from trainer.checkpoint import CheckpointManager, read_checkpoint
-    from trainer.config import load_config
     from trainer.distributed import init_distributed
     from trainer.loop import Trainer
 
     torch.set_num_threads(args.threads)
-    work = tempfile.mkdtemp(prefix="ganforge-bench-ckpt-")
-    src = digits_source(32)
-    write_shards(src.samples, os.path.join(work, "data"), kind=src.kind, meta=src.meta)
-    cfg = load_config(args.config, [f"data.train={work}/data", f"run.dir={work}/run", "log.mlflow_uri=none"])
+    cfg, _ = digits_workspace(args.config, "checkpoint", "log.mlflow_uri=none")
     trainer = Trainer(cfg, init_distributed())
     for _ in range(5):  # warm-up
         trainer.train_step()

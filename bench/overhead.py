@@ -20,7 +20,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -93,15 +92,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from data_pipeline.sources import digits_source
-    from data_pipeline.writer import write_shards
-    from trainer.config import load_config
+    from bench.workspace import digits_workspace
 
-    work = tempfile.mkdtemp(prefix="ganforge-bench-overhead-")
-    src = digits_source(32)
-    write_shards(src.samples, os.path.join(work, "data"), kind=src.kind, meta=src.meta)
-    cfg = load_config(args.config, [f"data.train={work}/data", f"run.dir={work}/runs/overhead"])
-    batches = in_memory_batches(f"{work}/data", cfg.train.batch_size, 20)
+    cfg, data = digits_workspace(args.config, "overhead")
+    batches = in_memory_batches(data, cfg.train.batch_size, 20)
     bare = bare_loop(cfg, batches, args.steps, args.warmup)
     ours = ganforge_loop(cfg, batches, args.steps, args.warmup)
     result = {"config": args.config, "steps": args.steps, "batch": cfg.train.batch_size,
