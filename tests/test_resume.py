@@ -184,14 +184,15 @@ def test_incompatible_config_is_refused_naming_keys_and_nothing_is_overwritten(d
 
 
 @pytest.mark.slow
-def test_elastic_resume_two_processes_to_one_continues_the_data_exactly(digits_dir, tmp_path):
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_elastic_resume_continues_the_data_exactly(digits_dir, tmp_path, before, after):
     bn_free = ["model.norm=none", "train.max_steps=10"]
     whole = str(tmp_path / "whole")
-    run_to_end(launch_cmd(1, digits_dir, whole, *bn_free))
+    run_to_end(launch_cmd(after, digits_dir, whole, *bn_free))
     split = str(tmp_path / "split")
-    run_to_end(launch_cmd(2, digits_dir, split, "model.norm=none", "train.max_steps=5"))
-    r = run_to_end(launch_cmd(1, digits_dir, split, *bn_free))
-    assert "at step 5" in r.stdout and "world size 1" in r.stdout
+    run_to_end(launch_cmd(before, digits_dir, split, "model.norm=none", "train.max_steps=5"))
+    r = run_to_end(launch_cmd(after, digits_dir, split, *bn_free))
+    assert "at step 5" in r.stdout and f"world size {after}" in r.stdout
     a = read_checkpoint(os.path.join(whole, "checkpoints", "step_00000010"))
     b = read_checkpoint(os.path.join(split, "checkpoints", "step_00000010"))
     assert a["data"] == b["data"]
