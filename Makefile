@@ -29,6 +29,8 @@ bench: install
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/quality.py
 
 lint: install
 	$(BIN)/ruff check .
