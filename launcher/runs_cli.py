@@ -63,9 +63,9 @@ def tracking_uri(arg: str | None) -> str:
 
 
 def _client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
+    from trainer.telemetry.mlflow import open_client
 
-    return MlflowClient(tracking_uri=uri)
+    return open_client(uri)
 
 
 def _all_runs(client: Any, filter_string: str = "") -> list[Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import queue
 import sys
@@ -14,6 +16,36 @@ def default_tracking_uri(run_dir: str) -> str:
     """sqlite:///<parent of run.dir>/mlflow.db, e.g. runs/mlflow.db for run.dir=runs/demo."""
     parent = os.path.dirname(os.path.abspath(run_dir))
     return f"sqlite:///{os.path.join(parent, 'mlflow.db')}"
+
+
+@contextlib.contextmanager
+def store_init_lock(uri: str):
+    """Serialise the first use of a sqlite store across processes.
+
+    MLflow creates and migrates the schema on first use; two runs (or `ganforge runs list`)
+    doing that at the same moment leave the database half-migrated and unusable.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = uri[len("sqlite:///"):] + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_client(uri: str):
+    """An MlflowClient whose store is created (and migrated) under the init lock."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    with store_init_lock(uri):
+        client.search_experiments(max_results=1)
+    return client
 
 
 def resolve_tracking_uri(configured: str, run_dir: str) -> str | None:
@@ -75,9 +107,8 @@ class MlflowTracker:
 
     def _open(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]):
         from mlflow.entities import Param, RunTag
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=self.uri)
+        client = open_client(self.uri)
         if self.run_id is None:
             exp = client.get_experiment_by_name(experiment)
             if exp is None:
