@@ -42,10 +42,8 @@ def open_client(uri: str):
     """An MlflowClient whose store is created (and migrated) under the init lock."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    with store_init_lock(uri):
-        client.search_experiments(max_results=1)
-    return client
+    with store_init_lock(uri):  # the client's constructor creates and migrates the store
+        return MlflowClient(tracking_uri=uri)
 
 
 def resolve_tracking_uri(configured: str, run_dir: str) -> str | None:
