@@ -392,7 +392,6 @@ class Reporter:
         self.last = (self.t0, trainer.state.step)
         self.iter_mark: float | None = None  # end of the previous iteration (start: first batch request)
         self.data_wait, self.wait_window, self.images_read = 0.0, 0.0, 0
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=env.device)  # summed without a sync
         self.ckpt_seen, self.checkpoints = 0.0, None
         self._time_data(trainer.data)
         build = {"version": __version__, "commit": git_commit(), "torch": torch.__version__,
@@ -433,8 +432,7 @@ class Reporter:
         self.checkpoints = manager
 
     def _count_step(self, stats: dict[str, torch.Tensor]) -> None:
-        """Every step, on every rank, without a device sync: non-finite losses and /metrics counters."""
-        self.nonfinite += ~torch.isfinite(torch.stack(list(stats.values()))).all()
+        """Every step, on every rank, without a device sync: the /metrics counters."""
         now = time.perf_counter()
         self.wait_window += self.data_wait
         if self.exporter:
@@ -454,7 +452,7 @@ class Reporter:
             return
         values = {k: float(v) for k, v in zip(stats, mean_across(torch.stack(list(stats.values())), t.env).tolist(), strict=True)}
         values |= {f"lr/{p.name.lower()}": p.opt.param_groups[0]["lr"] for p in (t.G, t.D)}
-        values["train/nonfinite_steps"] = float(self.nonfinite.item())
+        values["train/nonfinite_steps"] = float(t.state.nonfinite)  # skipped steps, same on every rank
         if self.exporter:
             self.exporter.report(values, int(values["train/nonfinite_steps"]), t.env.device, t.data.epoch)
         if not self.active:
