@@ -10,21 +10,24 @@ from collections import Counter
 from data_pipeline import DataError, load_index
 from data_pipeline.planner import epoch_order, plan_epoch
 
+MAX_LABEL_LINES = 50  # more classes than this (Stacked MNIST has 1,000) are summarised in one line
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="write, check, inspect and plan shard datasets")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
 
     p = dsub.add_parser("make-shards", help="write WebDataset tar shards and index.json")
-    p.add_argument("--source", required=True, choices=["mnist", "digits", "folder", "paired", "gaussians"])
+    p.add_argument("--source", required=True, choices=["mnist", "digits", "stacked_mnist", "folder", "paired", "gaussians"])
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--input", help="input folder (folder, paired)")
-    p.add_argument("--size", type=int, help="image side in pixels (default 32 for digits/mnist, 64 folder, 256 paired)")
+    p.add_argument("--size", type=int, help="image side in pixels (default 32 for digits/mnist/stacked_mnist, 64 folder, 256 paired)")
     p.add_argument("--format", choices=["png", "jpg"], default="png", help="image encoding in the shards")
     p.add_argument("--samples-per-shard", type=int, default=None, help="samples per tar (default 256; 10000 for gaussians)")
     p.add_argument("--mixture", choices=["grid25", "ring8"], default="grid25")
-    p.add_argument("--n", type=int, default=100_000, help="points to draw (gaussians)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=None,
+                   help="samples to draw (gaussians: points, default 100000; stacked_mnist: images, default 25600)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (gaussians, stacked_mnist)")
     p.add_argument("--force", action="store_true", help="replace a dataset already in --out")
     p.set_defaults(func=make_shards)
 
@@ -64,12 +67,14 @@ def make_shards(args: argparse.Namespace) -> int:
         src = sources.mnist_source(size, args.format)
     elif args.source == "digits":
         src = sources.digits_source(size, args.format)
+    elif args.source == "stacked_mnist":
+        src = sources.stacked_mnist_source(size, 25_600 if args.n is None else args.n, args.seed, args.format)
     elif args.source == "folder":
         src = sources.folder_source(args.input, size, args.format)
     elif args.source == "paired":
         src = sources.paired_source(args.input, size, args.format)
     else:
-        src = sources.gaussians_source(args.mixture, args.n, args.seed)
+        src = sources.gaussians_source(args.mixture, 100_000 if args.n is None else args.n, args.seed)
     per_shard = args.samples_per_shard or (10_000 if args.source == "gaussians" else 256)
     index = write_shards(src.samples, args.out, kind=src.kind, meta=src.meta,
                          samples_per_shard=per_shard, force=args.force, progress=True)
@@ -100,7 +105,7 @@ def inspect(args: argparse.Namespace) -> int:
           f"({min(sizes) / 1e6:.2f}-{max(sizes) / 1e6:.2f} MB each, {sum(sizes) / 1e6:.1f} MB total)")
     for k, v in index.meta.items():
         if k not in ("centres",):
-            print(f"{k + ':':<9} {v}")
+            print(f"{k + ':':<9} {_brief(v)}")
     from data_pipeline.loader import ShardReader, decode_sample
 
     reader = ShardReader(index)
@@ -110,8 +115,12 @@ def inspect(args: argparse.Namespace) -> int:
             _, _, members = reader.read(i) if "cls" in index.locate(i)[1].members else (None, None, {})
             if "cls" in members:
                 labels[int(members["cls"])] += 1
-        if labels:
-            names = index.meta.get("label_names") or []
+        names = index.meta.get("label_names") or []
+        if len(labels) > MAX_LABEL_LINES:
+            counts = sorted(labels.values())
+            print(f"labels:   {len(labels)}{f' of {len(names)}' if names else ''} present, "
+                  f"{counts[0]}-{counts[-1]} samples each (median {counts[len(counts) // 2]})")
+        elif labels:
             print("labels:")
             for lab, count in sorted(labels.items()):
                 name = names[lab] if lab < len(names) else str(lab)
@@ -133,6 +142,13 @@ def inspect(args: argparse.Namespace) -> int:
     finally:
         reader.close()
     return 0
+
+
+def _brief(value: object) -> str:
+    """A meta value for one line: long lists (1,000 label names) shortened to their ends."""
+    if isinstance(value, list) and len(value) > 8:
+        return f"{len(value)} items [{', '.join(map(repr, value[:3]))}, ..., {value[-1]!r}]"
+    return str(value)
 
 
 def plan(args: argparse.Namespace) -> int:
