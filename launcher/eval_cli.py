@@ -13,14 +13,15 @@ import sys
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="sample-quality metrics of a run (FID, KID, precision/recall, modes)")
     p.add_argument("--run", required=True, help="run directory (its newest valid checkpoint is evaluated)")
-    p.add_argument("--metrics", default="fid", help="comma-separated: fid,kid,pr,modes,classes (default fid)")
-    p.add_argument("--n", type=int, default=None, help="generated samples (default: eval.n of the run, else 5000)")
+    p.add_argument("--metrics", default="fid", help="comma-separated: fid,kid,pr,modes,classes,stacked (default fid)")
+    p.add_argument("--n", type=int, default=None,
+                   help="generated samples (default: eval.n of the run, else 5000; Stacked-MNIST modes: 26000)")
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by metric name")
     p.add_argument("--seed", type=int, default=0, help="latents of sample i are row i of this seed's draw")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the newest valid one of --run)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw generator instead of its EMA")
     p.add_argument("--data", help="real data (default: the run's data.train)")
-    p.add_argument("--features", default="auto", choices=["auto", "inception", "digits", "points"],
+    p.add_argument("--features", default="auto", choices=["auto", "inception", "digits", "stacked", "points"],
                    help="feature extractor (auto: Inception if weights are given, else the dataset's classifier)")
     p.add_argument("--inception-weights", help="Inception-v3 state dict (eval.inception_weights); see docs/evaluation.md")
     p.add_argument("--cache-dir", help="classifier and real-feature cache (default: <parent of run>/eval_cache)")

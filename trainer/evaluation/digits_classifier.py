@@ -8,6 +8,7 @@ Its penultimate layer gives the features; its predictions give class coverage.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -108,8 +109,8 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
     return net, accuracy
 
 
-def cache_path(cache_dir: str, index: ShardIndex) -> str:
-    return os.path.join(cache_dir, f"digits_classifier_{index.fingerprint()}_v{VERSION}.pt")
+def cache_path(cache_dir: str, fingerprint: str) -> str:
+    return os.path.join(cache_dir, f"digits_classifier_{fingerprint}_v{VERSION}.pt")
 
 
 def load_or_train(index: ShardIndex, cache_dir: str, log=print) -> ClassifierFeatures:
@@ -117,8 +118,23 @@ def load_or_train(index: ShardIndex, cache_dir: str, log=print) -> ClassifierFea
     if index.kind != "image" or not has_labels(index):
         raise EvaluationError(f"{index.root}: the digits classifier needs labelled images (a 'cls' member); "
                               "give Inception weights instead (eval.inception_weights=PATH)")
-    path = cache_path(cache_dir, index)
-    key = f"digits-{index.fingerprint()}-v{VERSION}"
+
+    def samples() -> tuple[torch.Tensor, torch.Tensor, int]:
+        images, labels = read_samples(index, np.arange(index.num_samples))
+        return images, labels, max(int(labels.max()) + 1, len(index.meta.get("label_names") or []))
+
+    return cached_classifier(cache_dir, index.fingerprint(), samples, index.root, log)
+
+
+def cached_classifier(cache_dir: str, fingerprint: str,
+                      samples: Callable[[], tuple[torch.Tensor, torch.Tensor, int]], name: str,
+                      log=print) -> ClassifierFeatures:
+    """The classifier of the labelled images `fingerprint` names: cached, or trained on `samples()` and cached.
+
+    `samples()` gives (images in [-1, 1], labels, number of classes); it is called only on a cache miss.
+    """
+    path = cache_path(cache_dir, fingerprint)
+    key = f"digits-{fingerprint}-v{VERSION}"
     if os.path.exists(path):
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -127,15 +143,14 @@ def load_or_train(index: ShardIndex, cache_dir: str, log=print) -> ClassifierFea
             return ClassifierFeatures(net, key, float(saved["accuracy"]))
         except Exception as e:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
             log(f"ganforge eval: ignoring unreadable classifier cache {path} ({type(e).__name__}); retraining")
-    images, labels = read_samples(index, np.arange(index.num_samples))
-    num_classes = max(int(labels.max()) + 1, len(index.meta.get("label_names") or []))
-    log(f"ganforge eval: training the feature classifier on {len(images)} images of {index.root} "
+    images, labels, num_classes = samples()
+    log(f"ganforge eval: training the feature classifier on {len(images)} images of {name} "
         f"(cached in {path})")
     net, accuracy = train_classifier(images, labels, num_classes)
     log(f"ganforge eval: classifier held-out accuracy {accuracy:.3f}")
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save({"state_dict": net.state_dict(), "channels": net.channels, "num_classes": num_classes,
-                "accuracy": accuracy, "fingerprint": index.fingerprint(), "version": VERSION}, tmp)
+                "accuracy": accuracy, "fingerprint": fingerprint, "version": VERSION}, tmp)
     os.replace(tmp, path)
     return ClassifierFeatures(net, key, accuracy)

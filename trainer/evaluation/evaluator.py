@@ -16,8 +16,9 @@ from trainer.distributed import DistEnv, pick_device
 from trainer.evaluation.errors import EvaluationError
 from trainer.evaluation.features import build_extractor
 from trainer.evaluation.sharding import generated_features
+from trainer.evaluation.stacked_mnist import PROTOCOL_SAMPLES, is_stacked, stacked_mode_metrics
 
-METRICS = ("fid", "kid", "pr", "modes", "classes")
+METRICS = ("fid", "kid", "pr", "modes", "classes", "stacked")
 MODE_POINTS = 2500  # the PacGAN protocol's sample count for the 2-D mode metric
 PR_K = 3
 DEFAULT_N = 5000
@@ -57,7 +58,9 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
     Every rank of the current process group must call this with the same arguments: each
     generates its share of the n samples, the features are gathered, rank 0 computes, and every
     rank gets the same dict back. The result does not depend on the world size.
-    `n` defaults to the config's `eval.n` when it has one, else DEFAULT_N.
+    `n` defaults to the config's `eval.n` when it has one, else DEFAULT_N. Mode counting follows
+    the PacGAN protocol: 2,500 samples on 2-D mixtures, and on Stacked MNIST `n` when given,
+    else 26,000.
     """
     names = parse_metrics(metrics)
     env = env or current_env()
@@ -82,7 +85,19 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
     index = load_index(data)
     cache_dir = cache_dir or default_cache_dir(run_dir)
     inception_weights = inception_weights or _config_value(cfg, "inception_weights")
+    n_given = n
     n = int(n or _config_value(cfg, "n") or DEFAULT_N)
+    stacked = is_stacked(index)
+    if "stacked" in names and not stacked:
+        raise EvaluationError(f"--metrics stacked: {data} is not a Stacked-MNIST dataset "
+                              f"(source {index.meta.get('source', 'unknown')!r}); write one with "
+                              "`ganforge data make-shards --source stacked_mnist`")
+    counts_modes = "stacked" in names or ("modes" in names and (stacked or index.kind == "points"))
+    if counts_modes and stacked and features == "auto":
+        features = "stacked"  # the digits of each channel are what a mode is made of
+    elif counts_modes and stacked and features != "stacked":
+        raise EvaluationError(f"--metrics stacked/modes on Stacked MNIST read each channel with the MNIST "
+                              f"classifier (--features stacked or auto), not --features {features}")
 
     def build() -> nn.Module:
         return build_extractor(index, features, inception_weights, cache_dir, log)
@@ -98,19 +113,19 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
         raise EvaluationError(f"--metrics classes/modes on images need the dataset classifier "
                               f"(--features digits), not {extractor.key}")
 
-    image_metrics = [m for m in names if m != "modes"]
-    n_gen = n if image_metrics or index.kind != "points" else 0
-    if "modes" in names and index.kind == "points":
-        n_gen = max(n_gen, MODE_POINTS)
+    # Metrics on n samples, and mode counts on the protocol's own sample count.
+    per_n = [m for m in names if not (counts_modes and m in ("modes", "stacked"))]
+    mode_n = (MODE_POINTS if index.kind == "points" else int(n_given or PROTOCOL_SAMPLES)) if counts_modes else 0
+    n_gen = max(n if per_n else 0, mode_n)
     if n_gen < max(PR_K + 1, 2):
         raise EvaluationError(f"--n: need at least {PR_K + 1} samples, got {n}")
     fake = generated_features(g, extractor, n_gen, cfg.model.z_dim, seed, env,
                               getattr(cfg.model, "num_classes", 0) or 0)
 
     def compute() -> dict[str, Any]:
-        result = _compute(names, fake[:n] if image_metrics else fake, fake, index, extractor, n,
-                          cache_dir, env.device, log)
-        result |= info | {"n": min(n, n_gen), "features": extractor.key, "world_size": env.world_size}
+        result = _compute(names, fake[:n], fake[:mode_n], index, extractor, n, cache_dir, env.device, log)
+        result |= info | {"n": min(n, n_gen) if per_n else n_gen, "features": extractor.key,
+                          "world_size": env.world_size}
         if hasattr(extractor, "accuracy"):
             result["classifier_accuracy"] = round(extractor.accuracy, 4)
         return result
@@ -148,9 +163,12 @@ def _config_value(cfg: Any, key: str) -> Any:
     return getattr(section, key, None) or None
 
 
-def _compute(names: list[str], fake: torch.Tensor, all_fake: torch.Tensor, index: Any, extractor: nn.Module,
+def _compute(names: list[str], fake: torch.Tensor, mode_fake: torch.Tensor, index: Any, extractor: nn.Module,
              n: int, cache_dir: str, device: torch.device, log) -> dict[str, Any]:
-    """Rank 0's part: real features (cached) and the requested metrics."""
+    """Rank 0's part: real features (cached) and the requested metrics.
+
+    `fake` holds the n samples' features, `mode_fake` those of the samples that mode counting uses.
+    """
     out: dict[str, Any] = {}
     if any(m in names for m in ("fid", "kid", "pr")):
         from trainer.evaluation.real_stats import real_features
@@ -169,19 +187,23 @@ def _compute(names: list[str], fake: torch.Tensor, all_fake: torch.Tensor, index
             from trainer.evaluation.precision_recall import precision_recall
 
             out["precision"], out["recall"] = precision_recall(real, fake, PR_K)
-    if index.kind != "points" and {"classes", "modes"} & set(names):
+    stacked = is_stacked(index)
+    if "classes" in names or ("modes" in names and index.kind != "points" and not stacked):
         from trainer.evaluation.class_coverage import class_coverage
 
-        cov = class_coverage(extractor.classify(fake.to(device)).cpu(), extractor.net.num_classes)
+        logits = extractor.classify(fake.to(device)).cpu()
+        cov = class_coverage(logits, logits.shape[1])
         out |= cov
-        if "modes" in names:  # on digits, a mode is a class (as in stacked-MNIST mode counting)
+        if "modes" in names and not stacked:  # on labelled images a mode is a class
             out |= {"modes_covered": cov["classes_covered"], "modes_total": cov["classes_total"],
                     "high_quality": cov["class_confident"]}
+    if stacked and ("modes" in names or "stacked" in names):
+        out |= stacked_mode_metrics(extractor.channel_logits(mode_fake.to(device)).cpu())
     if "modes" in names and index.kind == "points":
         from trainer.evaluation.modes import mode_metrics
 
         mixture = index.meta.get("mixture")
         if not mixture:
             raise EvaluationError(f"{index.root}: points dataset without meta.mixture; cannot count modes")
-        out |= mode_metrics(all_fake[:MODE_POINTS].numpy(), mixture)
+        out |= mode_metrics(mode_fake.numpy(), mixture)
     return out

@@ -1,4 +1,5 @@
-"""Choosing the feature extractor: Inception-v3, the dataset's own classifier, or the raw 2-D points.
+"""Choosing the feature extractor: Inception-v3, the dataset's own classifier, a per-channel MNIST
+classifier for Stacked MNIST, or the raw 2-D points.
 
 Every extractor is an nn.Module mapping a batch of generator-range samples to (N, d) features,
 with `num_features` and a `key` that names it (and its weights) in cache file names.
@@ -13,7 +14,7 @@ from data_pipeline.index import ShardIndex
 from trainer.evaluation.errors import EvaluationError
 from trainer.evaluation.real_data import has_labels
 
-EXTRACTORS = ("auto", "inception", "digits", "points")
+EXTRACTORS = ("auto", "inception", "digits", "stacked", "points")
 
 
 class PointFeatures(nn.Module):
@@ -33,8 +34,9 @@ def build_extractor(index: ShardIndex, kind: str = "auto", inception_weights: st
                     cache_dir: str = ".", log=print) -> nn.Module:
     """The extractor for this dataset.
 
-    `auto` picks Inception when weights are given, the dataset's own classifier for labelled
-    images, and the points themselves for 2-D data.
+    `auto` picks Inception when weights are given, the per-channel MNIST classifier for Stacked
+    MNIST, the dataset's own classifier for other labelled images, and the points themselves
+    for 2-D data.
     """
     if kind not in EXTRACTORS:
         raise EvaluationError(f"--features: unknown extractor {kind!r} (choose {', '.join(EXTRACTORS)})")
@@ -43,6 +45,8 @@ def build_extractor(index: ShardIndex, kind: str = "auto", inception_weights: st
             kind = "points"
         elif inception_weights:
             kind = "inception"
+        elif index.meta.get("stacked"):
+            kind = "stacked"
         elif index.kind == "image" and has_labels(index):
             kind = "digits"
         else:
@@ -60,6 +64,10 @@ def build_extractor(index: ShardIndex, kind: str = "auto", inception_weights: st
         if not inception_weights:
             raise EvaluationError("--features inception needs eval.inception_weights=PATH (--inception-weights PATH)")
         return load_inception(inception_weights)
+    if kind == "stacked":
+        from trainer.evaluation.stacked_mnist import load_stacked_features
+
+        return load_stacked_features(index, cache_dir, log)
     from trainer.evaluation.digits_classifier import load_or_train
 
     return load_or_train(index, cache_dir, log)
