@@ -31,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
     s.set_defaults(func=sample)
 
+    tr = sub.add_parser("translate", help="translate images with a CycleGAN or pix2pix run")
+    tr.add_argument("--run", required=True, help="run directory")
+    tr.add_argument("--direction", choices=["AtoB", "BtoA"], default="AtoB",
+                    help="AtoB: G_AB (pix2pix: its input to its target); BtoA: CycleGAN's G_BA")
+    tr.add_argument("--input", required=True, help="an image file, or a folder of images (searched recursively)")
+    tr.add_argument("--out", required=True, help="output folder: same names, relative paths and sizes as the inputs")
+    tr.add_argument("--checkpoint", help="a checkpoint file (default: the newest valid one of --run)")
+    tr.set_defaults(func=translate)
+
     d = sub.add_parser("demo", help="MNIST shards + a 2-process DCGAN run + a sample grid, in a few minutes")
     d.add_argument("--dir", default="runs", help="where data, runs and mlflow.db go (default runs/)")
     d.add_argument("--minutes", type=float, default=3.5, help="training time budget")
@@ -51,6 +60,15 @@ def sample(args: argparse.Namespace) -> int:
 
     path = sample_to_file(args.run, args.n, args.seed, args.out, args.checkpoint, use_ema=not args.no_ema)
     print(path)
+    return 0
+
+
+def translate(args: argparse.Namespace) -> int:
+    from trainer.translation import translate_path
+
+    written = translate_path(args.run, args.direction, args.input, args.out, args.checkpoint,
+                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"wrote {len(written)} images to {args.out}")
     return 0
 
 

@@ -1,6 +1,8 @@
 """Run a few real training steps in this process of a DDP job and save what each rank holds.
 
-Used by tests/test_training.py: `accelerate launch ... tests/ddp_probe.py OUT [overrides]`.
+Used by tests/test_training.py and tests/test_translation.py:
+`accelerate launch ... tests/ddp_probe.py OUT [overrides]` (recipe: $PROBE_CONFIG, default
+configs/dcgan_digits.yaml).
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import torch  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.distributed import init_distributed, shutdown, unwrap  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
+from trainer.loop import make_trainer  # noqa: E402
 
 
 def main() -> None:
     out, overrides = sys.argv[1], sys.argv[2:]
-    cfg = load_config("configs/dcgan_digits.yaml", overrides)
+    cfg = load_config(os.environ.get("PROBE_CONFIG", "configs/dcgan_digits.yaml"), overrides)
     env = init_distributed()
-    trainer = Trainer(cfg, env)
+    trainer = make_trainer(cfg, env)
     init_g = {k: v.clone() for k, v in unwrap(trainer.G.module).state_dict().items()}
     positions = []
     next_batch = trainer.data.next

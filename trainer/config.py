@@ -35,6 +35,9 @@ class RunConfig:
 class DataConfig:
     train: str = ""  # a make-shards directory (or URL prefix holding index.json)
     train_b: str = ""  # second domain for unpaired translation
+    val: str = ""  # held-out shards (translation: measured and pictured at each sample step)
+    val_b: str = ""  # held-out shards of the second domain (CycleGAN)
+    build: str = ""  # sample_images | edges2photos: build the packaged dataset holding data.train if missing
     num_workers: int = 0  # DataLoader workers per rank
     on_error: str = "raise"  # raise | skip (a bad sample is counted and replaced)
     flip: bool = False  # random horizontal flips, fixed by (seed, epoch, sample)
@@ -44,7 +47,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"  # dcgan (images) | mlp (2-D points)
+    arch: str = "dcgan"  # dcgan (images) | mlp (2-D points) | cyclegan | pix2pix (image-to-image)
     resolution: int = 32  # image side; a power of two >= 16 (ignored by mlp)
     channels: int = 1  # image channels, or the point dimension for mlp
     z_dim: int = 100
@@ -52,10 +55,14 @@ class ModelConfig:
     d_width: int = 64  # dcgan: maps of D's first layer (doubling towards 4x4); mlp: hidden units
     depth: int = 4  # mlp hidden layers
     point_scale: float = 1.0  # mlp: the data's scale (std); G and D work at unit scale inside
-    norm: str = "batch"  # batch | none: normalisation in G's (and, unless d_norm is set, D's) hidden layers
+    norm: str = "batch"  # batch | instance | none: normalisation in G's (and, unless d_norm is set, D's) hidden layers
     d_norm: str = ""  # batch | none for D; empty: same as norm
     spectral_norm: bool = False  # spectral normalisation of D's weights (SNGAN)
     num_classes: int = 0  # > 0: class-conditional G and projection D, trained on the data's labels
+    n_blocks: int = 9  # cyclegan: residual blocks of the ResNet generators
+    d_layers: int = 3  # PatchGAN strided layers (3: 70x70 patches)
+    dropout: bool = True  # pix2pix: dropout in the U-Net decoder
+    direction: str = "AtoB"  # pix2pix: AtoB translates member a into b; BtoA the reverse
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPU); default: BN statistics averaged after each step
 
 
@@ -66,6 +73,9 @@ class LossConfig:
     clip: float = 0.01  # wgan weight clipping bound
     r1_gamma: float = 0.0  # R1 penalty gamma/2 * E||grad D(x_real)||^2; 0 disables
     r1_every: int = 16  # lazy R1: every k D steps, scaled by k (StyleGAN2)
+    cycle_weight: float = 10.0  # cyclegan: weight of the cycle-consistency L1 (lambda)
+    identity_weight: float = 0.5  # cyclegan: identity L1 weight, as a fraction of cycle_weight
+    l1_weight: float = 100.0  # pix2pix: weight of the L1 distance to the target
 
 
 @dataclass
@@ -88,6 +98,7 @@ class TrainConfig:
     ema_kimg: float = 10.0  # half-life of G's EMA in thousands of images; 0 disables EMA
     ema_rampup: float = 0.05  # EMA half-life is at most this fraction of images seen
     threads: int = 0  # torch threads per process; 0 = leave as launched
+    pool_size: int = 50  # cyclegan: generated images each rank keeps to show D (0: none)
 
 
 @dataclass
@@ -135,9 +146,11 @@ class Config:
 
 CHOICES = {
     "data.on_error": ("raise", "skip"),
-    "model.arch": ("dcgan", "mlp"),
-    "model.norm": ("batch", "none"),
-    "model.d_norm": ("", "batch", "none"),
+    "model.arch": ("dcgan", "mlp", "cyclegan", "pix2pix"),
+    "model.norm": ("batch", "instance", "none"),
+    "model.d_norm": ("", "batch", "instance", "none"),
+    "model.direction": ("AtoB", "BtoA"),
+    "data.build": ("", "sample_images", "edges2photos"),
     "train.optimizer": ("adam", "rmsprop"),
     "loss.type": ("bce", "hinge", "wgan", "wgan_gp", "lsgan"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
@@ -286,6 +299,35 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("model.num_classes", f"must be >= 0; got {cfg.model.num_classes}")
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:
         raise ConfigError("loss.clip", f"wgan needs a positive clipping bound; got {cfg.loss.clip}")
+    if cfg.model.arch in TRANSLATION_ARCHS:
+        validate_translation(cfg)
+    elif cfg.model.norm == "instance" or cfg.model.d_norm == "instance":
+        raise ConfigError("model.norm", f"instance norm is for the image-to-image models, not {cfg.model.arch}")
+
+
+TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
+
+
+def validate_translation(cfg: Config) -> None:
+    """What CycleGAN and pix2pix need, and the GAN options they do not take."""
+    m, t = cfg.model, cfg.train
+    if cfg.loss.type not in ("lsgan", "bce"):
+        raise ConfigError("loss.type", f"{m.arch} trains with lsgan or bce; got {cfg.loss.type!r}")
+    if m.arch == "cyclegan" and not cfg.data.train_b:
+        raise ConfigError("data.train_b", "cyclegan needs the second domain's shards")
+    if m.arch == "cyclegan" and bool(cfg.data.val) != bool(cfg.data.val_b):
+        raise ConfigError("data.val_b" if cfg.data.val else "data.val", "cyclegan needs held-out shards of both domains, or neither")
+    if m.arch == "cyclegan" and m.resolution % 4:
+        raise ConfigError("model.resolution", f"must be a multiple of 4 for the ResNet generator; got {m.resolution}")
+    if m.arch == "pix2pix" and (m.resolution < 16 or m.resolution & (m.resolution - 1)):
+        raise ConfigError("model.resolution", f"must be a power of two >= 16 for the U-Net; got {m.resolution}")
+    for key, value, ok in (("train.n_critic", t.n_critic, 1), ("train.accumulate", t.accumulate, 1),
+                           ("model.num_classes", m.num_classes, 0), ("eval.every_steps", cfg.eval.every_steps, 0)):
+        if value != ok:
+            raise ConfigError(key, f"{m.arch} runs take {key}={ok} (held-out L1 is logged with the samples); got {value}")
+    if t.pool_size < 0 or m.n_blocks < 0 or m.d_layers < 1:
+        raise ConfigError("train.pool_size" if t.pool_size < 0 else "model.n_blocks" if m.n_blocks < 0 else "model.d_layers",
+                          "must be >= 0 (d_layers >= 1)")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

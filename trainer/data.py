@@ -13,10 +13,10 @@ from trainer.distributed import DistEnv
 class DataCursor:
     """Endless stream of this rank's batches; `consumed` counts samples of the epoch across all ranks."""
 
-    def __init__(self, location: str, cfg: Config, env: DistEnv):
+    def __init__(self, location: str, cfg: Config, env: DistEnv, seed: int | None = None):
         self.global_batch = cfg.train.batch_size
         spec = StreamSpec(
-            seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+            seed=cfg.seed if seed is None else seed, rank=env.rank, world_size=env.world_size,
             batch_size=cfg.train.batch_size // env.world_size, pad=cfg.data.pad, drop_last=True,
             flip=cfg.data.flip, block_shards=cfg.data.shuffle_block_shards, on_error=cfg.data.on_error)
         self.stream = ShardStream(location, spec)

@@ -12,8 +12,8 @@ from trainer.models import build_models
 from trainer.sampling import class_cycle, generate, latents, save_samples
 
 
-def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = True):
-    """(generator in eval mode, config, checkpoint path) from a run directory."""
+def load_checkpoint_state(run_dir: str, checkpoint: str | None = None):
+    """(checkpoint path, its state, its config): `checkpoint`, or the newest valid one of the run."""
     if checkpoint:
         path, state = checkpoint, read_checkpoint(checkpoint)
     else:
@@ -23,7 +23,17 @@ def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = 
         if found is None:
             raise CheckpointError(f"{run_dir}: no valid checkpoint in {os.path.join(run_dir, 'checkpoints')}")
         path, state = found
-    cfg = from_dict(state["config"])
+    return path, state, from_dict(state["config"])
+
+
+def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = True):
+    """(generator in eval mode, config, checkpoint path) from a run directory."""
+    from trainer.models import TRANSLATION_ARCHS
+
+    path, state, cfg = load_checkpoint_state(run_dir, checkpoint)
+    if cfg.model.arch in TRANSLATION_ARCHS:
+        raise CheckpointError(f"{path}: a {cfg.model.arch} run translates images rather than sampling them; "
+                              "use `ganforge translate`")
     g, _ = build_models(cfg.model)
     g.load_state_dict(state["G_ema" if use_ema else "G"])
     return g.eval(), cfg, path

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from trainer import __version__
-from trainer.checkpoint import CheckpointError, CheckpointManager, load_latest, read_checkpoint
+from trainer.checkpoint import CheckpointManager, load_latest, read_checkpoint
 from trainer.config import Config, dump_yaml, to_dict, to_flat
+from trainer.core import (  # noqa: F401  (re-exported: the loop's public names)
+    Phase,
+    TrainerBase,
+    TrainingError,
+    TrainState,
+    check_compatible,
+    derive_seed,
+    global_draw,
+    make_optimizer,
+    resolve_precision,
+)
 from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import (
     DistEnv,
@@ -29,7 +36,6 @@ from trainer.distributed import (
     shutdown,
     stop_votes,
     unwrap,
-    wrap,
 )
 from trainer.ema import EMA
 from trainer.models import build_models
@@ -40,94 +46,12 @@ from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
 from trainer.telemetry.prometheus import PrometheusExporter, restart_count
 
 
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed that is a pure function of `parts` (e.g. seed, step, phase)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def global_draw(seed: int, shape: tuple[int, ...], env: DistEnv, uniform: bool = False) -> torch.Tensor:
-    """Draw for the whole global batch from `seed`, keep this rank's rows: independent of world size.
-
-    Rank r takes rows r, r + W, ...: the same interleave as its data (see data_pipeline.planner),
-    so the j-th real sample of the global batch meets the j-th latent (and penalty
-    interpolation) whatever the number of ranks.
-    """
-    draw = torch.rand if uniform else torch.randn
-    full = draw(shape, generator=torch.Generator().manual_seed(seed))
-    return full[env.rank::env.world_size].to(env.device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. losses stayed non-finite); the message says why."""
-
-
-@dataclass
-class Phase:
-    """One network's update: its (possibly DDP-wrapped) module, optimiser and own loss scaler."""
-
-    name: str
-    module: nn.Module
-    opt: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    grad_clip: float = 0.0
-
-    def accumulating(self, last: bool):
-        """Skip DDP's gradient all-reduce on all but the last micro-batch."""
-        if last or not isinstance(self.module, DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.module.no_sync()
-
-    def apply(self) -> tuple[torch.Tensor, bool]:
-        """Unscale, measure (and clip) the gradient norm, then step unless it is non-finite.
-
-        Gradients are already averaged over ranks here, so every rank takes the same decision.
-        """
-        self.scaler.unscale_(self.opt)
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.scaler._device)
-        finite = bool(torch.isfinite(norm))
-        if finite and self.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, norm)
-        if finite or self.scaler.is_enabled():  # the fp16 scaler skips the step and lowers its scale itself
-            self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        return norm.detach(), finite
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    nimg: int = 0
-    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient, in total
-    nonfinite_run: int = 0  # ... in a row, up to now
-    mlflow_run_id: str | None = None
-
-
-def make_optimizer(kind: str, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
-    if kind == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    return torch.optim.Adam(params, lr=lr, betas=betas)
-
-
-class Trainer:
+class Trainer(TrainerBase):
     """Owns the networks, their phases and the data cursor for one run."""
 
     def __init__(self, cfg: Config, env: DistEnv):
-        self.cfg, self.env = cfg, env
-        self.precision = resolve_precision(cfg.precision, env.device)
-        if cfg.train.threads > 0:
-            torch.set_num_threads(cfg.train.threads)
+        super().__init__(cfg, env)
         gpu = env.device.type == "cuda"
-        if gpu:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
         g, d = build_models(cfg.model)
         if cfg.model.sync_bn and env.world_size > 1:
@@ -139,28 +63,17 @@ class Trainer:
         if cfg.train.compile:
             g.compile()
             d.compile()
-        betas = (cfg.train.beta1, cfg.train.beta2)
-        fp16 = self.precision == "fp16"
-        t = cfg.train
-        self.G = Phase("G", wrap(g, env), make_optimizer(t.optimizer, g.parameters(), t.lr_g, betas),
-                       torch.amp.GradScaler(env.device.type, enabled=fp16), t.grad_clip)
-        self.D = Phase("D", wrap(d, env), make_optimizer(t.optimizer, d.parameters(), t.lr_d, betas),
-                       torch.amp.GradScaler(env.device.type, enabled=fp16), t.grad_clip)
+        self.G = self.make_phase("G", g, cfg.train.lr_g)
+        self.D = self.make_phase("D", d, cfg.train.lr_d)
+        self.phases = (self.G, self.D)
         self.data = DataCursor(cfg.data.train, cfg, env)
         self.points = self.data.stream.index.kind == "points"
-        self.state = TrainState()
         self.kept_fake: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.fixed_z = latents(cfg.seed, cfg.log.sample_count, cfg.model.z_dim, env.device)
         self.fixed_labels = (torch.arange(cfg.log.sample_count, device=env.device) % cfg.model.num_classes
                              if cfg.model.num_classes else None)
 
     # -- the step -------------------------------------------------------------------------------
-    def autocast(self):
-        if self.precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-            return torch.autocast(self.env.device.type, dtype=dtype)
-        return contextlib.nullcontext()
-
     def real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next real batch on the device, in the model's range, with its labels if conditional."""
         batch = self.data.next()
@@ -254,21 +167,9 @@ class Trainer:
         full = torch.randint(n, (self.cfg.train.batch_size,), generator=torch.Generator().manual_seed(seed))
         return full[self.env.rank::self.env.world_size].to(self.env.device)
 
-    def lr_factor(self, step: int) -> float:
-        """Constant, then linear decay to 0 from lr_decay_start * max_steps (a function of the step,
-        so nothing about it needs saving)."""
-        t = self.cfg.train
-        start = t.lr_decay_start * t.max_steps
-        if step < start or t.lr_decay_start >= 1.0:
-            return 1.0
-        return max(0.0, (t.max_steps - step) / max(1.0, t.max_steps - start))
-
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
-        factor = self.lr_factor(step)
-        for phase, lr in ((self.G, cfg.train.lr_g), (self.D, cfg.train.lr_d)):
-            for group in phase.opt.param_groups:
-                group["lr"] = lr * factor
+        self.set_learning_rates(step, {"G": cfg.train.lr_g, "D": cfg.train.lr_d})
         gb, zd = cfg.train.batch_size, cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
         skipped = False
@@ -299,62 +200,28 @@ class Trainer:
         self.count_nonfinite(skipped)
         return stats
 
-    def count_nonfinite(self, skipped: bool) -> None:
-        s = self.state
-        s.nonfinite += skipped
-        s.nonfinite_run = s.nonfinite_run + 1 if skipped else 0
-        if s.nonfinite_run >= self.cfg.train.max_nonfinite:
-            raise TrainingError(f"{s.nonfinite_run} steps in a row had a non-finite loss or gradient "
-                                f"(up to step {s.step}); lower train.lr_g/lr_d, try precision=fp32 or "
-                                f"train.grad_clip, or resume from an earlier checkpoint")
+    # -- outputs --------------------------------------------------------------------------------
+    def write_samples(self, samples_dir: str, step: int) -> tuple[str, dict[str, float]]:
+        """Grids (scatter plots for points) of the fixed latents from the raw G and its EMA."""
+        centres = self.data.stream.index.meta.get("centres")
+        raw = generate(unwrap(self.G.module), self.fixed_z, self.fixed_labels)
+        save_samples(raw, os.path.join(samples_dir, f"step_{step:08d}_raw.png"), centres)
+        images = generate(self.ema.model, self.fixed_z, self.fixed_labels) if self.cfg.train.ema_kimg > 0 else raw
+        path = save_samples(images, os.path.join(samples_dir, f"step_{step:08d}.png"), centres)
+        save_samples(images, os.path.join(samples_dir, "latest.png"), centres)
+        return path, {}
+
+    def export(self) -> dict[str, Any]:
+        g = self.ema.model if self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
+        return {"G_ema": g.state_dict()}
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": __version__,
-            "step": self.state.step,
-            "nimg": self.state.nimg,
-            "nonfinite": self.state.nonfinite,
-            "world_size": self.env.world_size,
-            "config": to_dict(self.cfg),
-            "data": self.data.state_dict(),
-            "G": unwrap(self.G.module).state_dict(),
-            "D": unwrap(self.D.module).state_dict(),
-            "G_ema": self.ema.model.state_dict(),
-            "opt_G": self.G.opt.state_dict(),
-            "opt_D": self.D.opt.state_dict(),
-            "scaler_G": self.G.scaler.state_dict(),
-            "scaler_D": self.D.scaler.state_dict(),
-            "mlflow_run_id": self.state.mlflow_run_id,
-        }
+        return super().state_dict() | {"G_ema": self.ema.model.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], path: str) -> None:
-        check_compatible(state.get("config", {}), to_dict(self.cfg), path)
-        unwrap(self.G.module).load_state_dict(state["G"])
-        unwrap(self.D.module).load_state_dict(state["D"])
+        super().load_state_dict(state, path)
         self.ema.model.load_state_dict(state["G_ema"])
-        self.G.opt.load_state_dict(state["opt_G"])
-        self.D.opt.load_state_dict(state["opt_D"])
-        self.G.scaler.load_state_dict(state["scaler_G"])
-        self.D.scaler.load_state_dict(state["scaler_D"])
-        self.data.load_state_dict(state["data"])
-        self.state.step, self.state.nimg = int(state["step"]), int(state["nimg"])
-        self.state.nonfinite = int(state.get("nonfinite", 0))
-        self.state.mlflow_run_id = state.get("mlflow_run_id")
-
-
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
-    """A checkpoint must come from the same architecture and objective; name what differs."""
-    diffs = []
-    for section in ("model",):
-        a, b = saved.get(section, {}), current.get(section, {})
-        diffs += [f"{section}.{k} ({a.get(k)!r} in checkpoint, {b.get(k)!r} now)"
-                  for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    if saved.get("loss", {}).get("type") != current.get("loss", {}).get("type"):
-        diffs.append(f"loss.type ({saved.get('loss', {}).get('type')!r} in checkpoint, "
-                     f"{current['loss']['type']!r} now)")
-    if diffs:
-        raise CheckpointError(f"{path}: incompatible with this config: {', '.join(diffs)}")
 
 
 def pick_checkpoint(cfg: Config, env: DistEnv) -> tuple[str, dict[str, Any]] | None:
@@ -393,7 +260,10 @@ class Reporter:
         self.iter_mark: float | None = None  # end of the previous iteration (start: first batch request)
         self.data_wait, self.wait_window, self.images_read = 0.0, 0.0, 0
         self.ckpt_seen, self.checkpoints = 0.0, None
+        self.sampled_step, self.last_grid = -1, None
         self._time_data(trainer.data)
+        if getattr(trainer, "data_b", None):
+            self._time_data(trainer.data_b)
         build = {"version": __version__, "commit": git_commit(), "torch": torch.__version__,
                  "device": env.device.type, "precision": trainer.precision}
         self.exporter = PrometheusExporter.for_rank(cfg.log.prometheus_port, env, cfg.run.name, build)
@@ -451,7 +321,7 @@ class Reporter:
         if step % cfg.log.every_steps and step != cfg.train.max_steps:
             return
         values = {k: float(v) for k, v in zip(stats, mean_across(torch.stack(list(stats.values())), t.env).tolist(), strict=True)}
-        values |= {f"lr/{p.name.lower()}": p.opt.param_groups[0]["lr"] for p in (t.G, t.D)}
+        values |= {f"lr/{p.name.lower()}": p.opt.param_groups[0]["lr"] for p in t.phases}
         values["train/nonfinite_steps"] = float(t.state.nonfinite)  # skipped steps, same on every rank
         if self.exporter:
             self.exporter.report(values, int(values["train/nonfinite_steps"]), t.env.device, t.data.epoch)
@@ -478,17 +348,21 @@ class Reporter:
     def samples(self, final: bool = False) -> str | None:
         t = self.t
         step, cfg = t.state.step, t.cfg
-        if not self.active or (step % cfg.log.sample_every_steps and not final):
+        if not self.active or (step % cfg.log.sample_every_steps and not final) or step == self.sampled_step:
+            return self.last_grid if final else None
+        self.sampled_step = step
+        path, values = t.write_samples(os.path.join(cfg.run.dir, "samples"), step)
+        if path is None:
             return None
-        centres = t.data.stream.index.meta.get("centres")
-        samples_dir = os.path.join(cfg.run.dir, "samples")
-        raw = generate(unwrap(t.G.module), t.fixed_z, t.fixed_labels)
-        save_samples(raw, os.path.join(samples_dir, f"step_{step:08d}_raw.png"), centres)
-        images = generate(t.ema.model, t.fixed_z, t.fixed_labels) if cfg.train.ema_kimg > 0 else raw
-        path = save_samples(images, os.path.join(samples_dir, f"step_{step:08d}.png"), centres)
-        save_samples(images, os.path.join(samples_dir, "latest.png"), centres)
+        self.last_grid = path
+        if values:  # held-out measurements that come with the samples (e.g. translation L1)
+            print(f"step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
+            with open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tracker:
             self.tracker.log_artifact(path, "samples")
+            if values:
+                self.tracker.log_metrics(values, step)
         return path
 
     def evaluate(self) -> dict[str, Any]:
@@ -524,11 +398,10 @@ class Reporter:
             self.exporter.close()
 
     def save_generator(self) -> str:
-        """run.dir/generator_ema.pt: the final EMA generator alone, loadable by `ganforge sample --checkpoint`."""
+        """run.dir/generator_ema.pt: the final generator(s) alone, loadable by `ganforge sample --checkpoint`."""
         t = self.t
-        g = t.ema.model if t.cfg.train.ema_kimg > 0 else unwrap(t.G.module)
         path = os.path.join(t.cfg.run.dir, "generator_ema.pt")
-        torch.save({"step": t.state.step, "config": to_dict(t.cfg), "G_ema": g.state_dict()}, path)
+        torch.save({"step": t.state.step, "config": to_dict(t.cfg), **t.export()}, path)
         return path
 
 
@@ -545,8 +418,19 @@ def run_training(cfg: Config) -> dict[str, Any]:
         shutdown()
 
 
+def make_trainer(cfg: Config, env: DistEnv) -> TrainerBase:
+    """The trainer for the config's model family."""
+    from trainer.models import TRANSLATION_ARCHS
+
+    if cfg.model.arch in TRANSLATION_ARCHS:
+        from trainer.translation import TranslationTrainer
+
+        return TranslationTrainer(cfg, env)
+    return Trainer(cfg, env)
+
+
 def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
-    trainer = Trainer(cfg, env)
+    trainer = make_trainer(cfg, env)
     resumed = pick_checkpoint(cfg, env)
     if resumed:
         trainer.load_state_dict(resumed[1], resumed[0])
@@ -567,6 +451,8 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
 
     def checkpoint(blocking: bool = False) -> None:
         nonlocal saved_step
+        if saved_step != trainer.state.step:
+            trainer.gather_state()
         if env.is_main and saved_step != trainer.state.step:
             ckpt.save(trainer.state.step, trainer.state_dict(), blocking)
         if blocking:

@@ -28,11 +28,23 @@ def prepare(config: str, overrides: list[str]):
     from trainer.config import ConfigError, load_config
 
     cfg = load_config(config, overrides)
+    if cfg.data.build:
+        from data_pipeline.packaged import ensure_built
+
+        root = os.path.dirname(os.path.abspath(cfg.data.train))
+        try:
+            if ensure_built(cfg.data.build, root, cfg.model.resolution):
+                print(f"ganforge: built the {cfg.data.build} dataset in {root}", flush=True)
+        except DataError as e:
+            raise ConfigError("data.build", str(e)) from None
     try:
         index = load_index(cfg.data.train)
     except DataError as e:
         raise ConfigError("data.train", str(e)) from None
-    from trainer.models import POINT_ARCHS
+    from trainer.models import POINT_ARCHS, TRANSLATION_ARCHS
+
+    if cfg.model.arch in TRANSLATION_ARCHS:
+        return check_translation_data(cfg, index)
 
     if cfg.model.arch in POINT_ARCHS:
         if index.kind != "points":
@@ -41,15 +53,42 @@ def prepare(config: str, overrides: list[str]):
         if dims != cfg.model.channels:
             raise ConfigError("model.channels", f"{cfg.model.channels}, but {cfg.data.train} has {dims}-D points")
         return cfg
-    size, channels = index.meta.get("size"), index.meta.get("channels")
-    if index.kind != "image":
-        raise ConfigError("data.train", f"{cfg.data.train} holds {index.kind} samples; {cfg.model.arch} needs images")
+    check_images(cfg, "data.train", index, "image")
     if cfg.model.num_classes and not index.meta.get("label_names"):
         raise ConfigError("model.num_classes", f"{cfg.data.train} has no labels for a conditional model")
+    return cfg
+
+
+def check_images(cfg, key: str, index, kind: str) -> None:
+    """The shards at config `key` hold `kind` samples of the model's size and channel count."""
+    from trainer.config import ConfigError
+
+    where = index.root
+    if index.kind != kind:
+        raise ConfigError(key, f"{where} holds {index.kind} samples; {cfg.model.arch} needs {kind} samples")
+    size, channels = index.meta.get("size"), index.meta.get("channels")
     if size is not None and size != cfg.model.resolution:
-        raise ConfigError("model.resolution", f"{cfg.model.resolution}, but {cfg.data.train} has {size}x{size} images")
+        raise ConfigError("model.resolution", f"{cfg.model.resolution}, but {where} has {size}x{size} images")
     if channels is not None and channels != cfg.model.channels:
-        raise ConfigError("model.channels", f"{cfg.model.channels}, but {cfg.data.train} has {channels}-channel images")
+        raise ConfigError("model.channels", f"{cfg.model.channels}, but {where} has {channels}-channel images")
+
+
+def check_translation_data(cfg, index):
+    """CycleGAN: two image domains (and held-out ones); pix2pix: paired shards."""
+    from data_pipeline import DataError, load_index
+    from trainer.config import ConfigError
+
+    kind = "image" if cfg.model.arch == "cyclegan" else "paired"
+    check_images(cfg, "data.train", index, kind)
+    keys = ["data.val"] + (["data.train_b", "data.val_b"] if cfg.model.arch == "cyclegan" else [])
+    for key in keys:
+        location = getattr(cfg.data, key.split(".")[1])
+        if not location:
+            continue
+        try:
+            check_images(cfg, key, load_index(location), kind)
+        except DataError as e:
+            raise ConfigError(key, str(e)) from None
     return cfg
 
 

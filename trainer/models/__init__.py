@@ -7,19 +7,32 @@ from torch import nn
 from trainer.config import ModelConfig
 from trainer.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from trainer.models.mlp import MLPDiscriminator, MLPGenerator
+from trainer.models.translation import (
+    CycleDiscriminators,
+    CycleGenerators,
+    PatchDiscriminator,
+    ResnetGenerator,
+    UnetGenerator,
+)
 
 IMAGE_ARCHS = ("dcgan",)
 POINT_ARCHS = ("mlp",)
+TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
 
 
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) for `cfg.arch`; spectral norm on D's weights if asked."""
+    """(generator, discriminator) for `cfg.arch`; spectral norm on D's weights if asked.
+
+    For CycleGAN both are pairs (G_AB + G_BA, D_A + D_B), each trained as one module.
+    """
     if cfg.arch == "dcgan":
         g = DCGANGenerator(cfg.z_dim, cfg.g_width, cfg.channels, cfg.resolution, cfg.norm, cfg.num_classes)
         d = DCGANDiscriminator(cfg.d_width, cfg.channels, cfg.resolution, cfg.d_norm or cfg.norm, cfg.num_classes)
     elif cfg.arch == "mlp":
         g = MLPGenerator(cfg.z_dim, cfg.g_width, cfg.depth, cfg.channels, cfg.point_scale)
         d = MLPDiscriminator(cfg.d_width, cfg.depth, cfg.channels, cfg.point_scale)
+    elif cfg.arch in TRANSLATION_ARCHS:
+        g, d = build_translation(cfg)
     else:
         raise ValueError(f"unknown model.arch {cfg.arch!r}")
     if cfg.spectral_norm:
@@ -34,3 +47,28 @@ def add_spectral_norm(module: nn.Module) -> None:
             setattr(module, name, nn.utils.parametrizations.spectral_norm(child))
         else:
             add_spectral_norm(child)
+
+
+def build_translation(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """CycleGAN's generator and discriminator pairs, or pix2pix's U-Net and conditional PatchGAN."""
+    c, d_norm = cfg.channels, cfg.d_norm or cfg.norm
+    if cfg.arch == "cyclegan":
+        g = CycleGenerators(*(ResnetGenerator(c, c, cfg.g_width, cfg.n_blocks, cfg.norm) for _ in range(2)))
+        d = CycleDiscriminators(*(PatchDiscriminator(c, cfg.d_width, cfg.d_layers, d_norm) for _ in range(2)))
+    else:
+        g = UnetGenerator(c, c, cfg.resolution.bit_length() - 1, cfg.g_width, cfg.norm, cfg.dropout)
+        d = PatchDiscriminator(2 * c, cfg.d_width, cfg.d_layers, d_norm)  # sees (input, output) stacked
+    for m in (g, d):
+        m.apply(_init_normal)
+    return g, d
+
+
+def _init_normal(m: nn.Module) -> None:
+    """N(0, 0.02) weights, as in the reference CycleGAN and pix2pix."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,192 @@
+"""What every trainer shares: phases, counters, precision, seeds and the learning-rate schedule.
+
+`trainer.loop.Trainer` (unconditional and class-conditional GANs) and
+`trainer.translation.TranslationTrainer` (CycleGAN, pix2pix) build on `TrainerBase`; the run
+loop in `trainer.loop` drives either through the same small surface: `train_step`,
+`phases`, `state`, `data`, `state_dict`/`load_state_dict`, `write_samples` and `export`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer import __version__
+from trainer.checkpoint import CheckpointError
+from trainer.config import Config, to_dict
+from trainer.distributed import DistEnv, unwrap, wrap
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of `parts` (e.g. seed, step, phase)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def global_draw(seed: int, shape: tuple[int, ...], env: DistEnv, uniform: bool = False) -> torch.Tensor:
+    """Draw for the whole global batch from `seed`, keep this rank's rows: independent of world size.
+
+    Rank r takes rows r, r + W, ...: the same interleave as its data (see data_pipeline.planner),
+    so the j-th real sample of the global batch meets the j-th latent (and penalty
+    interpolation) whatever the number of ranks.
+    """
+    draw = torch.rand if uniform else torch.randn
+    full = draw(shape, generator=torch.Generator().manual_seed(seed))
+    return full[env.rank::env.world_size].to(env.device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+class TrainingError(Exception):
+    """Training cannot go on (e.g. losses stayed non-finite); the message says why."""
+
+
+@dataclass
+class Phase:
+    """One network's update: its (possibly DDP-wrapped) module, optimiser and own loss scaler."""
+
+    name: str
+    module: nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    grad_clip: float = 0.0
+
+    def accumulating(self, last: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch."""
+        if last or not isinstance(self.module, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+    def apply(self) -> tuple[torch.Tensor, bool]:
+        """Unscale, measure (and clip) the gradient norm, then step unless it is non-finite.
+
+        Gradients are already averaged over ranks here, so every rank takes the same decision.
+        """
+        self.scaler.unscale_(self.opt)
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.scaler._device)
+        finite = bool(torch.isfinite(norm))
+        if finite and self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, norm)
+        if finite or self.scaler.is_enabled():  # the fp16 scaler skips the step and lowers its scale itself
+            self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return norm.detach(), finite
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    nimg: int = 0
+    nonfinite: int = 0  # steps skipped for a non-finite loss or gradient, in total
+    nonfinite_run: int = 0  # ... in a row, up to now
+    mlflow_run_id: str | None = None
+
+
+def make_optimizer(kind: str, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    if kind == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, betas=betas)
+
+
+class TrainerBase:
+    """Precision, threads, counters and the lr schedule; subclasses own the networks and the step."""
+
+    phases: tuple[Phase, ...] = ()
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.precision = resolve_precision(cfg.precision, env.device)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        if env.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.state = TrainState()
+
+    def make_phase(self, name: str, module: nn.Module, lr: float) -> Phase:
+        """`module` wrapped for the job, with its own optimiser and (fp16) loss scaler."""
+        t = self.cfg.train
+        return Phase(name, wrap(module, self.env), make_optimizer(t.optimizer, module.parameters(), lr, (t.beta1, t.beta2)),
+                     torch.amp.GradScaler(self.env.device.type, enabled=self.precision == "fp16"), t.grad_clip)
+
+    def autocast(self):
+        if self.precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.env.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def lr_factor(self, step: int) -> float:
+        """Constant, then linear decay to 0 from lr_decay_start * max_steps (a function of the step,
+        so nothing about it needs saving)."""
+        t = self.cfg.train
+        start = t.lr_decay_start * t.max_steps
+        if step < start or t.lr_decay_start >= 1.0:
+            return 1.0
+        return max(0.0, (t.max_steps - step) / max(1.0, t.max_steps - start))
+
+    def set_learning_rates(self, step: int, base: dict[str, float]) -> None:
+        """Each phase's lr: its base lr (by phase name) times the schedule's factor at `step`."""
+        factor = self.lr_factor(step)
+        for phase in self.phases:
+            for group in phase.opt.param_groups:
+                group["lr"] = base[phase.name] * factor
+
+    def count_nonfinite(self, skipped: bool) -> None:
+        s = self.state
+        s.nonfinite += skipped
+        s.nonfinite_run = s.nonfinite_run + 1 if skipped else 0
+        if s.nonfinite_run >= self.cfg.train.max_nonfinite:
+            raise TrainingError(f"{s.nonfinite_run} steps in a row had a non-finite loss or gradient "
+                                f"(up to step {s.step}); lower train.lr_g/lr_d, try precision=fp32 or "
+                                f"train.grad_clip, or resume from an earlier checkpoint")
+
+    def gather_state(self) -> None:
+        """Every rank calls this before rank 0 takes `state_dict` for a checkpoint: the place to
+        collect per-rank state (collectives are allowed here, not in `state_dict`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, config, data position, and per phase its network(s), optimiser and scaler."""
+        out = {"version": __version__, "step": self.state.step, "nimg": self.state.nimg,
+               "nonfinite": self.state.nonfinite, "world_size": self.env.world_size,
+               "config": to_dict(self.cfg), "data": self.data.state_dict(),
+               "mlflow_run_id": self.state.mlflow_run_id}
+        for p in self.phases:
+            out |= {p.name: unwrap(p.module).state_dict(), f"opt_{p.name}": p.opt.state_dict(),
+                    f"scaler_{p.name}": p.scaler.state_dict()}
+        return out
+
+    def load_state_dict(self, state: dict[str, Any], path: str) -> None:
+        check_compatible(state.get("config", {}), to_dict(self.cfg), path)
+        for p in self.phases:
+            unwrap(p.module).load_state_dict(state[p.name])
+            p.opt.load_state_dict(state[f"opt_{p.name}"])
+            p.scaler.load_state_dict(state[f"scaler_{p.name}"])
+        self.data.load_state_dict(state["data"])
+        self.state.step, self.state.nimg = int(state["step"]), int(state["nimg"])
+        self.state.nonfinite = int(state.get("nonfinite", 0))
+        self.state.mlflow_run_id = state.get("mlflow_run_id")
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
+    """A checkpoint must come from the same architecture and objective; name what differs."""
+    diffs = []
+    for section in ("model",):
+        a, b = saved.get(section, {}), current.get(section, {})
+        diffs += [f"{section}.{k} ({a.get(k)!r} in checkpoint, {b.get(k)!r} now)"
+                  for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if saved.get("loss", {}).get("type") != current.get("loss", {}).get("type"):
+        diffs.append(f"loss.type ({saved.get('loss', {}).get('type')!r} in checkpoint, "
+                     f"{current['loss']['type']!r} now)")
+    if diffs:
+        raise CheckpointError(f"{path}: incompatible with this config: {', '.join(diffs)}")

@@ -1,0 +1,343 @@
+"""Image-to-image training: CycleGAN (unpaired, two domains) and pix2pix (paired), as phases.
+
+Both follow the reference implementation's recipe: a G phase with D frozen (adversarial term
+plus the L1 terms), then a D phase on real images and (for CycleGAN) a history of generated
+ones, D's loss halved. Networks that train together are one module (G_AB + G_BA, D_A + D_B),
+so one DDP wrapper and one optimiser cover each pair.
+
+Held-out shards (`data.val`, `data.val_b`) are translated at every sample step: a grid of
+input | translated | reconstructed (or target), and the L1 / PSNR figures logged with it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data_pipeline import load_index
+from data_pipeline.loader import ShardReader, decode_sample
+from trainer.config import Config
+from trainer.core import TrainerBase, derive_seed
+from trainer.data import DataCursor, to_unit_range
+from trainer.distributed import DistEnv, unwrap
+from trainer.models import build_models
+from trainer.sampling import save_grid
+
+VAL_GRID = 8  # held-out examples pictured in each sample grid
+VAL_MAX = 256  # held-out examples measured at each sample step (the first ones of the split)
+
+
+def adversarial(kind: str, out: torch.Tensor, real: bool) -> torch.Tensor:
+    """The reference's GAN term: least squares to 1/0 (lsgan) or cross-entropy on logits (bce)."""
+    out = out.float()
+    if kind == "lsgan":
+        return ((out - float(real)) ** 2).mean()
+    return F.softplus(-out if real else out).mean()
+
+
+class ImagePool:
+    """The last `size` generated images of this rank; D sees them in place of fresh ones half the
+    time (Shrivastava et al. 2017), which steadies CycleGAN. The coin flips come from a seed."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.images: list[torch.Tensor] = []
+
+    def query(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        if self.size == 0:
+            return images
+        rng = torch.Generator().manual_seed(seed)
+        out = []
+        for img in images.detach():
+            if len(self.images) < self.size:
+                self.images.append(img.clone())
+                out.append(img)
+            elif torch.rand((), generator=rng) < 0.5:
+                i = int(torch.randint(self.size, (), generator=rng))
+                out.append(self.images[i])
+                self.images[i] = img.clone()
+            else:
+                out.append(img)
+        return torch.stack(out)
+
+    def state_dict(self) -> torch.Tensor:
+        return torch.stack(self.images).cpu() if self.images else torch.empty(0)
+
+    def load_state_dict(self, images: torch.Tensor, device: torch.device) -> None:
+        self.images = [img.to(device) for img in images][: self.size]
+
+
+def read_images(location: str, n: int) -> dict[str, torch.Tensor]:
+    """The first n samples of a shard directory, in [-1, 1]: {"image"} or, for pairs, {"a", "b"}."""
+    index = load_index(location)
+    reader = ShardReader(index)
+    try:
+        items = [decode_sample(index.kind, index.meta, reader.read(i)[2]) for i in range(min(n, index.num_samples))]
+    finally:
+        reader.close()
+    return {k: to_unit_range(torch.stack([it[k] for it in items])) for k in items[0] if k != "label"}
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (mapped to [0, 1])."""
+    mse = float(((x.clamp(-1, 1) - y) / 2).pow(2).mean())
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
+
+
+class TranslationTrainer(TrainerBase):
+    """CycleGAN (`model.arch=cyclegan`) or pix2pix (`model.arch=pix2pix`) for one rank."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        super().__init__(cfg, env)
+        self.cycle = cfg.model.arch == "cyclegan"
+        torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
+        g, d = (m.to(env.device) for m in build_models(cfg.model))
+        if cfg.train.compile:
+            g.compile()
+            d.compile()
+        self.G = self.make_phase("G", g, cfg.train.lr_g)
+        self.D = self.make_phase("D", d, cfg.train.lr_d)
+        self.phases = (self.G, self.D)
+        self.data = DataCursor(cfg.data.train, cfg, env)
+        # The second domain streams on its own: its own order (seed) and its own position.
+        self.data_b = DataCursor(cfg.data.train_b, cfg, env, seed=derive_seed(cfg.seed, 7)) if self.cycle else None
+        self.pools = (ImagePool(cfg.train.pool_size), ImagePool(cfg.train.pool_size)) if self.cycle else ()
+        self.gathered_pools: list[dict[str, torch.Tensor]] | None = None
+        self.val = self._held_out() if env.is_main else None
+
+    def _held_out(self) -> dict[str, torch.Tensor] | None:
+        cfg = self.cfg
+        if not cfg.data.val:
+            return None
+        if self.cycle:
+            return {"a": read_images(cfg.data.val, VAL_MAX)["image"], "b": read_images(cfg.data.val_b, VAL_MAX)["image"]}
+        return self.pair(read_images(cfg.data.val, VAL_MAX))
+
+    def pair(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """pix2pix (input, target) from a paired batch, per `model.direction`."""
+        a, b = batch["a"], batch["b"]
+        return {"a": a, "b": b} if self.cfg.model.direction == "AtoB" else {"a": b, "b": a}
+
+    def real_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A images, B images) in [-1, 1]: two domains' streams, or the two sides of pairs."""
+        if self.cycle:
+            return to_unit_range(self.data.next()["image"]), to_unit_range(self.data_b.next()["image"])
+        pair = self.pair(self.data.next())
+        return to_unit_range(pair["a"]), to_unit_range(pair["b"])
+
+    # -- the step -------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, torch.Tensor]:
+        cfg, env, step = self.cfg, self.env, self.state.step
+        self.set_learning_rates(step, {"G": cfg.train.lr_g, "D": cfg.train.lr_d})
+        torch.manual_seed(derive_seed(cfg.seed, step, 8, env.rank))  # dropout: fixed by (seed, step, rank)
+        a, b = self.real_batch()
+        stats, fakes = (self.cycle_g_step if self.cycle else self.pix2pix_g_step)(a, b)
+        stats |= self.d_step(a, b, fakes)
+        self.state.step += 1
+        self.state.nimg += cfg.train.batch_size
+        self.count_nonfinite(bool(stats["skipped/g"]) or bool(stats["skipped/d"]))
+        return stats
+
+    def cycle_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
+        cfg, d = self.cfg.loss, unwrap(self.D.module)
+        d.requires_grad_(False)
+        with self.autocast():
+            out = self.G.module(a, b, identity=cfg.identity_weight > 0)
+            adv = adversarial(cfg.type, d.d_b(out["fake_b"]), True) + adversarial(cfg.type, d.d_a(out["fake_a"]), True)
+            cycle = F.l1_loss(out["rec_a"].float(), a) + F.l1_loss(out["rec_b"].float(), b)
+            loss = adv + cfg.cycle_weight * cycle
+            stats = {"loss/g_adv": adv.detach(), "loss/cycle": cycle.detach()}
+            if cfg.identity_weight > 0:
+                idt = F.l1_loss(out["same_b"].float(), b) + F.l1_loss(out["same_a"].float(), a)
+                loss = loss + cfg.cycle_weight * cfg.identity_weight * idt
+                stats["loss/identity"] = idt.detach()
+        self.G.scaler.scale(loss).backward()
+        norm, finite = self.G.apply()
+        d.requires_grad_(True)
+        return stats | {"loss/g": loss.detach(), "grad_norm/g": norm,
+                        "skipped/g": torch.tensor(float(not finite))}, (out["fake_a"], out["fake_b"])
+
+    def pix2pix_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
+        cfg, d = self.cfg.loss, unwrap(self.D.module)
+        d.requires_grad_(False)
+        with self.autocast():
+            fake = self.G.module(a)
+            adv = adversarial(cfg.type, d(torch.cat([a, fake], 1)), True)
+            l1 = F.l1_loss(fake.float(), b)
+            loss = adv + cfg.l1_weight * l1
+        self.G.scaler.scale(loss).backward()
+        norm, finite = self.G.apply()
+        d.requires_grad_(True)
+        return {"loss/g": loss.detach(), "loss/g_adv": adv.detach(), "loss/l1": l1.detach(), "grad_norm/g": norm,
+                "skipped/g": torch.tensor(float(not finite))}, (fake,)
+
+    def d_step(self, a: torch.Tensor, b: torch.Tensor, fakes: tuple) -> dict[str, torch.Tensor]:
+        kind, env, step = self.cfg.loss.type, self.env, self.state.step
+        with self.autocast():
+            if self.cycle:
+                fake_a, fake_b = (pool.query(f.detach(), derive_seed(self.cfg.seed, step, 9 + i, env.rank))
+                                  for i, (pool, f) in enumerate(zip(self.pools, fakes, strict=True)))
+                real_a, real_b = self.D.module(a, b)
+                out_a, out_b = self.D.module(fake_a, fake_b)
+                loss_a = 0.5 * (adversarial(kind, real_a, True) + adversarial(kind, out_a, False))
+                loss_b = 0.5 * (adversarial(kind, real_b, True) + adversarial(kind, out_b, False))
+                loss = loss_a + loss_b
+                stats = {"loss/d_a": loss_a.detach(), "loss/d_b": loss_b.detach()}
+            else:
+                real_out = self.D.module(torch.cat([a, b], 1))
+                fake_out = self.D.module(torch.cat([a, fakes[0].detach()], 1))
+                loss = 0.5 * (adversarial(kind, real_out, True) + adversarial(kind, fake_out, False))
+                stats = {"d/real": real_out.detach().float().mean(), "d/fake": fake_out.detach().float().mean()}
+        self.D.scaler.scale(loss).backward()
+        norm, finite = self.D.apply()
+        return stats | {"loss/d": loss.detach(), "grad_norm/d": norm, "skipped/d": torch.tensor(float(not finite))}
+
+    # -- outputs --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def translate(self, images: torch.Tensor, direction: str = "AtoB", batch: int = 32) -> torch.Tensor:
+        """Images in [-1, 1] through G_AB (or G_BA) in eval mode, as float32 on CPU."""
+        g = unwrap(self.G.module)
+        net = (g.g_ab if direction == "AtoB" else g.g_ba) if self.cycle else g
+        return run_generator(net, images, self.env.device, batch)
+
+    def write_samples(self, samples_dir: str, step: int) -> tuple[str | None, dict[str, float]]:
+        """Held-out grid (rows: input | translated | reconstructed, or input | output | target) and figures."""
+        if self.val is None:
+            return None, {}
+        a, b = self.val["a"], self.val["b"]
+        fake_b = self.translate(a)
+        if self.cycle:
+            fake_a = self.translate(b, "BtoA")
+            rec_a, rec_b = self.translate(fake_b, "BtoA"), self.translate(fake_a)
+            values = {"val/cycle_l1_a": float((rec_a - a).abs().mean()), "val/cycle_l1_b": float((rec_b - b).abs().mean())}
+            k = VAL_GRID
+            rows = [torch.stack([a[i], fake_b[i], rec_a[i], b[i], fake_a[i], rec_b[i]]) for i in range(min(k, len(a), len(b)))]
+            columns = 6
+        else:
+            values = {"val/l1": float((fake_b - b).abs().mean()), "val/psnr": psnr(fake_b, b)}
+            rows = [torch.stack([a[i], fake_b[i], b[i]]) for i in range(min(VAL_GRID, len(a)))]
+            columns = 3
+        grid = torch.cat(rows)
+        path = save_grid(grid, os.path.join(samples_dir, f"step_{step:08d}.png"), nrow=columns)
+        save_grid(grid, os.path.join(samples_dir, "latest.png"), nrow=columns)
+        return path, values
+
+    def export(self) -> dict[str, Any]:
+        return {"G": unwrap(self.G.module).state_dict()}
+
+    # -- state ----------------------------------------------------------------------------------
+    def gather_state(self) -> None:
+        """Every rank, before a checkpoint: bring each rank's image pools to rank 0, which saves them."""
+        if not self.cycle:
+            return
+        mine = {"a": self.pools[0].state_dict(), "b": self.pools[1].state_dict()}
+        if self.env.world_size == 1:
+            self.gathered_pools = [mine]
+            return
+        everyone: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(everyone, mine)
+        self.gathered_pools = everyone
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        if self.cycle:
+            out |= {"data_b": self.data_b.state_dict(), "pools": self.gathered_pools}
+        return out
+
+    def load_state_dict(self, state: dict[str, Any], path: str) -> None:
+        super().load_state_dict(state, path)
+        if self.cycle:
+            self.data_b.load_state_dict(state["data_b"])
+            pools = state.get("pools") or []
+            # Pools belong to ranks: rank r takes saved pool r (none when the job grew).
+            mine = pools[self.env.rank] if self.env.rank < len(pools) else {"a": torch.empty(0), "b": torch.empty(0)}
+            self.pools[0].load_state_dict(mine["a"], self.env.device)
+            self.pools[1].load_state_dict(mine["b"], self.env.device)
+
+
+@torch.no_grad()
+def run_generator(net: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 32) -> torch.Tensor:
+    was_training = net.training
+    net.eval()
+    try:
+        return torch.cat([net(images[i:i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
+    finally:
+        net.train(was_training)
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_translator(run_dir: str, direction: str, checkpoint: str | None = None):
+    """(network for `direction` in eval mode, config) from a CycleGAN or pix2pix run."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.generate import load_checkpoint_state
+    from trainer.models import TRANSLATION_ARCHS
+
+    path, state, cfg = load_checkpoint_state(run_dir, checkpoint)
+    if cfg.model.arch not in TRANSLATION_ARCHS:
+        raise CheckpointError(f"{path}: a {cfg.model.arch} run generates images from noise; "
+                              "`ganforge translate` needs a cyclegan or pix2pix run (use `ganforge sample`)")
+    g, _ = build_models(cfg.model)
+    g.load_state_dict(state["G"])
+    if cfg.model.arch == "pix2pix":
+        if direction != "AtoB":
+            raise CheckpointError(f"{path}: pix2pix translates one way only (its input to its target); "
+                                  f"use --direction AtoB, not {direction}")
+        net = g
+    else:
+        net = g.g_ab if direction == "AtoB" else g.g_ba
+    return net.eval(), cfg
+
+
+def translate_path(run_dir: str, direction: str, source: str, out_dir: str, checkpoint: str | None = None,
+                   batch: int = 16, log=print) -> list[str]:
+    """Translate an image file, or every image under a folder, into `out_dir` with the same names
+    (and relative paths) and the same sizes; returns the paths written."""
+    from PIL import Image, UnidentifiedImageError
+
+    from data_pipeline import DataError
+
+    net, cfg = load_translator(run_dir, direction, checkpoint)
+    if os.path.isdir(source):
+        files = sorted(os.path.relpath(os.path.join(d, f), source) for d, _, names in os.walk(source)
+                       for f in names if f.lower().endswith(IMAGE_EXTS))
+        root = source
+    elif os.path.isfile(source):
+        files, root = [os.path.basename(source)], os.path.dirname(os.path.abspath(source))
+    else:
+        raise DataError(f"{source}: no such file or folder")
+    if not files:
+        raise DataError(f"{source}: no images found (looked for {', '.join(IMAGE_EXTS)})")
+    if os.path.abspath(out_dir) == os.path.abspath(root):
+        raise DataError(f"{out_dir}: is the input folder; choose another --out so no input is overwritten")
+    mode, side = ("RGB" if cfg.model.channels == 3 else "L"), cfg.model.resolution
+    written = []
+    for start in range(0, len(files), batch):
+        names = files[start:start + batch]
+        images, sizes = [], []
+        for name in names:
+            try:
+                img = Image.open(os.path.join(root, name)).convert(mode)
+            except (UnidentifiedImageError, OSError) as e:
+                raise DataError(f"{os.path.join(root, name)}: cannot read image ({e})") from None
+            sizes.append(img.size)
+            images.append(torch.from_numpy(np.asarray(img.resize((side, side), Image.Resampling.BICUBIC)).copy()))
+        x = torch.stack(images)
+        x = (x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)).float() / 127.5 - 1
+        y = run_generator(net, x, torch.device("cpu"))
+        pixels = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        for name, size, arr in zip(names, sizes, pixels, strict=True):
+            path = os.path.join(out_dir, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).resize(size, Image.Resampling.BICUBIC)
+            img.save(path)
+            written.append(path)
+        log(f"translated {len(written)}/{len(files)}")
+    return written
