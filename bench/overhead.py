@@ -8,6 +8,10 @@ cursor is swapped for the in-memory batches (the loader has its own benchmark). 
 a warm-up are timed from the start of one step to the start of the last one, so periodic
 work between steps is included.
 
+With `--processes 2` the same comparison runs as a 2-process DDP job (torchrun, gloo on CPU, one
+thread per process, global batch 64): the bare side wraps G and D in DDP as a plain torchrun
+DCGAN script would.
+
 Last stdout line: JSON with both images/s and ratio = ganforge / bare.
 """
 
@@ -28,19 +32,23 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def in_memory_batches(data_dir: str, batch: int, n: int) -> list[dict[str, torch.Tensor]]:
+def in_memory_batches(data_dir: str, batch: int, n: int, rank: int = 0, world: int = 1) -> list[dict[str, torch.Tensor]]:
     from data_pipeline.loader import ShardStream, StreamSpec, make_loader
 
-    stream = ShardStream(data_dir, StreamSpec(seed=0, batch_size=batch))
+    stream = ShardStream(data_dir, StreamSpec(seed=0, batch_size=batch // world, rank=rank, world_size=world))
     return list(itertools.islice(make_loader(stream), n))
 
 
-def bare_loop(cfg, batches, steps: int, warmup: int) -> float:
+def bare_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
     """pytorch/examples dcgan/main.py's loop (with logits), on the same models and batches."""
     from trainer.models import build_models
 
     torch.manual_seed(0)
     g, d = build_models(cfg.model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        g, d = DistributedDataParallel(g), DistributedDataParallel(d)
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=(cfg.train.beta1, cfg.train.beta2))
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=(cfg.train.beta1, cfg.train.beta2))
     t0 = 0.0
@@ -63,7 +71,7 @@ def bare_loop(cfg, batches, steps: int, warmup: int) -> float:
     return steps * cfg.train.batch_size / (time.perf_counter() - t0)
 
 
-def ganforge_loop(cfg, batches, steps: int, warmup: int) -> float:
+def ganforge_loop(cfg, batches, steps: int, warmup: int, env=None) -> float:
     from trainer import loop
     from trainer.data import DataCursor
     from trainer.distributed import DistEnv
@@ -80,7 +88,7 @@ def ganforge_loop(cfg, batches, steps: int, warmup: int) -> float:
     loop.Trainer.train_step = timed_step
     cfg.train.max_steps = steps + warmup + 1
     with contextlib.redirect_stdout(io.StringIO()):
-        loop._run(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+        loop._run(cfg, env or DistEnv(0, 1, 0, torch.device("cpu")))
     return steps * cfg.train.batch_size / (marks[-1] - marks[warmup])
 
 
@@ -89,19 +97,37 @@ def main() -> None:
     p.add_argument("--config", default="configs/dcgan_digits.yaml")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (per process with --nproc)")
+    p.add_argument("--processes", type=int, default=1, help="2: compare DDP loops under torchrun")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    from bench.workspace import digits_workspace
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
 
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
+               os.path.abspath(__file__), *sys.argv[1:]]
+        sys.exit(subprocess.call(cmd, env=env))
+    torch.set_num_threads(args.threads if args.processes == 1 else 1)
+    from bench.workspace import digits_workspace
+    from trainer.distributed import init_distributed
+
+    dist_env = init_distributed() if args.processes > 1 else None
+    rank, world = (dist_env.rank, dist_env.world_size) if dist_env else (0, 1)
     cfg, data = digits_workspace(args.config, "overhead")
-    batches = in_memory_batches(data, cfg.train.batch_size, 20)
-    bare = bare_loop(cfg, batches, args.steps, args.warmup)
-    ours = ganforge_loop(cfg, batches, args.steps, args.warmup)
-    result = {"config": args.config, "steps": args.steps, "batch": cfg.train.batch_size,
-              "bare_img_s": round(bare, 1), "ganforge_img_s": round(ours, 1), "ratio": round(ours / bare, 3)}
-    print(f"bare loop {bare:.0f} img/s, ganforge loop {ours:.0f} img/s")
-    print(json.dumps(result))
+    if dist_env:
+        cfg.run.dir += f"-ddp{world}"
+    batches = in_memory_batches(data, cfg.train.batch_size, 20, rank, world)
+    bare = bare_loop(cfg, batches, args.steps, args.warmup, ddp=dist_env is not None)
+    ours = ganforge_loop(cfg, batches, args.steps, args.warmup, dist_env)
+    if rank == 0:
+        result = {"config": args.config, "steps": args.steps, "batch": cfg.train.batch_size, "processes": world,
+                  "bare_img_s": round(bare, 1), "ganforge_img_s": round(ours, 1), "ratio": round(ours / bare, 3)}
+        print(f"bare loop {bare:.0f} img/s, ganforge loop {ours:.0f} img/s ({world} process(es))")
+        print(json.dumps(result), flush=True)
+    if dist_env:
+        from trainer.distributed import shutdown
+
+        shutdown()
 
 
 if __name__ == "__main__":
