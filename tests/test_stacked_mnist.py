@@ -109,7 +109,7 @@ def test_every_triple_once_covers_all_modes_with_zero_kl():
 
     modes = torch.arange(1000)
     m = stacked_mode_metrics(one_hot_channels(torch.stack([modes // 100, modes // 10 % 10, modes % 10], 1)))
-    assert (m["modes_covered"], m["modes_total"], m["high_quality"]) == (1000, 1000, 1.0)
+    assert (m["modes_covered"], m["modes_total"], m["high_quality"], m["modes_high_quality"]) == (1000, 1000, 1.0, 1000)
     assert m["kl_uniform"] == pytest.approx(0.0, abs=1e-12)
     assert m["channel_kl"] == [0.0, 0.0, 0.0]
 

@@ -3,8 +3,8 @@
 A Stacked-MNIST image holds one MNIST digit in each of its R, G and B channels; its mode is the
 digit triple, 1,000 in all. An MNIST classifier reads each channel of a generated image; a mode
 is covered when at least one sample is read as it, and the histogram of modes is compared with
-the uniform one by KL divergence (PacGAN, Lin et al. 2018, Table 2; the count of 26,000
-samples is VEEGAN's and PacGAN's).
+the uniform one by KL divergence (PacGAN, Lin et al. 2018, Table 2; its code counts 26,000
+generated samples).
 """
 
 from __future__ import annotations
@@ -65,19 +65,22 @@ def stacked_mode_metrics(channel_logits: torch.Tensor, confident: float = 0.9) -
 
     `modes_covered`: distinct digit triples among the samples; `kl_uniform`: KL(mode histogram ||
     uniform) in nats (0 when balanced, log 1000 = 6.91 when one mode takes all); `high_quality`:
-    the fraction of samples whose three digits are each read with probability >= `confident`.
+    the fraction of samples whose three digits are each read with probability >= `confident`, and
+    `modes_high_quality` the triples that such samples cover.
     """
     probs = channel_logits.float().softmax(dim=2)
     top, digits = probs.max(dim=2)
     modes = (digits * 10 ** torch.arange(digits.shape[1] - 1, -1, -1)).sum(dim=1)
     counts = torch.bincount(modes, minlength=STACKED_MODES).double()
+    good = top.min(dim=1).values >= confident
     channel_kl = [kl_to_uniform(torch.bincount(digits[:, c], minlength=10).double()) for c in range(digits.shape[1])]
     return {
         "modes_covered": int((counts > 0).sum()),
         "modes_total": STACKED_MODES,
         "kl_uniform": kl_to_uniform(counts),
         "kl_uniform_max": math.log(STACKED_MODES),
-        "high_quality": float((top.min(dim=1).values >= confident).double().mean()) if len(top) else 0.0,
+        "high_quality": float(good.double().mean()) if len(top) else 0.0,
+        "modes_high_quality": len(torch.unique(modes[good])),
         "channel_kl": [round(kl, 6) for kl in channel_kl],
         "mode_samples": len(modes),
     }
