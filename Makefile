@@ -31,6 +31,7 @@ bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/stacked_mnist.py
 
 lint: install
 	$(BIN)/ruff check .
