@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npy (raw float32 N x C x H x W)")
     s.add_argument("--checkpoint", help="a checkpoint file (default: the newest valid one of --run)")
     s.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
+    s.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
+                   help="stylegan2: truncation psi, w -> w_avg + psi (w - w_avg) (default 1: none)")
     s.set_defaults(func=sample)
 
     tr = sub.add_parser("translate", help="translate images with a CycleGAN or pix2pix run")
@@ -58,7 +60,8 @@ def train(args: argparse.Namespace) -> int:
 def sample(args: argparse.Namespace) -> int:
     from trainer.generate import sample_to_file
 
-    path = sample_to_file(args.run, args.n, args.seed, args.out, args.checkpoint, use_ema=not args.no_ema)
+    path = sample_to_file(args.run, args.n, args.seed, args.out, args.checkpoint, use_ema=not args.no_ema,
+                          truncation=args.truncation)
     print(path)
     return 0
 

@@ -47,8 +47,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"  # dcgan (images) | mlp (2-D points) | cyclegan | pix2pix (image-to-image)
-    resolution: int = 32  # image side; a power of two >= 16 (ignored by mlp)
+    arch: str = "dcgan"  # dcgan | stylegan2 (images) | mlp (2-D points) | cyclegan | pix2pix (image-to-image)
+    resolution: int = 32  # image side; a power of two >= 16 (stylegan2: >= 8; ignored by mlp)
     channels: int = 1  # image channels, or the point dimension for mlp
     z_dim: int = 100
     g_width: int = 64  # dcgan: maps of G's last hidden layer (doubling towards 4x4); mlp: hidden units
@@ -64,6 +64,11 @@ class ModelConfig:
     dropout: bool = True  # pix2pix: dropout in the U-Net decoder
     direction: str = "AtoB"  # pix2pix: AtoB translates member a into b; BtoA the reverse
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPU); default: BN statistics averaged after each step
+    w_dim: int = 512  # stylegan2: size of the intermediate latent w
+    map_layers: int = 8  # stylegan2: fully connected layers of the mapping network z -> w
+    style_mixing: float = 0.9  # stylegan2: probability that a training sample mixes two w's
+    channel_base: int = 16384  # stylegan2: feature maps at resolution r are channel_base / r, at most g_width / d_width
+    mbstd_group: int = 4  # stylegan2: minibatch-std group size in D; 0 = no minibatch-std layer
 
 
 @dataclass
@@ -76,6 +81,10 @@ class LossConfig:
     cycle_weight: float = 10.0  # cyclegan: weight of the cycle-consistency L1 (lambda)
     identity_weight: float = 0.5  # cyclegan: identity L1 weight, as a fraction of cycle_weight
     l1_weight: float = 100.0  # pix2pix: weight of the L1 distance to the target
+    pl_weight: float = 2.0  # stylegan2: path-length regularisation weight; 0 disables
+    pl_every: int = 4  # stylegan2: lazy path-length regularisation every k steps, scaled by k
+    pl_decay: float = 0.01  # stylegan2: decay of the running mean path length
+    pl_batch_shrink: int = 2  # stylegan2: the path-length step uses batch_size / this samples
 
 
 @dataclass
@@ -99,6 +108,11 @@ class TrainConfig:
     ema_rampup: float = 0.05  # EMA half-life is at most this fraction of images seen
     threads: int = 0  # torch threads per process; 0 = leave as launched
     pool_size: int = 50  # cyclegan: generated images each rank keeps to show D (0: none)
+    augment: str = "none"  # stylegan2: ada (adaptive discriminator augmentation) | none
+    augment_p: float = 0.0  # stylegan2: initial augmentation probability
+    ada_target: float = 0.6  # ADA: target for r_t = E[sign(D(real))] (averaged over all ranks)
+    ada_interval: int = 4  # ADA: adjust p every k steps
+    ada_kimg: float = 500.0  # ADA: p can move from 0 to 1 in this many thousand images
 
 
 @dataclass
@@ -146,12 +160,13 @@ class Config:
 
 CHOICES = {
     "data.on_error": ("raise", "skip"),
-    "model.arch": ("dcgan", "mlp", "cyclegan", "pix2pix"),
+    "model.arch": ("dcgan", "mlp", "cyclegan", "pix2pix", "stylegan2"),
     "model.norm": ("batch", "instance", "none"),
     "model.d_norm": ("", "batch", "instance", "none"),
     "model.direction": ("AtoB", "BtoA"),
     "data.build": ("", "sample_images", "edges2photos"),
     "train.optimizer": ("adam", "rmsprop"),
+    "train.augment": ("none", "ada"),
     "loss.type": ("bce", "hinge", "wgan", "wgan_gp", "lsgan"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "strategy": ("ddp",),
@@ -299,6 +314,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("model.num_classes", f"must be >= 0; got {cfg.model.num_classes}")
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:
         raise ConfigError("loss.clip", f"wgan needs a positive clipping bound; got {cfg.loss.clip}")
+    if cfg.model.arch == "stylegan2":
+        validate_stylegan2(cfg, world_size)
+    elif cfg.train.augment != "none":
+        raise ConfigError("train.augment", f"adaptive augmentation is implemented for stylegan2, not {cfg.model.arch}")
     if cfg.model.arch in TRANSLATION_ARCHS:
         validate_translation(cfg)
     elif cfg.model.norm == "instance" or cfg.model.d_norm == "instance":
@@ -306,6 +325,33 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
+
+
+def validate_stylegan2(cfg: Config, world_size: int) -> None:
+    """What the StyleGAN2 trainer needs: its sizes, the logistic loss, and its regularisation cadences."""
+    m, t, loss = cfg.model, cfg.train, cfg.loss
+    if m.resolution < 8 or m.resolution & (m.resolution - 1):
+        raise ConfigError("model.resolution", f"must be a power of two >= 8 for stylegan2; got {m.resolution}")
+    if loss.type != "bce":
+        raise ConfigError("loss.type", f"stylegan2 trains with the logistic loss (bce); got {loss.type!r}")
+    for key, value, ok in (("model.num_classes", m.num_classes, 0), ("train.n_critic", t.n_critic, 1),
+                           ("train.accumulate", t.accumulate, 1), ("strategy", cfg.strategy, "ddp")):
+        if value != ok:
+            raise ConfigError(key, f"stylegan2 runs take {key}={ok}; got {value!r}")
+    for key in ("model.w_dim", "model.map_layers", "model.channel_base", "loss.pl_every", "loss.pl_batch_shrink",
+                "train.ada_interval"):
+        if to_flat(cfg)[key] <= 0:
+            raise ConfigError(key, f"must be > 0; got {to_flat(cfg)[key]}")
+    for key in ("model.style_mixing", "train.augment_p", "train.ada_target"):
+        if not 0.0 <= to_flat(cfg)[key] <= 1.0:
+            raise ConfigError(key, f"must be in 0..1; got {to_flat(cfg)[key]}")
+    if m.mbstd_group < 0 or loss.pl_weight < 0 or loss.r1_gamma < 0 or t.ada_kimg <= 0 or not 0 < loss.pl_decay <= 1:
+        key = ("model.mbstd_group" if m.mbstd_group < 0 else "loss.pl_weight" if loss.pl_weight < 0
+               else "loss.r1_gamma" if loss.r1_gamma < 0 else "train.ada_kimg" if t.ada_kimg <= 0 else "loss.pl_decay")
+        raise ConfigError(key, "mbstd_group, pl_weight and r1_gamma must be >= 0, ada_kimg > 0, pl_decay in (0, 1]")
+    if loss.pl_weight > 0 and (t.batch_size // loss.pl_batch_shrink) % world_size:
+        raise ConfigError("loss.pl_batch_shrink", f"the path-length batch {t.batch_size} / {loss.pl_batch_shrink} "
+                                                  f"does not split over {world_size} ranks")
 
 
 def validate_translation(cfg: Config) -> None:

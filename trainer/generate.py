@@ -40,11 +40,21 @@ def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = 
 
 
 def sample_to_file(run_dir: str, n: int, seed: int, out: str, checkpoint: str | None = None,
-                   use_ema: bool = True) -> str:
-    """Write n samples for `seed` as a PNG grid or a raw float32 .npy; returns the path."""
+                   use_ema: bool = True, truncation: float = 1.0) -> str:
+    """Write n samples for `seed` as a PNG grid or a raw float32 .npy; returns the path.
+
+    `truncation` < 1 pulls each w toward the mean w (StyleGAN2's truncation trick).
+    """
     if not out.endswith((".png", ".npy")):
         raise ConfigError("--out", f"{out} must end in .png or .npy")
-    g, cfg, _ = load_generator(run_dir, checkpoint, use_ema)
+    g, cfg, path = load_generator(run_dir, checkpoint, use_ema)
+    if truncation != 1.0:
+        if cfg.model.arch != "stylegan2":
+            raise ConfigError("--truncation", f"{path}: a {cfg.model.arch} generator has no mean w to truncate "
+                                              f"toward; truncation is for stylegan2 runs (got {truncation})")
+        from trainer.models.stylegan2 import Truncated
+
+        g = Truncated(g, truncation)
     samples = generate(g, latents(seed, n, cfg.model.z_dim), class_cycle(n, cfg.model.num_classes))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".npy"):

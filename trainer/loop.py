@@ -426,6 +426,10 @@ def make_trainer(cfg: Config, env: DistEnv) -> TrainerBase:
         from trainer.translation import TranslationTrainer
 
         return TranslationTrainer(cfg, env)
+    if cfg.model.arch == "stylegan2":
+        from trainer.stylegan2_trainer import StyleGAN2Trainer
+
+        return StyleGAN2Trainer(cfg, env)
     return Trainer(cfg, env)
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from trainer.config import ModelConfig
 from trainer.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from trainer.models.mlp import MLPDiscriminator, MLPGenerator
+from trainer.models.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
 from trainer.models.translation import (
     CycleDiscriminators,
     CycleGenerators,
@@ -15,7 +16,7 @@ from trainer.models.translation import (
     UnetGenerator,
 )
 
-IMAGE_ARCHS = ("dcgan",)
+IMAGE_ARCHS = ("dcgan", "stylegan2")
 POINT_ARCHS = ("mlp",)
 TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
 
@@ -31,6 +32,10 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     elif cfg.arch == "mlp":
         g = MLPGenerator(cfg.z_dim, cfg.g_width, cfg.depth, cfg.channels, cfg.point_scale)
         d = MLPDiscriminator(cfg.d_width, cfg.depth, cfg.channels, cfg.point_scale)
+    elif cfg.arch == "stylegan2":
+        g = StyleGAN2Generator(cfg.z_dim, cfg.w_dim, cfg.map_layers, cfg.resolution, cfg.channels,
+                               cfg.channel_base, cfg.g_width)
+        d = StyleGAN2Discriminator(cfg.resolution, cfg.channels, cfg.channel_base, cfg.d_width, cfg.mbstd_group)
     elif cfg.arch in TRANSLATION_ARCHS:
         g, d = build_translation(cfg)
     else:

@@ -1,0 +1,243 @@
+"""StyleGAN2 with adaptive augmentation, trained as StyleGAN2-ADA's four phases.
+
+Each step runs, in order (as `training_loop.py` of stylegan2-ada-pytorch does):
+
+- Gmain: non-saturating logistic loss of D(augment(G(z))), D frozen;
+- Greg (every `loss.pl_every` steps): path-length penalty on half a batch, weighted by
+  `loss.pl_weight * pl_every`; the running mean length is averaged over all ranks;
+- Dmain: logistic loss on augmented real and generated images; its real outputs drive ADA's p;
+- Dreg (every `loss.r1_every` steps): R1 on real images (through the augmentation), weighted
+  by `loss.r1_gamma / 2 * r1_every`.
+
+The regularisation phases take their own optimiser steps, so both optimisers use the lazy
+regularisation correction: lr and Adam's betas raised to the power k / (k + 1).
+
+Every random number (latents, style-mixing cutoffs, noise maps, augmentation, path-length
+projections) is drawn for the global batch from (seed, step, what it is for) and sliced by rank,
+so a run resumes exactly and the global batch is the same computation on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from trainer.augment import RANDOM_COLUMNS, AdaptiveP, augment
+from trainer.config import Config
+from trainer.core import TrainerBase, derive_seed, global_draw
+from trainer.data import DataCursor, to_unit_range
+from trainer.distributed import DistEnv, average_buffers, mean_across, unwrap
+from trainer.ema import EMA
+from trainer.models import build_models
+from trainer.objectives import r1_penalty
+from trainer.sampling import generate, latents, save_samples
+
+# What each draw is for: the last part of its seed (seed, step, purpose, ...).
+Z, Z_MIX, MIXING, NOISE, AUG, PL_NOISE = range(1, 7)
+GMAIN, GREG, DMAIN, DREG = 10, 20, 30, 40
+
+
+def lazy_ratio(every: int, active: bool) -> float:
+    """The lazy-regularisation correction k / (k + 1) for lr and betas (1 when not regularising)."""
+    return every / (every + 1) if active else 1.0
+
+
+def draw(seed: int, shape: tuple[int, ...], env: DistEnv, uniform: bool = False) -> torch.Tensor:
+    """This rank's rows of a global-batch draw; on a GPU the draw is made there (noise maps are big)."""
+    if env.device.type != "cuda":
+        return global_draw(seed, shape, env, uniform)
+    gen = torch.Generator(env.device).manual_seed(seed)
+    full = (torch.rand if uniform else torch.randn)(shape, generator=gen, device=env.device)
+    return full[env.rank::env.world_size]
+
+
+class StyleGAN2Trainer(TrainerBase):
+    """StyleGAN2 (`model.arch=stylegan2`) for one rank, with `train.augment=ada|none`."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        super().__init__(cfg, env)
+        torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
+        g, d = (m.to(env.device) for m in build_models(cfg.model))
+        self.ema = EMA(g, cfg.train.ema_kimg, cfg.train.ema_rampup)
+        if cfg.train.compile:
+            g.compile()
+            d.compile()
+        self.G = self.make_phase("G", g, cfg.train.lr_g)
+        self.D = self.make_phase("D", d, cfg.train.lr_d)
+        self.phases = (self.G, self.D)
+        loss = cfg.loss
+        self.g_ratio = lazy_ratio(loss.pl_every, loss.pl_weight > 0)
+        self.d_ratio = lazy_ratio(loss.r1_every, loss.r1_gamma > 0)
+        for phase, ratio in ((self.G, self.g_ratio), (self.D, self.d_ratio)):
+            for group in phase.opt.param_groups:
+                if "betas" in group:
+                    group["betas"] = (cfg.train.beta1 ** ratio, cfg.train.beta2 ** ratio)
+        self.pl_mean = torch.zeros((), device=env.device)
+        self.ada = AdaptiveP(cfg.train.augment_p, cfg.train.ada_target, cfg.train.ada_interval,
+                             cfg.train.ada_kimg, cfg.train.batch_size, adaptive=cfg.train.augment == "ada")
+        # The regularisers' latest figures, reported every step (they run every k steps).
+        zero = torch.zeros((), device=env.device)
+        self.last_reg = ({"loss/pl": zero, "grad_norm/g_reg": zero} if loss.pl_weight > 0 else {}) | \
+            ({"loss/r1": zero, "grad_norm/d_reg": zero} if loss.r1_gamma > 0 else {})
+        self.data = DataCursor(cfg.data.train, cfg, env)
+        self.fixed_z = latents(cfg.seed, cfg.log.sample_count, cfg.model.z_dim, env.device)
+
+    # -- random inputs --------------------------------------------------------------------------
+    def g_inputs(self, purpose: int, n: int) -> dict[str, Any]:
+        """G's random inputs for `n` global samples: z, a second z and per-sample mixing cutoffs, noise maps."""
+        cfg, env, step = self.cfg, self.env, self.state.step
+        g = unwrap(self.G.module)
+        z_dim = cfg.model.z_dim
+        out: dict[str, Any] = {"z": draw(derive_seed(cfg.seed, step, purpose, Z), (n, z_dim), env)}
+        if cfg.model.style_mixing > 0:
+            u = draw(derive_seed(cfg.seed, step, purpose, MIXING), (n, 2), env, uniform=True)
+            cutoff = 1 + torch.floor(u[:, 1] * (g.num_ws - 1)).long()
+            out["z_mix"] = draw(derive_seed(cfg.seed, step, purpose, Z_MIX), (n, z_dim), env)
+            out["mix_cutoff"] = torch.where(u[:, 0] < cfg.model.style_mixing, cutoff, g.num_ws)
+        out["noise"] = [draw(derive_seed(cfg.seed, step, purpose, NOISE, i), shape, env)
+                        for i, shape in enumerate(g.noise_shapes(n))]
+        return out
+
+    def augmented(self, images: torch.Tensor, purpose: int, which: int) -> torch.Tensor:
+        """`images` (this rank's rows of the global batch) through ADA at the current p."""
+        if self.ada.p <= 0:
+            return images
+        u = draw(derive_seed(self.cfg.seed, self.state.step, purpose, AUG, which),
+                 (len(images) * self.env.world_size, RANDOM_COLUMNS), self.env, uniform=True)
+        return augment(images, u, self.ada.p)
+
+    # -- the phases -----------------------------------------------------------------------------
+    def g_main(self) -> dict[str, torch.Tensor]:
+        """Gmain: softplus(-D(augment(G(z)))), D frozen and unwrapped so DDP reduces only G."""
+        d = unwrap(self.D.module)
+        d.requires_grad_(False)
+        self.G.module.requires_grad_(True)
+        with self.autocast():
+            fake = self.G.module(**self.g_inputs(GMAIN, self.cfg.train.batch_size))
+            loss = F.softplus(-d(self.augmented(fake, GMAIN, 0)).float()).mean()
+        self.G.scaler.scale(loss).backward()
+        norm, finite = self.G.apply()
+        d.requires_grad_(True)
+        return {"loss/g": loss.detach(), "grad_norm/g": norm, "skipped/g": self.flag(not finite)}
+
+    def path_length(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penalty of this rank's rows, the updated running mean): E[(|J_w^T y| - a)^2], y ~ N(0, I) / sqrt(HW).
+
+        The mean length a follows the mean over ALL ranks' samples, so it is the same everywhere.
+        """
+        cfg = self.cfg
+        n = cfg.train.batch_size // cfg.loss.pl_batch_shrink
+        with self.autocast():
+            img, ws = self.G.module(**self.g_inputs(GREG, n), return_ws=True)
+        res = img.shape[2] * img.shape[3]
+        y = draw(derive_seed(cfg.seed, self.state.step, GREG, PL_NOISE), (n, *img.shape[1:]), self.env) / res ** 0.5
+        (grad,) = torch.autograd.grad((img.float() * y).sum(), ws, create_graph=True)
+        lengths = grad.float().square().sum(2).mean(1).sqrt()
+        batch_mean = mean_across(lengths.detach().mean().reshape(1), self.env)[0]
+        pl_mean = self.pl_mean.lerp(batch_mean, cfg.loss.pl_decay)
+        # img[:, 0, 0, 0] * 0 ties every G parameter into the graph, which DDP's reducer expects.
+        return (lengths - pl_mean).square().mean() + img[:, 0, 0, 0].float().mean() * 0, pl_mean
+
+    def g_reg(self) -> dict[str, torch.Tensor]:
+        """Greg: the lazy path-length penalty, weighted by pl_weight * pl_every."""
+        unwrap(self.D.module).requires_grad_(False)
+        self.G.module.requires_grad_(True)
+        penalty, self.pl_mean = self.path_length()
+        self.G.scaler.scale(penalty * self.cfg.loss.pl_weight * self.cfg.loss.pl_every).backward()
+        norm, finite = self.G.apply()
+        unwrap(self.D.module).requires_grad_(True)
+        return {"loss/pl": penalty.detach(), "grad_norm/g_reg": norm, "skipped/g": self.flag(not finite)}
+
+    def d_main(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Dmain: softplus(D(augment(G(z)))) + softplus(-D(augment(x))); counts sign(D(real)) for ADA."""
+        g = unwrap(self.G.module)
+        g.requires_grad_(False)
+        with torch.no_grad(), self.autocast():
+            fake = g(**self.g_inputs(DMAIN, self.cfg.train.batch_size), update_w_avg=True)
+        with self.autocast():
+            fake_out = self.D.module(self.augmented(fake, DMAIN, 0))
+            real_out = self.D.module(self.augmented(real, DMAIN, 1))
+            loss = F.softplus(fake_out.float()).mean() + F.softplus(-real_out.float()).mean()
+        self.ada.observe(real_out)
+        self.D.scaler.scale(loss).backward()
+        norm, finite = self.D.apply()
+        g.requires_grad_(True)
+        return {"loss/d": loss.detach(), "d/real": real_out.detach().float().mean(),
+                "d/fake": fake_out.detach().float().mean(), "grad_norm/d": norm, "skipped/d": self.flag(not finite)}
+
+    def r1(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R1 of this rank's rows, D's outputs): E||grad_x D(augment(x))||^2 at the un-augmented reals."""
+        x = real.detach().requires_grad_(True)
+        with self.autocast():
+            out = self.D.module(self.augmented(x, DREG, 0))
+        return r1_penalty(out, x), out
+
+    def d_reg(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Dreg: lazy R1, weighted by r1_gamma / 2 * r1_every."""
+        unwrap(self.G.module).requires_grad_(False)
+        penalty, out = self.r1(real)
+        loss = penalty * (self.cfg.loss.r1_gamma / 2) * self.cfg.loss.r1_every + out.float().mean() * 0
+        self.D.scaler.scale(loss).backward()
+        norm, finite = self.D.apply()
+        unwrap(self.G.module).requires_grad_(True)
+        return {"loss/r1": penalty.detach(), "grad_norm/d_reg": norm, "skipped/d": self.flag(not finite)}
+
+    def flag(self, value: bool) -> torch.Tensor:
+        return torch.tensor(float(value), device=self.env.device)
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        cfg, env, step = self.cfg, self.env, self.state.step
+        self.set_learning_rates(step, {"G": cfg.train.lr_g * self.g_ratio, "D": cfg.train.lr_d * self.d_ratio})
+        real = to_unit_range(self.data.next()["image"])
+        stats = self.g_main()
+        skipped = bool(stats["skipped/g"])
+        if cfg.loss.pl_weight > 0 and step % cfg.loss.pl_every == 0:
+            reg = self.g_reg()
+            skipped |= bool(reg.pop("skipped/g"))
+            self.last_reg |= reg
+        stats |= self.d_main(real)
+        skipped |= bool(stats["skipped/d"])
+        if cfg.loss.r1_gamma > 0 and step % cfg.loss.r1_every == 0:
+            reg = self.d_reg(real)
+            skipped |= bool(reg.pop("skipped/d"))
+            self.last_reg |= reg
+        self.ada.update(step, env)
+        average_buffers(self.G.module, env)  # w_avg: the mean over ranks is the mean over the global batch
+        self.state.step += 1
+        self.state.nimg += cfg.train.batch_size
+        self.ema.update(unwrap(self.G.module), cfg.train.batch_size, self.state.nimg)
+        self.count_nonfinite(skipped)
+        return stats | self.last_reg | {"augment/p": self.flag(0) + self.ada.p, "augment/rt": self.flag(0) + self.ada.rt,
+                                        "loss/pl_mean": self.pl_mean.detach().clone()}
+
+    # -- outputs --------------------------------------------------------------------------------
+    def write_samples(self, samples_dir: str, step: int) -> tuple[str, dict[str, float]]:
+        """Grids of the fixed latents (fixed noise) from the raw G and its EMA."""
+        raw = generate(unwrap(self.G.module), self.fixed_z)
+        save_samples(raw, os.path.join(samples_dir, f"step_{step:08d}_raw.png"))
+        images = generate(self.ema.model, self.fixed_z) if self.cfg.train.ema_kimg > 0 else raw
+        path = save_samples(images, os.path.join(samples_dir, f"step_{step:08d}.png"))
+        save_samples(images, os.path.join(samples_dir, "latest.png"))
+        return path, {}
+
+    def export(self) -> dict[str, Any]:
+        g = self.ema.model if self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
+        return {"G_ema": g.state_dict()}
+
+    # -- state ----------------------------------------------------------------------------------
+    def gather_state(self) -> None:
+        super().gather_state()
+        self.ada.gather(self.env)
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"G_ema": self.ema.model.state_dict(), "augment": self.ada.state_dict(),
+                                       "pl_mean": self.pl_mean.cpu()}
+
+    def load_state_dict(self, state: dict[str, Any], path: str) -> None:
+        super().load_state_dict(state, path)
+        self.ema.model.load_state_dict(state["G_ema"])
+        self.ada.load_state_dict(state["augment"], self.env)
+        self.pl_mean = state["pl_mean"].to(self.env.device)
