@@ -53,6 +53,17 @@ def test_g_step_computes_no_d_gradients_and_d_step_no_g_gradients(single_trainer
     assert all(torch.equal(a, b) for a, b in zip(g_before, t.G.module.parameters(), strict=True))
 
 
+def test_grad_clip_bounds_the_gradient_the_optimizer_steps_with(single_trainer):
+    t = single_trainer
+    t.D.grad_clip = 1e-3
+    seen = []
+    t.D.opt.register_step_pre_hook(lambda opt, *_: seen.append(torch.nn.utils.get_total_norm(
+        [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None])))
+    stats = t.d_step(torch.rand(16, 1, 32, 32) * 2 - 1, torch.randn(16, 16))
+    assert float(stats["grad_norm/d"]) > 1e-2  # the norm before clipping is reported
+    assert float(seen[0]) == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_ema_follows_its_formula(single_trainer):
     from trainer.ema import ema_beta
 

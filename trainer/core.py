@@ -72,11 +72,12 @@ class Phase:
         Gradients are already averaged over ranks here, so every rank takes the same decision.
         """
         self.scaler.unscale_(self.opt)
-        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.scaler._device)
         finite = bool(torch.isfinite(norm))
         if finite and self.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)  # takes the parameters
         if finite or self.scaler.is_enabled():  # the fp16 scaler skips the step and lowers its scale itself
             self.scaler.step(self.opt)
         self.scaler.update()
