@@ -349,9 +349,10 @@ def validate_stylegan2(cfg: Config, world_size: int) -> None:
         key = ("model.mbstd_group" if m.mbstd_group < 0 else "loss.pl_weight" if loss.pl_weight < 0
                else "loss.r1_gamma" if loss.r1_gamma < 0 else "train.ada_kimg" if t.ada_kimg <= 0 else "loss.pl_decay")
         raise ConfigError(key, "mbstd_group, pl_weight and r1_gamma must be >= 0, ada_kimg > 0, pl_decay in (0, 1]")
-    if loss.pl_weight > 0 and (t.batch_size // loss.pl_batch_shrink) % world_size:
-        raise ConfigError("loss.pl_batch_shrink", f"the path-length batch {t.batch_size} / {loss.pl_batch_shrink} "
-                                                  f"does not split over {world_size} ranks")
+    pl_batch = t.batch_size // loss.pl_batch_shrink
+    if loss.pl_weight > 0 and (pl_batch == 0 or pl_batch % world_size):
+        raise ConfigError("loss.pl_batch_shrink", f"the path-length batch {t.batch_size} // {loss.pl_batch_shrink} "
+                                                  f"= {pl_batch} does not split over {world_size} rank(s)")
 
 
 def validate_translation(cfg: Config) -> None:
