@@ -159,9 +159,11 @@ def augment(images: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
         return images
     if u.shape != (len(images), RANDOM_COLUMNS):
         raise ValueError(f"augment needs ({len(images)}, {RANDOM_COLUMNS}) uniforms, got {tuple(u.shape)}")
-    dtype = images.dtype
-    x = images.float()
-    u = u.float()
+    with torch.autocast(images.device.type, enabled=False):  # matrices and sampling in fp32
+        return _augment(images.float(), u.float(), p).to(images.dtype)
+
+
+def _augment(x: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
     b, c, h, w = x.shape
     inv = geometric_matrix(u, p, (h, w))
     if not torch.equal(inv, _eye(3, b, x.device)):
@@ -174,7 +176,7 @@ def augment(images: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
     elif c == 1:  # grey images: the mean of the RGB rows, applied to equal R = G = B
         m = m[:, :3, :].mean(dim=1, keepdim=True)
         flat = flat * m[:, :, :3].sum(dim=2, keepdim=True) + m[:, :, 3:]
-    return flat.reshape(b, c, h, w).to(dtype)
+    return flat.reshape(b, c, h, w)
 
 
 class AdaptiveP:
