@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/stacked_mnist.py
+	$(BIN)/python bench/stylegan2.py
 
 lint: install
 	$(BIN)/ruff check .
