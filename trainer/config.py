@@ -8,6 +8,7 @@ process group starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import types
 import typing
@@ -116,6 +117,15 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """strategy=deepspeed: ZeRO data parallelism, one DeepSpeed engine per network (docs/deepspeed.md)."""
+
+    zero_stage: int = 2  # 1: partition optimiser state over ranks; 2: also gradients (3 is refused)
+    bucket_size: int = 200_000_000  # elements per gradient reduce / parameter all-gather bucket
+    overlap_comm: bool = False  # stage 2: overlap the gradient reduction with the backward pass (GPU)
+
+
+@dataclass
 class CheckpointConfig:
     every_steps: int = 500
     keep: int = 3  # newest checkpoints kept
@@ -153,6 +163,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     strategy: str = "ddp"  # ddp | deepspeed
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -169,7 +180,7 @@ CHOICES = {
     "train.augment": ("none", "ada"),
     "loss.type": ("bce", "hinge", "wgan", "wgan_gp", "lsgan"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
-    "strategy": ("ddp",),
+    "strategy": ("ddp", "deepspeed"),
 }
 
 
@@ -318,6 +329,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         validate_stylegan2(cfg, world_size)
     elif cfg.train.augment != "none":
         raise ConfigError("train.augment", f"adaptive augmentation is implemented for stylegan2, not {cfg.model.arch}")
+    if cfg.strategy == "deepspeed":
+        validate_deepspeed(cfg)
     if cfg.model.arch in TRANSLATION_ARCHS:
         validate_translation(cfg)
     elif cfg.model.norm == "instance" or cfg.model.d_norm == "instance":
@@ -325,6 +338,25 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
+
+
+def validate_deepspeed(cfg: Config) -> None:
+    """What strategy=deepspeed supports: ZeRO stage 1 or 2 for the GAN trainer."""
+    stage = cfg.deepspeed.zero_stage
+    if stage == 3:
+        raise ConfigError("deepspeed.zero_stage", "3 is not supported: ZeRO-3 shards the weights, and ganforge's "
+                                                  "EMA, sampling and weight clipping need whole parameters on every rank (use 1 or 2)")
+    if stage not in (1, 2):
+        raise ConfigError("deepspeed.zero_stage", f"must be 1 or 2 (0 is plain data parallelism: strategy=ddp); got {stage}")
+    if cfg.deepspeed.bucket_size <= 0:
+        raise ConfigError("deepspeed.bucket_size", f"must be > 0; got {cfg.deepspeed.bucket_size}")
+    if cfg.model.arch in TRANSLATION_ARCHS:
+        raise ConfigError("strategy", f"deepspeed trains the GAN recipes; {cfg.model.arch} runs use strategy=ddp")
+    if cfg.train.compile:
+        raise ConfigError("train.compile", "torch.compile is not supported with strategy=deepspeed")
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("strategy", "deepspeed is not installed in this environment "
+                                      "(make install, or pip install -c constraints.txt deepspeed)")
 
 
 def validate_stylegan2(cfg: Config, world_size: int) -> None:

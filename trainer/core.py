@@ -60,6 +60,10 @@ class Phase:
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of (the scaled) `loss` into this phase's network."""
+        self.scaler.scale(loss).backward()
+
     def accumulating(self, last: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch."""
         if last or not isinstance(self.module, DistributedDataParallel):
@@ -83,6 +87,21 @@ class Phase:
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         return norm.detach(), finite
+
+    @torch.no_grad()
+    def clamp_weights(self, bound: float) -> None:
+        """Clip every weight to [-bound, bound] (WGAN's Lipschitz constraint)."""
+        for p in unwrap(self.module).parameters():
+            p.clamp_(-bound, bound)
+
+    def gather_state(self) -> None:
+        """Every rank, before a checkpoint: collect state other ranks hold (nothing to do for DDP)."""
+
+    def optimizer_state(self) -> Any:
+        return self.opt.state_dict()
+
+    def load_optimizer_state(self, state: Any) -> None:
+        self.opt.load_state_dict(state)
 
 
 @dataclass
@@ -118,7 +137,12 @@ class TrainerBase:
     def make_phase(self, name: str, module: nn.Module, lr: float) -> Phase:
         """`module` wrapped for the job, with its own optimiser and (fp16) loss scaler."""
         t = self.cfg.train
-        return Phase(name, wrap(module, self.env), make_optimizer(t.optimizer, module.parameters(), lr, (t.beta1, t.beta2)),
+        opt = make_optimizer(t.optimizer, module.parameters(), lr, (t.beta1, t.beta2))
+        if self.cfg.strategy == "deepspeed":
+            from trainer.deepspeed_strategy import make_deepspeed_phase
+
+            return make_deepspeed_phase(name, module, opt, self.cfg, self.env, self.precision)
+        return Phase(name, wrap(module, self.env), opt,
                      torch.amp.GradScaler(self.env.device.type, enabled=self.precision == "fp16"), t.grad_clip)
 
     def autocast(self):
@@ -155,15 +179,17 @@ class TrainerBase:
     def gather_state(self) -> None:
         """Every rank calls this before rank 0 takes `state_dict` for a checkpoint: the place to
         collect per-rank state (collectives are allowed here, not in `state_dict`)."""
+        for p in self.phases:
+            p.gather_state()
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, config, data position, and per phase its network(s), optimiser and scaler."""
         out = {"version": __version__, "step": self.state.step, "nimg": self.state.nimg,
-               "nonfinite": self.state.nonfinite, "world_size": self.env.world_size,
+               "nonfinite": self.state.nonfinite, "world_size": self.env.world_size, "strategy": self.cfg.strategy,
                "config": to_dict(self.cfg), "data": self.data.state_dict(),
                "mlflow_run_id": self.state.mlflow_run_id}
         for p in self.phases:
-            out |= {p.name: unwrap(p.module).state_dict(), f"opt_{p.name}": p.opt.state_dict(),
+            out |= {p.name: unwrap(p.module).state_dict(), f"opt_{p.name}": p.optimizer_state(),
                     f"scaler_{p.name}": p.scaler.state_dict()}
         return out
 
@@ -171,7 +197,7 @@ class TrainerBase:
         check_compatible(state.get("config", {}), to_dict(self.cfg), path)
         for p in self.phases:
             unwrap(p.module).load_state_dict(state[p.name])
-            p.opt.load_state_dict(state[f"opt_{p.name}"])
+            p.load_optimizer_state(state[f"opt_{p.name}"])
             p.scaler.load_state_dict(state[f"scaler_{p.name}"])
         self.data.load_state_dict(state["data"])
         self.state.step, self.state.nimg = int(state["step"]), int(state["nimg"])
@@ -186,6 +212,9 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str) 
         a, b = saved.get(section, {}), current.get(section, {})
         diffs += [f"{section}.{k} ({a.get(k)!r} in checkpoint, {b.get(k)!r} now)"
                   for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    strategies = saved.get("strategy", "ddp"), current.get("strategy", "ddp")
+    if strategies[0] != strategies[1]:  # their optimiser states have different layouts
+        diffs.append(f"strategy ({strategies[0]!r} in checkpoint, {strategies[1]!r} now)")
     if saved.get("loss", {}).get("type") != current.get("loss", {}).get("type"):
         diffs.append(f"loss.type ({saved.get('loss', {}).get('type')!r} in checkpoint, "
                      f"{current['loss']['type']!r} now)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -80,7 +81,13 @@ def average_buffers(module: nn.Module, env: DistEnv) -> None:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, DistributedDataParallel) else module
+    """The network itself, from under DDP or a DeepSpeed engine."""
+    if isinstance(module, DistributedDataParallel):
+        return module.module
+    deepspeed = sys.modules.get("deepspeed")
+    if deepspeed is not None and isinstance(module, deepspeed.DeepSpeedEngine):
+        return module.module
+    return module
 
 
 def stop_votes(votes: list[bool], env: DistEnv) -> list[bool]:

@@ -123,14 +123,12 @@ class Trainer(TrainerBase):
                     # Lazy regularisation: applied every r1_every steps, so scaled by r1_every.
                     loss = loss + cfg.loss.r1_gamma / 2 * penalty * cfg.loss.r1_every
                     parts["loss/r1"] = penalty.detach()
-                self.D.scaler.scale(loss / k).backward()
+                self.D.backward(loss / k)
             for key, v in parts.items():
                 terms.setdefault(key, []).append(v)
         norm, finite = self.D.apply()
         if cfg.loss.type == "wgan" and finite:
-            with torch.no_grad():
-                for p in d.parameters():
-                    p.clamp_(-cfg.loss.clip, cfg.loss.clip)
+            self.D.clamp_weights(cfg.loss.clip)
         stats = {key: torch.stack(v).mean() for key, v in terms.items()}
         return stats | {"grad_norm/d": norm, "skipped/d": torch.tensor(float(not finite))}
 
@@ -146,14 +144,14 @@ class Trainer(TrainerBase):
         if fake is not None:
             with self.autocast():
                 loss = g_loss(self.cfg.loss.type, d(fake, labels))
-            self.G.scaler.scale(loss).backward()
+            self.G.backward(loss)
             losses.append(loss.detach())
         for i in range(k if fake is None else 0):
             part = slice(i * len(z) // k, (i + 1) * len(z) // k)
             y = labels[part] if labels is not None else None
             with self.G.accumulating(last=i == k - 1), self.autocast():
                 loss = g_loss(self.cfg.loss.type, d(g(z[part], y), y))
-                self.G.scaler.scale(loss / k).backward()
+                self.G.backward(loss / k)
             losses.append(loss.detach())
         norm, finite = self.G.apply()
         d.requires_grad_(True)

@@ -157,7 +157,7 @@ class TranslationTrainer(TrainerBase):
                 idt = F.l1_loss(out["same_b"].float(), b) + F.l1_loss(out["same_a"].float(), a)
                 loss = loss + cfg.cycle_weight * cfg.identity_weight * idt
                 stats["loss/identity"] = idt.detach()
-        self.G.scaler.scale(loss).backward()
+        self.G.backward(loss)
         norm, finite = self.G.apply()
         d.requires_grad_(True)
         return stats | {"loss/g": loss.detach(), "grad_norm/g": norm,
@@ -171,7 +171,7 @@ class TranslationTrainer(TrainerBase):
             adv = adversarial(cfg.type, d(torch.cat([a, fake], 1)), True)
             l1 = F.l1_loss(fake.float(), b)
             loss = adv + cfg.l1_weight * l1
-        self.G.scaler.scale(loss).backward()
+        self.G.backward(loss)
         norm, finite = self.G.apply()
         d.requires_grad_(True)
         return {"loss/g": loss.detach(), "loss/g_adv": adv.detach(), "loss/l1": l1.detach(), "grad_norm/g": norm,
@@ -194,7 +194,7 @@ class TranslationTrainer(TrainerBase):
                 fake_out = self.D.module(torch.cat([a, fakes[0].detach()], 1))
                 loss = 0.5 * (adversarial(kind, real_out, True) + adversarial(kind, fake_out, False))
                 stats = {"d/real": real_out.detach().float().mean(), "d/fake": fake_out.detach().float().mean()}
-        self.D.scaler.scale(loss).backward()
+        self.D.backward(loss)
         norm, finite = self.D.apply()
         return stats | {"loss/d": loss.detach(), "grad_norm/d": norm, "skipped/d": torch.tensor(float(not finite))}
 
