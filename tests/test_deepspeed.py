@@ -89,12 +89,24 @@ def test_launch_exits_2_on_zero_stage_3_before_any_process_starts(digits_dir, tm
     assert not os.path.exists(tmp_path / "r")
 
 
+def test_a_checkpoint_of_the_other_strategy_is_refused_naming_strategy():
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import Config, to_dict
+    from trainer.core import check_compatible
+
+    ddp, zero = to_dict(Config()), to_dict(Config(strategy="deepspeed"))
+    with pytest.raises(CheckpointError, match="strategy \\('ddp' in checkpoint, 'deepspeed' now\\)"):
+        check_compatible(ddp, zero, "step_00000005")
+    check_compatible(zero, zero, "step_00000005")
+
+
 def test_generated_deepspeed_config_makes_every_training_setting_explicit(digits_dir):
     from trainer.deepspeed_strategy import deepspeed_config
 
     cfg = load_config(RECIPE, [f"data.train={digits_dir}", "strategy=deepspeed", "deepspeed.zero_stage=1"])
-    conf = deepspeed_config(cfg, "fp32", world_size=2)
+    conf = deepspeed_config(cfg, "fp32", world_size=2, numel=1000)
     assert conf["gradient_clipping"] == 0.0  # DeepSpeed's own default (1.0) would clip
+    assert conf["zero_optimization"]["reduce_bucket_size"] == 1024  # the network's size, aligned
     assert conf["zero_optimization"]["stage"] == 1 and conf["zero_optimization"]["elastic_checkpoint"]
     assert conf["train_batch_size"] == 64 and conf["train_micro_batch_size_per_gpu"] == 32
     assert "torch_autocast" not in conf and not conf["bf16"]["enabled"] and not conf["fp16"]["enabled"]

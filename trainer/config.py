@@ -121,7 +121,7 @@ class DeepSpeedConfig:
     """strategy=deepspeed: ZeRO data parallelism, one DeepSpeed engine per network (docs/deepspeed.md)."""
 
     zero_stage: int = 2  # 1: partition optimiser state over ranks; 2: also gradients (3 is refused)
-    bucket_size: int = 200_000_000  # elements per gradient reduce / parameter all-gather bucket
+    bucket_size: int = 200_000_000  # elements per gradient reduce / parameter all-gather bucket (at most about the network's size)
     overlap_comm: bool = False  # stage 2: overlap the gradient reduction with the backward pass (GPU)
 
 

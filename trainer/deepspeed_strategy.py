@@ -33,16 +33,20 @@ from trainer.distributed import DistEnv
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def deepspeed_config(cfg: Config, precision: str, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for one network, every setting that changes training made explicit."""
+def deepspeed_config(cfg: Config, precision: str, world_size: int, numel: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for a network of `numel` parameters, every setting that changes
+    training made explicit."""
     t, ds = cfg.train, cfg.deepspeed
     per_rank = t.batch_size // world_size
+    # ZeRO allocates a whole reduce bucket at each backward: no bigger than the network (and
+    # rounded up to a multiple of 64, which satisfies DeepSpeed's alignment).
+    bucket = -(-min(ds.bucket_size, numel or ds.bucket_size) // 64) * 64
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         # Unpadded per-rank partitions: a checkpoint can be re-partitioned for another world size.
         "elastic_checkpoint": True,
-        "reduce_bucket_size": ds.bucket_size,
-        "allgather_bucket_size": ds.bucket_size,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
         "overlap_comm": ds.overlap_comm and ds.zero_stage == 2,
         "contiguous_gradients": True,
     }
@@ -218,7 +222,7 @@ def make_deepspeed_phase(name: str, module: nn.Module, opt: torch.optim.Optimize
     """`module` and `opt` handed to deepspeed.initialize; its config saved as run.dir/deepspeed_<name>.json."""
     prepare_environment(env)
     deepspeed = import_deepspeed()
-    conf = deepspeed_config(cfg, precision, env.world_size)
+    conf = deepspeed_config(cfg, precision, env.world_size, sum(p.numel() for p in module.parameters()))
     if env.is_main:
         os.makedirs(cfg.run.dir, exist_ok=True)
         with open(os.path.join(cfg.run.dir, f"deepspeed_{name}.json"), "w") as f:
