@@ -30,6 +30,7 @@ bench: install
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/scaling.py
+	$(BIN)/python bench/zero_memory.py
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/stacked_mnist.py
 	$(BIN)/python bench/stylegan2.py
