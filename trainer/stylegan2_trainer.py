@@ -118,7 +118,7 @@ class StyleGAN2Trainer(TrainerBase):
         with self.autocast():
             fake = self.G.module(**self.g_inputs(GMAIN, self.cfg.train.batch_size))
             loss = F.softplus(-d(self.augmented(fake, GMAIN, 0)).float()).mean()
-        self.G.scaler.scale(loss).backward()
+        self.G.backward(loss)
         norm, finite = self.G.apply()
         d.requires_grad_(True)
         return {"loss/g": loss.detach(), "grad_norm/g": norm, "skipped/g": self.flag(not finite)}
@@ -146,7 +146,7 @@ class StyleGAN2Trainer(TrainerBase):
         unwrap(self.D.module).requires_grad_(False)
         self.G.module.requires_grad_(True)
         penalty, self.pl_mean = self.path_length()
-        self.G.scaler.scale(penalty * self.cfg.loss.pl_weight * self.cfg.loss.pl_every).backward()
+        self.G.backward(penalty * self.cfg.loss.pl_weight * self.cfg.loss.pl_every)
         norm, finite = self.G.apply()
         unwrap(self.D.module).requires_grad_(True)
         return {"loss/pl": penalty.detach(), "grad_norm/g_reg": norm, "skipped/g": self.flag(not finite)}
@@ -162,7 +162,7 @@ class StyleGAN2Trainer(TrainerBase):
             real_out = self.D.module(self.augmented(real, DMAIN, 1))
             loss = F.softplus(fake_out.float()).mean() + F.softplus(-real_out.float()).mean()
         self.ada.observe(real_out)
-        self.D.scaler.scale(loss).backward()
+        self.D.backward(loss)
         norm, finite = self.D.apply()
         g.requires_grad_(True)
         return {"loss/d": loss.detach(), "d/real": real_out.detach().float().mean(),
@@ -180,7 +180,7 @@ class StyleGAN2Trainer(TrainerBase):
         unwrap(self.G.module).requires_grad_(False)
         penalty, out = self.r1(real)
         loss = penalty * (self.cfg.loss.r1_gamma / 2) * self.cfg.loss.r1_every + out.float().mean() * 0
-        self.D.scaler.scale(loss).backward()
+        self.D.backward(loss)
         norm, finite = self.D.apply()
         unwrap(self.G.module).requires_grad_(True)
         return {"loss/r1": penalty.detach(), "grad_norm/d_reg": norm, "skipped/d": self.flag(not finite)}
