@@ -212,16 +212,17 @@ class TranslationTrainer(TrainerBase):
             return None, {}
         a, b = self.val["a"], self.val["b"]
         fake_b = self.translate(a)
+        # pictured: VAL_GRID examples spread evenly over the held-out split (it is ordered by source picture)
+        pick = torch.linspace(0, min(len(a), len(b)) - 1, min(VAL_GRID, len(a), len(b))).round().long().tolist()
         if self.cycle:
             fake_a = self.translate(b, "BtoA")
             rec_a, rec_b = self.translate(fake_b, "BtoA"), self.translate(fake_a)
             values = {"val/cycle_l1_a": float((rec_a - a).abs().mean()), "val/cycle_l1_b": float((rec_b - b).abs().mean())}
-            k = VAL_GRID
-            rows = [torch.stack([a[i], fake_b[i], rec_a[i], b[i], fake_a[i], rec_b[i]]) for i in range(min(k, len(a), len(b)))]
+            rows = [torch.stack([a[i], fake_b[i], rec_a[i], b[i], fake_a[i], rec_b[i]]) for i in pick]
             columns = 6
         else:
             values = {"val/l1": float((fake_b - b).abs().mean()), "val/psnr": psnr(fake_b, b)}
-            rows = [torch.stack([a[i], fake_b[i], b[i]]) for i in range(min(VAL_GRID, len(a)))]
+            rows = [torch.stack([a[i], fake_b[i], b[i]]) for i in pick]
             columns = 3
         grid = torch.cat(rows)
         path = save_grid(grid, os.path.join(samples_dir, f"step_{step:08d}.png"), nrow=columns)
