@@ -146,9 +146,9 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 0  # evaluate the EMA generator every k steps during training; 0 = never
-    metrics: str = "fid"  # comma-separated: fid, kid, pr, modes, classes
+    metrics: str = "fid"  # comma-separated: fid, kid, pr, modes, classes, stacked
     n: int = 5000  # generated samples per evaluation
-    features: str = "auto"  # auto | inception | digits | points
+    features: str = "auto"  # auto | inception | digits | points | stacked
     inception_weights: str = ""  # local Inception-v3 FID weights file (nothing is downloaded)
     cache_dir: str = ""  # real-data statistics and classifier cache; default <parent of run.dir>/eval_cache
 
@@ -316,9 +316,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.eval.every_steps < 0 or cfg.eval.n < 4:
         raise ConfigError("eval.every_steps" if cfg.eval.every_steps < 0 else "eval.n",
                           "eval.every_steps must be >= 0 and eval.n >= 4")
-    unknown = [m for m in cfg.eval.metrics.split(",") if m.strip() not in ("fid", "kid", "pr", "modes", "classes")]
+    unknown = [m for m in cfg.eval.metrics.split(",") if m.strip() not in EVAL_METRICS]
     if unknown:
-        raise ConfigError("eval.metrics", f"unknown metric {unknown[0]!r} (choose from fid, kid, pr, modes, classes)")
+        raise ConfigError("eval.metrics", f"unknown metric {unknown[0]!r} (choose from {', '.join(EVAL_METRICS)})")
     if not 0.0 <= cfg.train.lr_decay_start <= 1.0:
         raise ConfigError("train.lr_decay_start", f"must be in 0..1; got {cfg.train.lr_decay_start}")
     if cfg.model.num_classes < 0:
@@ -338,6 +338,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 
 TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
+EVAL_METRICS = ("fid", "kid", "pr", "modes", "classes", "stacked")
 
 
 def validate_deepspeed(cfg: Config) -> None:
