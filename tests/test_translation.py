@@ -109,7 +109,8 @@ def test_cyclegan_ranks_hold_identical_networks(packaged, tmp_path):
     """All four networks (G_AB, G_BA, D_A, D_B) agree on both ranks after real 2-process steps."""
     cmd = [os.path.join(BIN, "accelerate"), "launch", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()), "--multi_gpu", "--num_processes", "2",
-           "tests/ddp_probe.py", str(tmp_path), *cycle_data(packaged["si"]), *TINY, "train.batch_size=4"]
+           "tests/ddp_probe.py", str(tmp_path), *cycle_data(packaged["si"]), *TINY, "train.batch_size=4",
+           "loss.identity_weight=0.5"]  # the identity term too (the CPU recipe leaves it out)
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PROBE_CONFIG=CYCLE, PROBE_STEPS="4")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
