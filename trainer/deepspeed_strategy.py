@@ -6,9 +6,9 @@ EMA, sampling, weight clipping and BN-statistics averaging work on them as under
 sees a `DeepSpeedPhase` with the surface of `trainer.core.Phase`.
 
 The DeepSpeed config is generated from the ganforge config (`deepspeed_config`) and saved as
-run.dir/deepspeed_<phase>.json. Checkpoints stay ganforge's own: `gather_state` collects every
-rank's optimiser partition on every rank, rank 0 saves the list, and loading hands the whole
-list to DeepSpeed, which re-partitions it (so the world size may change on resume).
+run.dir/deepspeed_<phase>.json. Checkpoints stay ganforge's own: `gather_state` sends every
+rank's optimiser partition to rank 0, which saves the list, and loading hands the whole list
+to DeepSpeed, which re-partitions it (so the world size may change on resume).
 """
 
 from __future__ import annotations
@@ -182,13 +182,14 @@ class DeepSpeedPhase(Phase):
         self.engine.optimizer.refresh_fp32_params()
 
     def gather_state(self) -> None:
-        """Every rank: collect all ranks' optimiser partitions (rank 0 saves them)."""
+        """Every rank: send its optimiser partition to rank 0, which saves the list."""
         mine = portable(self.engine.optimizer.state_dict())
         if dist.get_world_size() == 1:
             self.gathered = [mine]
             return
-        parts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, mine)
+        main = dist.get_rank() == 0
+        parts: list[Any] | None = [None] * dist.get_world_size() if main else None
+        dist.gather_object(mine, parts, dst=0)
         self.gathered = parts
 
     def optimizer_state(self) -> list[dict[str, Any]]:
