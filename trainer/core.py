@@ -145,6 +145,15 @@ class TrainerBase:
         return Phase(name, wrap(module, self.env), opt,
                      torch.amp.GradScaler(self.env.device.type, enabled=self.precision == "fp16"), t.grad_clip)
 
+    def add_phases(self, g: nn.Module, d: nn.Module) -> None:
+        """The G and D phases (each network compiled first when train.compile is set)."""
+        if self.cfg.train.compile:
+            g.compile()
+            d.compile()
+        self.G = self.make_phase("G", g, self.cfg.train.lr_g)
+        self.D = self.make_phase("D", d, self.cfg.train.lr_d)
+        self.phases = (self.G, self.D)
+
     def autocast(self):
         if self.precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16

@@ -60,12 +60,7 @@ class Trainer(TrainerBase):
             else torch.preserve_format
         g, d = (m.to(env.device, memory_format=self.memory_format) for m in (g, d))
         self.ema = EMA(g, cfg.train.ema_kimg, cfg.train.ema_rampup)
-        if cfg.train.compile:
-            g.compile()
-            d.compile()
-        self.G = self.make_phase("G", g, cfg.train.lr_g)
-        self.D = self.make_phase("D", d, cfg.train.lr_d)
-        self.phases = (self.G, self.D)
+        self.add_phases(g, d)
         self.data = DataCursor(cfg.data.train, cfg, env)
         self.points = self.data.stream.index.kind == "points"
         self.kept_fake: tuple[torch.Tensor, torch.Tensor | None] | None = None

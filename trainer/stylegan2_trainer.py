@@ -62,12 +62,7 @@ class StyleGAN2Trainer(TrainerBase):
         torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
         g, d = (m.to(env.device) for m in build_models(cfg.model))
         self.ema = EMA(g, cfg.train.ema_kimg, cfg.train.ema_rampup)
-        if cfg.train.compile:
-            g.compile()
-            d.compile()
-        self.G = self.make_phase("G", g, cfg.train.lr_g)
-        self.D = self.make_phase("D", d, cfg.train.lr_d)
-        self.phases = (self.G, self.D)
+        self.add_phases(g, d)
         loss = cfg.loss
         self.g_ratio = lazy_ratio(loss.pl_every, loss.pl_weight > 0)
         self.d_ratio = lazy_ratio(loss.r1_every, loss.r1_gamma > 0)

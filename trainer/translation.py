@@ -98,12 +98,7 @@ class TranslationTrainer(TrainerBase):
         self.cycle = cfg.model.arch == "cyclegan"
         torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
         g, d = (m.to(env.device) for m in build_models(cfg.model))
-        if cfg.train.compile:
-            g.compile()
-            d.compile()
-        self.G = self.make_phase("G", g, cfg.train.lr_g)
-        self.D = self.make_phase("D", d, cfg.train.lr_d)
-        self.phases = (self.G, self.D)
+        self.add_phases(g, d)
         self.data = DataCursor(cfg.data.train, cfg, env)
         # The second domain streams on its own: its own order (seed) and its own position.
         self.data_b = DataCursor(cfg.data.train_b, cfg, env, seed=derive_seed(cfg.seed, 7)) if self.cycle else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from trainer.models.dcgan import DCGANDiscriminator, DCGANGenerator, init_weights
 from trainer.models.mlp import MLPDiscriminator, MLPGenerator
 from trainer.models.stylegan2 import StyleGAN2Discriminator, StyleGAN2Generator
 from trainer.models.translation import (
@@ -64,16 +64,5 @@ def build_translation(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
         g = UnetGenerator(c, c, cfg.resolution.bit_length() - 1, cfg.g_width, cfg.norm, cfg.dropout)
         d = PatchDiscriminator(2 * c, cfg.d_width, cfg.d_layers, d_norm)  # sees (input, output) stacked
     for m in (g, d):
-        m.apply(_init_normal)
+        m.apply(init_weights)  # N(0, 0.02), as in the reference CycleGAN and pix2pix
     return g, d
-
-
-def _init_normal(m: nn.Module) -> None:
-    """N(0, 0.02) weights, as in the reference CycleGAN and pix2pix."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.normal_(m.weight, 0.0, 0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.BatchNorm2d):
-        nn.init.normal_(m.weight, 1.0, 0.02)
-        nn.init.zeros_(m.bias)
