@@ -214,3 +214,25 @@ def test_acceptance_launch_with_zero2_then_sample(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run_cli("sample", "--run", "R", "--n", "4", "--seed", "0", "--out", "x.npy", cwd=str(tmp_path))
     assert r.returncode == 0 and np.load(tmp_path / "x.npy").shape == (4, 1, 32, 32)
+
+
+@pytest.mark.slow
+def test_killed_mid_run_the_same_command_resumes_to_the_uninterrupted_weights(zero2_run, digits_dir, tmp_path):
+    """SIGKILL every process of a running ZeRO-2 job, then run the same `ganforge launch` command."""
+    import signal
+
+    from tests.conftest import BIN
+    from tests.test_resume import signal_tree, start_and_wait_for_step
+
+    run = tmp_path / "run"
+    cmd = [os.path.join(BIN, "ganforge"), "launch", "--nproc-per-node", "2", "--device", "cpu", "--config", RECIPE,
+           f"data.train={digits_dir}", f"run.dir={run}", *TINY, "strategy=deepspeed", "deepspeed.zero_stage=2",
+           "train.max_steps=10", "checkpoint.every_steps=5"]
+    proc = start_and_wait_for_step(cmd, 6)
+    signal_tree(proc, signal.SIGKILL)
+    proc.wait(30)
+    assert not (run / "checkpoints" / "step_00000010").exists(), "the job must be killed mid-run"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, **ENV), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_networks(weights(zero2_run, 10), weights(str(run), 10), rel=0.0)
+    assert losses(str(run))[10] == losses(zero2_run)[10]
