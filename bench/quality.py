@@ -5,7 +5,9 @@ Digits recipes train for --minutes each on sklearn's digits (1 process), then
 `ganforge eval --metrics fid,classes --n N --json` scores the EMA generator with ganforge's own
 digits classifier as the feature extractor (offline "FID-digits": comparable between runs on
 the same data, not with Inception FIDs). The 2-D recipes train their full step count on a
-20,000-point mixture and are scored with `--metrics modes`.
+mixture of --points points, once per --seeds seed, and are scored with `--metrics modes`. The
+translation recipes (CycleGAN, pix2pix) train --translation-steps steps on their packaged data
+(built on first use) and report the held-out figures logged at the last step.
 
 Last stdout line: JSON {"recipes": {recipe: {metric: value, ...}}, "minutes": budget}.
 """
@@ -24,13 +26,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 DIGITS = ["dcgan_digits", "dcgan_digits_cond", "wgan_gp_digits", "wgan_clip_digits", "sngan_hinge_digits"]
 POINTS = {"wgan_gp_grid25": "grid25", "gan_ring8": "ring8"}
+TRANSLATION = ("pix2pix_edges", "cyclegan_sample_images")
 
 
-def ganforge(*args: str) -> str:
+def ganforge(*args: str, cwd: str = REPO) -> str:
     env = dict(os.environ, WORLD_SIZE="1")
-    out = subprocess.run([os.path.join(BIN, "ganforge"), *args], check=True, env=env, cwd=REPO,
+    out = subprocess.run([os.path.join(BIN, "ganforge"), *args], check=True, env=env, cwd=cwd,
                          capture_output=True, text=True)
     return out.stdout
+
+
+def last_held_out(run: str) -> dict:
+    """The held-out figures (val/*) of the last sample step in a run's metrics.jsonl."""
+    found: dict = {}
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if any(k.startswith("val/") for k in rec):
+                found = {k: round(v, 4) for k, v in rec.items() if k.startswith("val/") or k == "step"}
+    return found
 
 
 def main() -> None:
@@ -38,6 +52,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=1.5, help="training budget per digits recipe")
     p.add_argument("--n", type=int, default=1000, help="samples per evaluation")
     p.add_argument("--only", nargs="*", help="recipes to run (default: all)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0], help="seeds of the 2-D recipes (default 0)")
+    p.add_argument("--points", type=int, default=100_000, help="points in each 2-D mixture")
+    p.add_argument("--translation-steps", type=int, default=2000, help="steps of each translation recipe")
     args = p.parse_args()
     work = tempfile.mkdtemp(prefix="ganforge-bench-quality-")
     ganforge("data", "make-shards", "--source", "digits", "--out", f"{work}/digits")
@@ -55,12 +72,27 @@ def main() -> None:
     for recipe, mixture in POINTS.items():
         if args.only and recipe not in args.only:
             continue
-        data, run = f"{work}/{mixture}", f"{work}/runs/{recipe}"
-        ganforge("data", "make-shards", "--source", "gaussians", "--mixture", mixture, "--n", "20000", "--out", data)
-        ganforge("train", "--config", f"configs/{recipe}.yaml", f"data.train={data}", f"run.dir={run}",
-                 "log.mlflow_uri=none")
-        scores = json.loads(ganforge("eval", "--run", run, "--metrics", "modes", "--json").strip().splitlines()[-1])
-        results[recipe] = {k: scores[k] for k in ("step", "modes_covered", "modes_total", "high_quality")}
+        data = f"{work}/{mixture}"
+        ganforge("data", "make-shards", "--source", "gaussians", "--mixture", mixture, "--n", str(args.points),
+                 "--out", data)
+        per_seed = []
+        for seed in args.seeds:
+            run = f"{work}/runs/{recipe}-seed{seed}"
+            ganforge("train", "--config", f"configs/{recipe}.yaml", f"data.train={data}", f"run.dir={run}",
+                     f"seed={seed}", "log.mlflow_uri=none")
+            scores = json.loads(ganforge("eval", "--run", run, "--metrics", "modes", "--json").strip().splitlines()[-1])
+            per_seed.append({k: scores[k] for k in ("step", "modes_covered", "modes_total", "high_quality")} | {"seed": seed})
+            print(f"{recipe:>20}: {per_seed[-1]}", flush=True)
+        results[recipe] = {"seeds": per_seed,
+                           "mean_modes_covered": sum(r["modes_covered"] for r in per_seed) / len(per_seed),
+                           "mean_high_quality": round(sum(r["high_quality"] for r in per_seed) / len(per_seed), 4)}
+    for recipe in TRANSLATION:
+        if args.only and recipe not in args.only:
+            continue
+        run = f"{work}/runs/{recipe}"
+        ganforge("train", "--config", os.path.join(REPO, "configs", f"{recipe}.yaml"), f"run.dir={run}",
+                 f"train.max_steps={args.translation_steps}", "log.mlflow_uri=none", cwd=work)
+        results[recipe] = last_held_out(run)
         print(f"{recipe:>20}: {results[recipe]}", flush=True)
     print(json.dumps({"minutes": args.minutes, "n": args.n, "recipes": results}))
 
