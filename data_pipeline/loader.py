@@ -143,6 +143,15 @@ def decode_sample(kind: str, meta: dict[str, Any], members: dict[str, bytes]) ->
     return out
 
 
+def decode_samples(index: ShardIndex, samples) -> list[dict[str, torch.Tensor]]:
+    """The given sample numbers of `index`, read (CRC-checked) and decoded, in that order."""
+    reader = ShardReader(index)
+    try:
+        return [decode_sample(index.kind, index.meta, reader.read(int(i))[2]) for i in samples]
+    finally:
+        reader.close()
+
+
 def check_shards_present(index: ShardIndex) -> None:
     """Fail fast, naming the shard, when a local shard is missing or its size disagrees with the index."""
     for shard in index.shards:

@@ -15,15 +15,21 @@ def latents(seed: int, n: int, z_dim: int, device: torch.device | str = "cpu") -
 
 
 @torch.no_grad()
+def run_in_chunks(net: nn.Module, *inputs: torch.Tensor | None, batch: int = 256,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """net(*inputs) in eval mode, `batch` rows at a time (None inputs pass through), as float32 on CPU."""
+    was_training = net.training
+    net.eval()
+    try:
+        return torch.cat([net(*(None if x is None else x[i:i + batch].to(device or x.device) for x in inputs)).float().cpu()
+                          for i in range(0, len(inputs[0]), batch)])
+    finally:
+        net.train(was_training)
+
+
 def generate(g: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
     """G(z[, labels]) in eval mode, in chunks, as float32 on CPU."""
-    was_training = g.training
-    g.eval()
-    try:
-        return torch.cat([g(z[i:i + batch], None if labels is None else labels[i:i + batch]).float().cpu()
-                          for i in range(0, len(z), batch)])
-    finally:
-        g.train(was_training)
+    return run_in_chunks(g, z, labels, batch=batch)
 
 
 def class_cycle(n: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor | None:

@@ -21,13 +21,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline import load_index
-from data_pipeline.loader import ShardReader, decode_sample
+from data_pipeline.loader import decode_samples
 from trainer.config import Config
 from trainer.core import TrainerBase, derive_seed
 from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import DistEnv, unwrap
 from trainer.models import build_models
-from trainer.sampling import save_grid
+from trainer.sampling import run_in_chunks, save_grid
 
 VAL_GRID = 8  # held-out examples pictured in each sample grid
 VAL_MAX = 256  # held-out examples measured at each sample step (the first ones of the split)
@@ -76,11 +76,7 @@ class ImagePool:
 def read_images(location: str, n: int) -> dict[str, torch.Tensor]:
     """The first n samples of a shard directory, in [-1, 1]: {"image"} or, for pairs, {"a", "b"}."""
     index = load_index(location)
-    reader = ShardReader(index)
-    try:
-        items = [decode_sample(index.kind, index.meta, reader.read(i)[2]) for i in range(min(n, index.num_samples))]
-    finally:
-        reader.close()
+    items = decode_samples(index, range(min(n, index.num_samples)))
     return {k: to_unit_range(torch.stack([it[k] for it in items])) for k in items[0] if k != "label"}
 
 
@@ -199,7 +195,7 @@ class TranslationTrainer(TrainerBase):
         """Images in [-1, 1] through G_AB (or G_BA) in eval mode, as float32 on CPU."""
         g = unwrap(self.G.module)
         net = (g.g_ab if direction == "AtoB" else g.g_ba) if self.cycle else g
-        return run_generator(net, images, self.env.device, batch)
+        return run_in_chunks(net, images, batch=batch, device=self.env.device)
 
     def write_samples(self, samples_dir: str, step: int) -> tuple[str | None, dict[str, float]]:
         """Held-out grid (rows: input | translated | reconstructed, or input | output | target) and figures."""
@@ -255,16 +251,6 @@ class TranslationTrainer(TrainerBase):
             mine = pools[self.env.rank] if self.env.rank < len(pools) else {"a": torch.empty(0), "b": torch.empty(0)}
             self.pools[0].load_state_dict(mine["a"], self.env.device)
             self.pools[1].load_state_dict(mine["b"], self.env.device)
-
-
-@torch.no_grad()
-def run_generator(net: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 32) -> torch.Tensor:
-    was_training = net.training
-    net.eval()
-    try:
-        return torch.cat([net(images[i:i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
-    finally:
-        net.train(was_training)
 
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -327,7 +313,7 @@ def translate_path(run_dir: str, direction: str, source: str, out_dir: str, chec
             images.append(torch.from_numpy(np.asarray(img.resize((side, side), Image.Resampling.BICUBIC)).copy()))
         x = torch.stack(images)
         x = (x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)).float() / 127.5 - 1
-        y = run_generator(net, x, torch.device("cpu"))
+        y = run_in_chunks(net, x, batch=32)
         pixels = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
         for name, size, arr in zip(names, sizes, pixels, strict=True):
             path = os.path.join(out_dir, name)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from data_pipeline.index import ShardIndex
-from data_pipeline.loader import ShardReader, decode_sample
+from data_pipeline.loader import decode_samples
 from trainer.evaluation.errors import EvaluationError
 
 REAL_SUBSET_SEED = 20190411  # fixes which real samples are compared when the dataset is larger than n
@@ -33,11 +33,7 @@ def read_samples(index: ShardIndex, samples: np.ndarray) -> tuple[torch.Tensor, 
     if key is None:
         raise EvaluationError(f"{index.root}: cannot evaluate a dataset of kind {index.kind!r} "
                               "(image or points only)")
-    reader = ShardReader(index)
-    try:
-        items = [decode_sample(index.kind, index.meta, reader.read(int(i))[2]) for i in samples]
-    finally:
-        reader.close()
+    items = decode_samples(index, samples)
     data = torch.stack([it[key] for it in items]).float()
     if key == "image":
         data = data / 127.5 - 1.0
