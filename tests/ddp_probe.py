@@ -44,6 +44,8 @@ def main() -> None:
         "G_init": init_g,
         "positions": positions,
     }, os.path.join(out, f"rank{env.rank}.pt"))
+    if env.world_size > 1:
+        torch.distributed.barrier()  # leave together: tearing gloo down under a peer can abort it
     shutdown()
 
 

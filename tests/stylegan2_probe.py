@@ -48,6 +48,8 @@ def main() -> None:
               "pl_mean": trainer.pl_mean, "G_grads": g_grads[0], "D_grads": d_grads[0]}
     if env.is_main:
         torch.save(result, os.path.join(out, f"world{env.world_size}.pt"))
+    if env.world_size > 1:
+        torch.distributed.barrier()  # leave together: tearing gloo down under a peer can abort it
     shutdown()
 
 
