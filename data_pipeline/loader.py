@@ -10,7 +10,9 @@ import functools
 import io
 import mmap
 import os
+import signal
 import sys
+import threading
 import warnings
 import zlib
 from collections import OrderedDict
@@ -244,8 +246,71 @@ class ShardStream(IterableDataset):
             return None
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: a worker outlives SIGTERM/SIGINT sent to its process group; the main process decides.
+
+    torchrun, Kubernetes and a terminal signal the whole group; a worker killed by it would fail
+    the main process before it reaches the step boundary where it checkpoints. The stop signals
+    are blocked across the fork (see StopSafeLoader), so none lands before this runs. SIGTERM
+    from the main process itself (multiprocessing's terminate() of a worker that does not
+    leave when asked) still ends the worker, as torch's own worker handler does.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # also discards one that arrived while blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    parent = os.getppid()
+
+    def obey_the_main_process_only() -> None:
+        while True:  # SIGTERM stays blocked in every thread: it arrives here, not as a handler
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=obey_the_main_process_only, daemon=True, name="ganforge-sigterm").start()
+
+
+def _report_worker_failures_at_fetch() -> None:
+    """Keep torch's SIGCHLD handler from raising a worker's death in the middle of a step.
+
+    The handler raises wherever the main thread happens to be (between an optimiser's updates,
+    inside a collective); without it the loader raises the same error at the next fetch, where
+    the step has not started and no collective is pending.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if not callable(handler) or getattr(handler, "ganforge_deferred", False):
+        return
+
+    def deferred(signum: int, frame: object) -> None:
+        try:
+            handler(signum, frame)
+        except RuntimeError:
+            pass  # the loader raises it at the next fetch
+
+    deferred.ganforge_deferred = True  # type: ignore[attr-defined]
+    signal.signal(signal.SIGCHLD, deferred)
+
+
+class StopSafeLoader(DataLoader):
+    """A DataLoader whose workers ignore stop signals and whose worker failures surface at a fetch."""
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # forked workers inherit the mask
+        try:
+            it = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _report_worker_failures_at_fetch()
+        return it
+
+
 def make_loader(stream: ShardStream, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over whole batches; iterate it once per (epoch, start) set on `stream`."""
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers > 0 else None,
-                      multiprocessing_context="fork" if num_workers > 0 else None)
+    return StopSafeLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                          prefetch_factor=4 if num_workers > 0 else None,
+                          multiprocessing_context="fork" if num_workers > 0 else None,
+                          worker_init_fn=ignore_stop_signals if num_workers > 0 else None)

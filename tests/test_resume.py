@@ -204,3 +204,83 @@ def test_elastic_resume_continues_the_data_exactly(digits_dir, tmp_path, before,
             # Summation order differs with the world size; Adam turns that into sign noise on
             # near-zero gradient elements (see test_training), hence a relative-norm bound.
             assert (b[net][k] - v).norm() <= 2e-2 * v.norm() + 1e-7, f"{net}.{k}"
+
+
+LAUNCH_ENV = {k: v for k, v in os.environ.items()
+              if not k.startswith(("PET_", "SLURM_", "JOB_COMPLETION_INDEX", "GANFORGE_", "WORLD_SIZE", "RANK",
+                                   "LOCAL_RANK", "MASTER_"))} | {"OMP_NUM_THREADS": "1"}
+
+
+def ganforge_launch(data: str, run: str, *extra: str) -> list[str]:
+    """A 2-process `ganforge launch` (torchrun) of the small recipe with 2 loader workers per rank."""
+    return [os.path.join(BIN, "ganforge"), "launch", "--config", RECIPE, "--nproc-per-node", "2",
+            "--max-restarts", "0", f"data.train={data}", f"run.dir={run}", *SMALL, "data.num_workers=2",
+            "checkpoint.every_steps=1000", "train.max_steps=40", *extra]
+
+
+def sample_raw(run: str, out: str) -> np.ndarray:
+    r = run_cli("sample", "--run", run, "--n", "16", "--seed", "0", "--no-ema", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return np.load(out)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resumes_bitwise(digits_dir, tmp_path):
+    whole = str(tmp_path / "whole")
+    r = subprocess.run(ganforge_launch(digits_dir, whole), capture_output=True, text=True, timeout=300,
+                       env=LAUNCH_ENV, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = str(tmp_path / "run")
+    cmd = ganforge_launch(digits_dir, run)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=LAUNCH_ENV,
+                            cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not (os.path.exists(os.path.join(run, "metrics.jsonl"))
+               and sum(1 for _ in open(os.path.join(run, "metrics.jsonl"))) >= 10):
+        assert time.monotonic() < deadline and proc.poll() is None, "the job did not reach step 10"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a terminal, a container runtime or torchrun does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    found = list_checkpoints(run)
+    assert found, "exit 143 promises a checkpoint\n" + err[-3000:]
+    assert "DataLoader worker" not in err, err[-3000:]
+    stopped = found[0][0]
+    assert 10 <= stopped < 40 and stopped == max(losses(run)), "checkpoint at the step it stopped"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=LAUNCH_ENV, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {stopped}" in r.stdout
+    assert np.array_equal(sample_raw(run, str(tmp_path / "run.npy")), sample_raw(whole, str(tmp_path / "whole.npy")))
+
+
+@pytest.mark.slow
+def test_loader_workers_lost_during_a_stop_do_not_cost_the_checkpoint(digits_dir, tmp_path):
+    import psutil
+
+    base = [os.path.join(BIN, "ganforge"), "train", "--config", RECIPE, f"data.train={digits_dir}", *SMALL,
+            "data.num_workers=2", "checkpoint.every_steps=1000", "train.max_steps=40"]
+    whole = str(tmp_path / "whole")
+    run_to_end([*base, f"run.dir={whole}"])
+    run = str(tmp_path / "run")
+    cmd = [*base, f"run.dir={run}"]
+    proc = start_and_wait_for_step(cmd, 5)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2
+    for w in workers:  # the workers stall: the trainer drains what they prefetched and waits for more
+        w.send_signal(signal.SIGSTOP)
+    seen, still = -1, 0.0
+    while still < 2.0:
+        time.sleep(0.25)
+        now = len(losses(run))
+        seen, still = now, (still + 0.25 if now == seen else 0.0)
+    proc.send_signal(signal.SIGTERM)  # a stop is requested while the step waits for its batch ...
+    time.sleep(0.5)
+    for w in workers:  # ... and the workers die before delivering it
+        w.kill()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "runs again on new loader workers" in err
+    stopped = list_checkpoints(run)[0][0]
+    assert stopped == seen + 1 == max(losses(run)), "checkpoint at the boundary after the step that ran again"
+    run_to_end(cmd)
+    assert np.array_equal(sample_raw(run, str(tmp_path / "run.npy")), sample_raw(whole, str(tmp_path / "whole.npy")))

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a container killed by SIGTERM reports
 
@@ -52,3 +53,31 @@ class StopFlag:
         self.requested, self.signum, self._first_at = True, signum, time.monotonic()
         print(f"ganforge: {signal.Signals(signum).name} received; checkpointing at the next step boundary "
               f"(send again to exit at once)", file=sys.stderr, flush=True)
+
+
+def data_marks(trainer: Any) -> list[tuple[Any, dict[str, int]]]:
+    """The positions of the trainer's data cursors at a step boundary (see rewind_after_lost_worker)."""
+    cursors = [trainer.data, getattr(trainer, "data_b", None)]
+    return [(c, c.state_dict()) for c in cursors if c is not None]
+
+
+def rewind_after_lost_worker(error: BaseException, marks: list[tuple[Any, dict[str, int]]]) -> bool:
+    """Put the cursors back to `marks` when `error` is a loader worker's death before the step took a batch.
+
+    A worker can die during a stop (a signal to the process group before the worker could
+    ignore it, or the launcher's SIGKILL). The loader reports it at a fetch (see
+    data_pipeline.loader.StopSafeLoader); if that was the step's first fetch, nothing of the
+    step has run (every trainer fetches before it updates), so the step can run again on
+    fresh workers from the same position, which is one integer, exactly. False otherwise.
+    """
+    if not (isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker (pid")):
+        return False
+    for cursor, mark in marks:
+        now = cursor.state_dict()
+        # consumed grows by one batch per fetch; an epoch rolled over without a batch restarts at 0
+        if now["consumed"] != (mark["consumed"] if now["epoch"] == mark["epoch"] else 0) \
+                or now["epoch"] - mark["epoch"] not in (0, 1):
+            return False
+    for cursor, mark in marks:
+        cursor.load_state_dict(mark)  # the next fetch starts fresh workers at this position
+    return True
