@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ganforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench lint freeze clean
+.PHONY: install demo test test-fast bench gpu-check lint freeze clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ bench: install
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/stacked_mnist.py
 	$(BIN)/python bench/stylegan2.py
+
+# On a GPU machine without .venv (e.g. a preinstalled torch): make gpu-check GPU_PYTHON=python3
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,19 +1,31 @@
-"""GPU throughput of DCGAN 64x64: the ganforge step in fp32 and in bf16 + channels_last (+ compile),
-against a bare pytorch/examples-style fp32 loop on the same GPU, in one run.
+"""GPU throughput of DCGAN 64x64: the ganforge step against hand-written loops on the same GPU.
 
-All variants train configs/dcgan64.yaml's models (full DCGAN widths) on the same random
-in-memory uint8 batches, so only the step differs. Reports images/s, step time and peak GPU
-memory per variant. Needs a CUDA device; `--allow-cpu` runs the same code on the CPU for a
-smoke test (the figures then mean nothing for GPUs).
+Variants, all training configs/dcgan64.yaml's networks (full DCGAN widths) on the same random
+in-memory uint8 batches, so only the step differs:
+- `examples_fp32`: the pytorch/examples dcgan loop as users write it (fp32; D's weight
+  gradients computed in the G step, as there);
+- `tight_bf16_cl`: the tightest hand-written loop: bf16 autocast, channels_last, D frozen in the
+  G step, the D step's fake reused, gradients set to None;
+  (compiled variants keep the default layout on both sides: inductor chooses conv layouts);
+- `ganforge_bf16_cl`: the real `Trainer.train_step` with precision=bf16 and channels_last;
+- the last two again with torch.compile (`*_compile`), unless --no-compile.
+Every variant is built and warmed up first, then timed in `--repeats` alternating windows of
+`--steps` steps; each figure is the median window with its spread (min..max).
 
-Last stdout line: JSON with each variant and ratio = best ganforge variant / bare fp32 loop.
+Needs a CUDA device; `--allow-cpu` runs the same code on the CPU as a smoke test (the figures
+then mean nothing for GPUs). Last stdout line: JSON with each variant and
+`ratio_examples` = ganforge (best) / examples_fp32 (goal >= 1.5),
+`ratio_tight` = ganforge_bf16_cl / tight_bf16_cl (goal >= 0.95),
+`ratio_tight_compile` = ganforge_bf16_cl_compile / tight_bf16_cl_compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -23,63 +35,79 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def timed(step, steps: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """(seconds per step, peak memory in bytes) of `step` after warm-up."""
-    for _ in range(warmup):
-        step()
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+
+
+def window(step, steps: int, device: torch.device) -> float:
+    """Seconds per step over one window of `steps` steps."""
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
-    return (time.perf_counter() - t0) / steps, peak
+    sync(device)
+    return (time.perf_counter() - t0) / steps
 
 
-def bare_step_fn(cfg, batch: torch.Tensor, device: torch.device):
+def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: bool, compile_: bool):
+    """The pytorch/examples loop (tight=False, fp32) or the tightest bf16 loop (tight=True)."""
     from trainer.models import build_models
 
     torch.manual_seed(0)
-    g, d = (m.to(device) for m in build_models(cfg.model))
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=(cfg.train.beta1, cfg.train.beta2))
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=(cfg.train.beta1, cfg.train.beta2))
+    # channels_last as ganforge uses it: not under compile (inductor picks conv layouts itself)
+    fmt = torch.channels_last if tight and not compile_ else torch.contiguous_format
+    g, d = (m.to(device, memory_format=fmt) for m in build_models(cfg.model))
+    if compile_:
+        g.compile()
+        d.compile()
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas)
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas)
     b = batch.shape[0]
     ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
+    bce = F.binary_cross_entropy_with_logits
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if tight else contextlib.nullcontext
 
     def step() -> None:
-        real = batch.to(device, non_blocking=True).float() / 127.5 - 1
-        d.zero_grad()
-        F.binary_cross_entropy_with_logits(d(real), ones).backward()
-        fake = g(torch.randn(b, cfg.model.z_dim, device=device))
-        F.binary_cross_entropy_with_logits(d(fake.detach()), zeros).backward()
+        real = (batch.to(device, non_blocking=True).float() / 127.5 - 1).contiguous(memory_format=fmt)
+        z = torch.randn(b, cfg.model.z_dim, device=device)
+        opt_d.zero_grad(set_to_none=True)
+        with autocast():
+            fake = g(z)
+            loss_d = bce(d(real).float(), ones) + bce(d(fake.detach()).float(), zeros)
+        loss_d.backward()
         opt_d.step()
-        g.zero_grad()
-        F.binary_cross_entropy_with_logits(d(fake), ones).backward()
+        opt_g.zero_grad(set_to_none=True)
+        if tight:
+            d.requires_grad_(False)
+        with autocast():
+            loss_g = bce(d(fake).float(), ones)
+        loss_g.backward()
+        if tight:
+            d.requires_grad_(True)
         opt_g.step()
 
     return step
 
 
-def ganforge_step_fn(cfg, batch: torch.Tensor, device: torch.device):
+def ganforge_step(cfg, batch: torch.Tensor, device: torch.device):
     from trainer.data import DataCursor
     from trainer.distributed import DistEnv
     from trainer.loop import Trainer
 
     labels = torch.zeros(batch.shape[0], dtype=torch.int64)
     DataCursor.next = lambda self: {"image": batch.to(device, non_blocking=True), "label": labels.to(device)}
-    trainer = Trainer(cfg, DistEnv(0, 1, 0, device))
-    return trainer.train_step
+    return Trainer(cfg, DistEnv(0, 1, 0, device)).train_step
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=30, help="steps per timed window")
+    p.add_argument("--repeats", type=int, default=5, help="alternating windows per variant")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke test only)")
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -92,23 +120,42 @@ def main() -> None:
     batch = torch.randint(0, 256, (args.batch, 3, 64, 64), dtype=torch.uint8)
     if device.type == "cuda":
         batch = batch.pin_memory()
-    variants = {
-        "bare_fp32": lambda: bare_step_fn(make_cfg(), batch, device),
-        "ganforge_fp32": lambda: ganforge_step_fn(make_cfg("precision=fp32", "train.channels_last=false"), batch, device),
-        "ganforge_bf16_cl": lambda: ganforge_step_fn(make_cfg("precision=bf16"), batch, device),
+    builders = {
+        "examples_fp32": lambda: hand_written_step(make_cfg(), batch, device, tight=False, compile_=False),
+        "tight_bf16_cl": lambda: hand_written_step(make_cfg(), batch, device, tight=True, compile_=False),
+        "ganforge_bf16_cl": lambda: ganforge_step(make_cfg("precision=bf16"), batch, device),
     }
     if not args.no_compile:
-        variants["ganforge_bf16_cl_compile"] = lambda: ganforge_step_fn(
+        builders["tight_bf16_cl_compile"] = lambda: hand_written_step(make_cfg(), batch, device, tight=True,
+                                                                      compile_=True)
+        builders["ganforge_bf16_cl_compile"] = lambda: ganforge_step(
             make_cfg("precision=bf16", "train.compile=true"), batch, device)
+    steps, peaks = {}, {}
+    for name, build in builders.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        steps[name] = build()
+        window(steps[name], args.warmup, device)
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+        print(f"{name}: built and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            times[name].append(window(step, args.steps, device))
     result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "batch": args.batch, "steps": args.steps}
-    for name, make in variants.items():
-        seconds, peak = timed(make(), args.steps, args.warmup, device)
-        result[name] = {"img_s": round(args.batch / seconds, 1), "step_ms": round(seconds * 1000, 2),
-                        "peak_mem_mb": round(peak / 2**20, 1)}
+                    "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "repeats": args.repeats}
+    for name, ts in times.items():
+        rates = sorted(args.batch / t for t in ts)
+        result[name] = {"img_s": round(statistics.median(rates), 1), "spread": [round(rates[0], 1), round(rates[-1], 1)],
+                        "step_ms": round(statistics.median(ts) * 1000, 2), "peak_mem_mb": round(peaks[name], 1)}
         print(f"{name:>26}: {result[name]}", flush=True)
-    best = max(v["img_s"] for k, v in result.items() if k.startswith("ganforge"))
-    result["ratio"] = round(best / result["bare_fp32"]["img_s"], 3)
+    img = {name: result[name]["img_s"] for name in times}
+    best = max(v for k, v in img.items() if k.startswith("ganforge"))
+    result["ratio_examples"] = round(best / img["examples_fp32"], 3)
+    result["ratio_tight"] = round(img["ganforge_bf16_cl"] / img["tight_bf16_cl"], 3)
+    if "ganforge_bf16_cl_compile" in img:
+        result["ratio_tight_compile"] = round(img["ganforge_bf16_cl_compile"] / img["tight_bf16_cl_compile"], 3)
     print(json.dumps(result))
 
 

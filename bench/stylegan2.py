@@ -29,28 +29,47 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--augment-p", type=float, default=0.2, help="ADA's p during the timing (it costs time)")
+    p.add_argument("--config", default="configs/stylegan2_digits.yaml",
+                   help="recipe; any other than the digits one trains on random in-memory images of its size")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe")
     args = p.parse_args()
 
+    from trainer.data import DataCursor
     from trainer.distributed import DistEnv
     from trainer.stylegan2_trainer import StyleGAN2Trainer
 
-    cfg, _ = digits_workspace("configs/stylegan2_digits.yaml", "stylegan2", f"train.threads={args.threads}",
-                              "log.mlflow_uri=none")
-    trainer = StyleGAN2Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+    device = torch.device(args.device)
+    cfg, _ = digits_workspace(args.config, "stylegan2", f"train.threads={args.threads}", "log.mlflow_uri=none",
+                              *args.overrides)
+    if args.config != "configs/stylegan2_digits.yaml":  # its images: random uint8 of the recipe's size
+        m = cfg.model
+        batch = torch.randint(0, 256, (cfg.train.batch_size, m.channels, m.resolution, m.resolution),
+                              dtype=torch.uint8, device=device)
+        DataCursor.next = lambda self: {"image": batch}
+    trainer = StyleGAN2Trainer(cfg, DistEnv(0, 1, 0, device))
     trainer.ada.p = args.augment_p
     trainer.ada.adaptive = False  # hold p, so every run times the same work
     for _ in range(args.warmup):
         trainer.train_step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(args.steps):
         trainer.train_step()
+    sync()
     seconds = time.perf_counter() - start
     images = args.steps * cfg.train.batch_size
     result = {"sec_per_kimg": round(seconds / images * 1000, 2), "img_per_s": round(images / seconds, 1),
               "step_ms": round(seconds / args.steps * 1000, 1), "steps": args.steps, "batch": cfg.train.batch_size,
-              "threads": args.threads, "augment_p": args.augment_p}
-    print(f"StyleGAN2 digits recipe, 1 CPU process, {args.threads} thread(s): {result['sec_per_kimg']} sec/kimg "
-          f"({result['img_per_s']} img/s)", flush=True)
+              "threads": args.threads, "augment_p": args.augment_p, "config": args.config,
+              "resolution": cfg.model.resolution, "precision": trainer.precision,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None}
+    print(f"StyleGAN2 {args.config}, 1 process on {result['device']}, {trainer.precision}: "
+          f"{result['sec_per_kimg']} sec/kimg ({result['img_per_s']} img/s)", flush=True)
     print(json.dumps(result))
 
 

@@ -39,6 +39,7 @@ def main() -> None:
         trainer.train_step()
     torch.save({
         "world_size": env.world_size,
+        "device": env.device.type,
         "G": unwrap(trainer.G.module).state_dict(),
         "D": unwrap(trainer.D.module).state_dict(),
         "G_init": init_g,

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from trainer.distributed import DistEnv
+from trainer.grid_sample import grid_sample
 
 # Strengths of the reference pipeline (stylegan2-ada-pytorch `training/augment.py` defaults).
 XINT_MAX = 0.125  # integer translation, fraction of the image size
@@ -168,7 +169,7 @@ def _augment(x: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
     inv = geometric_matrix(u, p, (h, w))
     if not torch.equal(inv, _eye(3, b, x.device)):
         grid = F.affine_grid(inv[:, :2, :], [b, c, h, w], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        x = grid_sample(x, grid, padding_mode="reflection")  # twice differentiable: R1 passes through it
     m = color_matrix(u, p)
     flat = x.reshape(b, c, h * w)
     if c == 3:

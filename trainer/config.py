@@ -105,6 +105,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # abort after this many consecutive steps with a non-finite loss or gradient
     compile: bool = False  # torch.compile G and D
     channels_last: bool = True  # channels_last memory format for conv nets on GPU
+    deterministic: bool = False  # deterministic kernels only (bitwise-repeatable GPU runs; slower)
     ema_kimg: float = 10.0  # half-life of G's EMA in thousands of images; 0 disables EMA
     ema_rampup: float = 0.05  # EMA half-life is at most this fraction of images seen
     threads: int = 0  # torch threads per process; 0 = leave as launched

@@ -9,6 +9,7 @@ loop in `trainer.loop` drives either through the same small surface: `train_step
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ def global_draw(seed: int, shape: tuple[int, ...], env: DistEnv, uniform: bool =
     interpolation) whatever the number of ranks.
     """
     draw = torch.rand if uniform else torch.randn
-    full = draw(shape, generator=torch.Generator().manual_seed(seed))
+    full = draw(shape, generator=torch.Generator().manual_seed(seed), device="cpu")  # same on every device
     return full[env.rank::env.world_size].to(env.device)
 
 
@@ -132,6 +133,11 @@ class TrainerBase:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if cfg.train.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; read when cuBLAS first starts.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         self.state = TrainState()
 
     def make_phase(self, name: str, module: nn.Module, lr: float) -> Phase:
@@ -175,6 +181,11 @@ class TrainerBase:
         for phase in self.phases:
             for group in phase.opt.param_groups:
                 group["lr"] = base[phase.name] * factor
+
+    def flag(self, value: bool) -> torch.Tensor:
+        """A 0/1 statistic on the trainer's device, where every statistic of a step lives (the
+        reporter reduces them in one tensor)."""
+        return torch.tensor(float(value), device=self.env.device)
 
     def count_nonfinite(self, skipped: bool) -> None:
         s = self.state

@@ -170,11 +170,11 @@ class DeepSpeedPhase(Phase):
         the norm is non-finite (DeepSpeed then skips it and reports an infinite norm)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        norm = torch.as_tensor(float("nan") if norm is None else float(norm))
-        finite = math.isfinite(float(norm))
+        norm = float("nan") if norm is None else float(norm)  # a Python float (DeepSpeed synced already)
+        finite = math.isfinite(norm)
         if isinstance(self.scaler, LossScale):
             self.scaler.update(finite)
-        return norm, finite
+        return torch.tensor(norm, device=self.engine.device), finite
 
     def clamp_weights(self, bound: float) -> None:
         super().clamp_weights(bound)

@@ -27,7 +27,7 @@ class DistEnv:
 def pick_device(local_rank: int) -> torch.device:
     force_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if torch.cuda.is_available() and not force_cpu:
-        return torch.device("cuda", local_rank)
+        return torch.device("cuda", local_rank % torch.cuda.device_count())  # ranks may share a GPU
     return torch.device("cpu")
 
 
@@ -40,7 +40,9 @@ def init_distributed() -> DistEnv:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # GANFORGE_BACKEND=gloo lets several ranks share one GPU (NCCL refuses that).
+        backend = os.environ.get("GANFORGE_BACKEND") or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
         if dist.get_world_size() != world:
             raise RuntimeError(f"process group has {dist.get_world_size()} ranks, WORLD_SIZE says {world}")
     return DistEnv(rank, world, local_rank, device)
@@ -60,7 +62,7 @@ def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
     if env.world_size == 1:
         return module
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)  # (every torch release)
 
 
 @torch.no_grad()

@@ -56,8 +56,11 @@ class Trainer(TrainerBase):
         g, d = build_models(cfg.model)
         if cfg.model.sync_bn and env.world_size > 1:
             g, d = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (g, d))
-        self.memory_format = torch.channels_last if gpu and cfg.train.channels_last and cfg.model.arch == "dcgan" \
-            else torch.preserve_format
+        # Not under compile (inductor picks conv layouts itself, and torch 2.11's inductor fails on
+        # channels_last weights in convolution_backward) nor DeepSpeed (it flattens contiguous params).
+        channels_last = gpu and cfg.train.channels_last and cfg.model.arch == "dcgan" and not cfg.train.compile \
+            and cfg.strategy == "ddp"
+        self.memory_format = torch.channels_last if channels_last else torch.preserve_format
         g, d = (m.to(env.device, memory_format=self.memory_format) for m in (g, d))
         self.ema = EMA(g, cfg.train.ema_kimg, cfg.train.ema_rampup)
         self.add_phases(g, d)
@@ -125,7 +128,7 @@ class Trainer(TrainerBase):
         if cfg.loss.type == "wgan" and finite:
             self.D.clamp_weights(cfg.loss.clip)
         stats = {key: torch.stack(v).mean() for key, v in terms.items()}
-        return stats | {"grad_norm/d": norm, "skipped/d": torch.tensor(float(not finite))}
+        return stats | {"grad_norm/d": norm, "skipped/d": self.flag(not finite)}
 
     def g_step(self, z: torch.Tensor | None, labels: torch.Tensor | None = None,
                fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -151,13 +154,14 @@ class Trainer(TrainerBase):
         norm, finite = self.G.apply()
         d.requires_grad_(True)
         return {"loss/g": torch.stack(losses).mean(), "grad_norm/g": norm,
-                "skipped/g": torch.tensor(float(not finite))}
+                "skipped/g": self.flag(not finite)}
 
     def fake_labels(self, seed: int) -> torch.Tensor | None:
         n = self.cfg.model.num_classes
         if not n:
             return None
-        full = torch.randint(n, (self.cfg.train.batch_size,), generator=torch.Generator().manual_seed(seed))
+        full = torch.randint(n, (self.cfg.train.batch_size,), generator=torch.Generator().manual_seed(seed),
+                             device="cpu")
         return full[self.env.rank::self.env.world_size].to(self.env.device)
 
     def train_step(self) -> dict[str, torch.Tensor]:

@@ -180,9 +180,6 @@ class StyleGAN2Trainer(TrainerBase):
         unwrap(self.G.module).requires_grad_(True)
         return {"loss/r1": penalty.detach(), "grad_norm/d_reg": norm, "skipped/d": self.flag(not finite)}
 
-    def flag(self, value: bool) -> torch.Tensor:
-        return torch.tensor(float(value), device=self.env.device)
-
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
         self.set_learning_rates(step, {"G": cfg.train.lr_g * self.g_ratio, "D": cfg.train.lr_d * self.d_ratio})

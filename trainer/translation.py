@@ -152,7 +152,7 @@ class TranslationTrainer(TrainerBase):
         norm, finite = self.G.apply()
         d.requires_grad_(True)
         return stats | {"loss/g": loss.detach(), "grad_norm/g": norm,
-                        "skipped/g": torch.tensor(float(not finite))}, (out["fake_a"], out["fake_b"])
+                        "skipped/g": self.flag(not finite)}, (out["fake_a"], out["fake_b"])
 
     def pix2pix_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
         cfg, d = self.cfg.loss, unwrap(self.D.module)
@@ -166,7 +166,7 @@ class TranslationTrainer(TrainerBase):
         norm, finite = self.G.apply()
         d.requires_grad_(True)
         return {"loss/g": loss.detach(), "loss/g_adv": adv.detach(), "loss/l1": l1.detach(), "grad_norm/g": norm,
-                "skipped/g": torch.tensor(float(not finite))}, (fake,)
+                "skipped/g": self.flag(not finite)}, (fake,)
 
     def d_step(self, a: torch.Tensor, b: torch.Tensor, fakes: tuple) -> dict[str, torch.Tensor]:
         kind, env, step = self.cfg.loss.type, self.env, self.state.step
@@ -187,7 +187,7 @@ class TranslationTrainer(TrainerBase):
                 stats = {"d/real": real_out.detach().float().mean(), "d/fake": fake_out.detach().float().mean()}
         self.D.backward(loss)
         norm, finite = self.D.apply()
-        return stats | {"loss/d": loss.detach(), "grad_norm/d": norm, "skipped/d": torch.tensor(float(not finite))}
+        return stats | {"loss/d": loss.detach(), "grad_norm/d": norm, "skipped/d": self.flag(not finite)}
 
     # -- outputs --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -14,6 +14,7 @@ eval mode without noise maps it uses fixed ones, so a seed gives the same image 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,8 +29,10 @@ def channels_at(res: int, base: int, cap: int) -> int:
     return max(1, min(cap, base // res))
 
 
-def _fir(gain: float) -> torch.Tensor:
-    k = torch.tensor([1.0, 3.0, 3.0, 1.0])
+@functools.cache
+def _fir(gain: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 4x4 [1, 3, 3, 1] filter, built once per device and dtype (no host copy per layer and step)."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device, dtype=dtype)
     k = torch.outer(k, k)
     return k / k.sum() * gain
 
@@ -37,14 +40,14 @@ def _fir(gain: float) -> torch.Tensor:
 def upsample2(x: torch.Tensor) -> torch.Tensor:
     """2x upsampling: zero insertion then the [1, 3, 3, 1] filter (a depthwise transposed conv)."""
     c = x.shape[1]
-    f = _fir(4.0).to(x.dtype).to(x.device).expand(c, 1, 4, 4)
+    f = _fir(4.0, x.device, x.dtype).expand(c, 1, 4, 4)
     return F.conv_transpose2d(x, f, stride=2, padding=1, groups=c)
 
 
 def downsample2(x: torch.Tensor) -> torch.Tensor:
     """2x downsampling: the [1, 3, 3, 1] low-pass filter, then every second pixel."""
     c = x.shape[1]
-    f = _fir(1.0).to(x.dtype).to(x.device).expand(c, 1, 4, 4)
+    f = _fir(1.0, x.device, x.dtype).expand(c, 1, 4, 4)
     return F.conv2d(F.pad(x, (1, 1, 1, 1)), f, stride=2, groups=c)
 
 
