@@ -137,20 +137,57 @@ def read_checkpoint(path: str) -> dict[str, Any]:
 
 def load_latest(run_dir: str, warn: bool = True) -> tuple[str, dict[str, Any]] | None:
     """The newest checkpoint of `run_dir` that verifies and loads; bad newer ones are reported and skipped."""
+    skipped = []
+    found = None
     for _, path in list_checkpoints(run_dir):
         try:
-            return path, read_checkpoint(path)
+            found = path, read_checkpoint(path)
+            break
         except CheckpointError as e:
-            if warn:
-                print(f"ganforge: warning: {e}; using an earlier checkpoint", file=sys.stderr, flush=True)
-    return None
+            skipped.append(e)
+    if warn:
+        then = f"using {os.path.basename(found[0])}" if found else \
+            f"no valid checkpoint is left in {checkpoint_dir(run_dir)}"
+        for e in skipped:
+            print(f"ganforge: warning: {e}; {then}", file=sys.stderr, flush=True)
+    return found
+
+
+def set_aside_newer(run_dir: str, step: int) -> str | None:
+    """Move every checkpoint newer than `step` into checkpoints/abandoned-<time>/ and say so.
+
+    A run that starts from `step` (a rollback with checkpoint.resume=PATH, a fresh start, or a
+    fallback past damaged checkpoints) would otherwise mix its saves with another branch's, and
+    a later resume=latest would jump to that branch. They are kept, not deleted.
+    """
+    newer = [path for s, path in list_checkpoints(run_dir) if s > step]
+    if not newer:
+        return None
+    aside = os.path.join(checkpoint_dir(run_dir), time.strftime("abandoned-%Y%m%d-%H%M%S"))
+    while os.path.exists(aside):
+        aside += "-"
+    os.makedirs(aside)
+    for path in sorted(newer):
+        os.rename(path, os.path.join(aside, os.path.basename(path)))
+    _fsync_dir(checkpoint_dir(run_dir))
+    print(f"ganforge: moved {', '.join(os.path.basename(p) for p in sorted(newer))} aside to {aside} "
+          f"(newer than step {step}, where this run starts; kept, never resumed from automatically)",
+          file=sys.stderr, flush=True)
+    return aside
 
 
 class CheckpointManager:
-    """Saves on a background thread (one in flight), keeps the newest `keep` plus milestones."""
+    """Saves on a background thread (one in flight); keeps the newest `keep` valid ones plus milestones.
 
-    def __init__(self, run_dir: str, keep: int, milestone_every: int = 0):
+    Retention counts only checkpoints that verify, and never deletes the newest valid one or
+    the one this run resumed from, so a damaged or foreign directory cannot push out the only
+    usable checkpoint.
+    """
+
+    def __init__(self, run_dir: str, keep: int, milestone_every: int = 0, resumed_from: str | None = None):
         self.run_dir, self.keep, self.milestone_every = run_dir, keep, milestone_every
+        self.resumed_from = os.path.realpath(resumed_from) if resumed_from else None
+        self._verified: dict[tuple[str, int], bool] = {}  # (path, marker mtime) -> verifies
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_path: str | None = None
@@ -175,6 +212,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         try:
             self.last_path = write_checkpoint(self.run_dir, step, snapshot)
+            self._valid(self.last_path)  # hashed once, here, while the file is in the page cache
             self.prune()
         except BaseException as e:  # noqa: BLE001 - surfaced to the training thread by wait()
             self._error = e
@@ -190,14 +228,31 @@ class CheckpointManager:
             error, self._error = self._error, None
             raise CheckpointError(f"saving a checkpoint in {checkpoint_dir(self.run_dir)} failed: {error}")
 
+    def _valid(self, path: str) -> bool:
+        """Whether `path` verifies; each committed version is hashed once per process."""
+        try:
+            key = (path, os.stat(os.path.join(path, MARKER)).st_mtime_ns)
+        except OSError:
+            return False
+        if key not in self._verified:
+            try:
+                verify_checkpoint(path)
+                self._verified[key] = True
+            except CheckpointError:
+                self._verified[key] = False
+        return self._verified[key]
+
     def prune(self) -> None:
-        """Remove all but the newest `keep` checkpoints (milestones stay) and stale temp dirs."""
+        """Delete valid checkpoints beyond the newest `keep` valid ones, except milestones and the resumed one.
+
+        Damaged directories are neither counted nor deleted (load_latest reports and skips them).
+        """
         kept = 0
         for step, path in list_checkpoints(self.run_dir):
-            if self.milestone_every and step % self.milestone_every == 0:
+            if (self.milestone_every and step % self.milestone_every == 0) or not self._valid(path):
                 continue
             kept += 1
-            if kept > self.keep:
+            if kept > max(self.keep, 1) and os.path.realpath(path) != self.resumed_from:
                 shutil.rmtree(path, ignore_errors=True)
         d = checkpoint_dir(self.run_dir)
         for name in os.listdir(d):

@@ -1,0 +1,94 @@
+"""Checkpoint retention, rollback and the fallback past damaged checkpoints (CheckpointManager)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from tests.conftest import run_cli
+from trainer.checkpoint import CheckpointManager, list_checkpoints, load_latest, read_checkpoint, write_checkpoint
+
+RECIPE = "configs/dcgan_digits.yaml"
+TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", "train.batch_size=32", "log.mlflow_uri=none",
+        "log.every_steps=1"]
+
+
+def state(step: int) -> dict:
+    return {"step": step, "w": torch.full((4,), float(step))}
+
+
+def damage(run: str, step: int) -> None:
+    path = os.path.join(run, "checkpoints", f"step_{step:08d}", "state.pt")
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def steps(run: str) -> list[int]:
+    return [s for s, _ in list_checkpoints(run)]
+
+
+def test_retention_counts_only_valid_checkpoints(tmp_path):
+    run = str(tmp_path)
+    write_checkpoint(run, 6, state(6))
+    damage(run, 6)  # the newest is damaged: the run starts again and saves step 3
+    ckpt = CheckpointManager(run, keep=1)
+    ckpt.save(3, state(3), blocking=True)
+    assert 3 in steps(run), "the only valid checkpoint was deleted"
+    assert load_latest(run, warn=False)[1]["step"] == 3
+
+
+def test_retention_keeps_the_checkpoint_the_run_resumed_from(tmp_path):
+    run = str(tmp_path)
+    resumed = write_checkpoint(run, 3, state(3))
+    ckpt = CheckpointManager(run, keep=1, resumed_from=resumed)
+    ckpt.save(4, state(4), blocking=True)
+    ckpt.save(5, state(5), blocking=True)
+    assert steps(run) == [5, 3]
+
+
+def test_retention_keeps_the_newest_valid_ones_plus_milestones(tmp_path):
+    run = str(tmp_path)
+    ckpt = CheckpointManager(run, keep=2, milestone_every=4)
+    for step in range(1, 10):
+        ckpt.save(step, state(step), blocking=True)
+    assert steps(run) == [9, 8, 7, 4]
+
+
+def test_fallback_warning_says_when_no_checkpoint_is_left(tmp_path, capsys):
+    run = str(tmp_path)
+    write_checkpoint(run, 2, state(2))
+    damage(run, 2)
+    assert load_latest(run) is None
+    err = capsys.readouterr().err
+    assert "step_00000002" in err and "no valid checkpoint is left" in err and "using an earlier" not in err
+
+
+def test_fallback_warning_names_the_checkpoint_used(tmp_path, capsys):
+    run = str(tmp_path)
+    write_checkpoint(run, 2, state(2))
+    write_checkpoint(run, 4, state(4))
+    damage(run, 4)
+    assert load_latest(run)[1]["step"] == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "step_00000004" in err and "using step_00000002" in err
+
+
+def test_rollback_moves_the_abandoned_branch_aside(digits_dir, tmp_path):
+    run = tmp_path / "run"
+    base = ["train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *TINY,
+            "checkpoint.every_steps=2", "checkpoint.keep=5"]
+    assert run_cli(*base, "train.max_steps=6").returncode == 0
+    old6 = read_checkpoint(str(run / "checkpoints" / "step_00000006"))
+    r = run_cli(*base, "train.max_steps=4", f"checkpoint.resume={run / 'checkpoints' / 'step_00000002'}")
+    assert r.returncode == 0, r.stderr
+    moved = re.search(r"moved step_00000004, step_00000006 aside to (\S+)", r.stdout + r.stderr)
+    assert moved, r.stdout + r.stderr
+    aside = moved.group(1).rstrip(";:,.")
+    assert sorted(os.listdir(aside)) == ["step_00000004", "step_00000006"]
+    key = next(iter(old6["G"]))
+    assert torch.equal(read_checkpoint(os.path.join(aside, "step_00000006"))["G"][key], old6["G"][key])
+    assert steps(str(run)) == [4, 2]
+    r = run_cli(*base, "train.max_steps=5")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "at step 4" in r.stdout, "resume=latest went back to the abandoned branch"
