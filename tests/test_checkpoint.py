@@ -92,3 +92,38 @@ def test_rollback_moves_the_abandoned_branch_aside(digits_dir, tmp_path):
     r = run_cli(*base, "train.max_steps=5")
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout and "at step 4" in r.stdout, "resume=latest went back to the abandoned branch"
+
+
+DIE_BETWEEN_RENAMES = """
+import os, sys
+from trainer.checkpoint import read_checkpoint, write_checkpoint
+run, path = sys.argv[1], sys.argv[2]
+state = read_checkpoint(path)
+rename = os.rename
+def rename_then_die(src, dst):
+    if os.path.basename(src).startswith(".tmp-step_"):
+        os._exit(9)  # the process dies as the new copy is about to be renamed into place
+    rename(src, dst)
+os.rename = rename_then_die
+write_checkpoint(run, state["step"], state)
+"""
+
+
+def test_a_death_while_saving_a_step_again_keeps_a_valid_copy(digits_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    base = ["train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *TINY,
+            "checkpoint.every_steps=2"]
+    assert run_cli(*base, "train.max_steps=4").returncode == 0
+    step4 = str(run / "checkpoints" / "step_00000004")
+    r = subprocess.run([sys.executable, "-c", DIE_BETWEEN_RENAMES, str(run), step4], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
+    r = run_cli(*base, "train.max_steps=6")
+    assert r.returncode == 0, r.stderr
+    assert "at step 4" in r.stdout, "the checkpoint being saved again was lost"
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")], "leftovers"

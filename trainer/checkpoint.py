@@ -24,6 +24,8 @@ import torch
 NAME = re.compile(r"^step_(\d{8})$")
 STATE = "state.pt"
 MARKER = "COMMITTED"
+TMP, ASIDE = ".tmp-", ".old-"  # a save being written; the copy a save of the same step replaces
+LEFTOVER = re.compile(r"^(\.tmp-|\.old-)(step_\d{8})-\d+$")
 
 
 class CheckpointError(Exception):
@@ -75,7 +77,7 @@ def write_checkpoint(run_dir: str, step: int, state: dict[str, Any]) -> str:
     d = checkpoint_dir(run_dir)
     os.makedirs(d, exist_ok=True)
     final = os.path.join(d, f"step_{step:08d}")
-    tmp = os.path.join(d, f".tmp-step_{step:08d}-{os.getpid()}")
+    tmp = os.path.join(d, f"{TMP}step_{step:08d}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     state_path = os.path.join(tmp, STATE)
@@ -90,11 +92,48 @@ def write_checkpoint(run_dir: str, step: int, state: dict[str, Any]) -> str:
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    if os.path.exists(final):  # the same step saved again (e.g. after a resume): replace it
-        shutil.rmtree(final)
+    if not os.path.exists(final):
+        os.rename(tmp, final)
+        _fsync_dir(d)
+        return final
+    # The same step saved again (e.g. after a resume): swap, so that a valid copy exists at
+    # every instant; recover_checkpoints puts the old one back if we die between the renames.
+    old = os.path.join(d, f"{ASIDE}{os.path.basename(final)}-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(d)
+    shutil.rmtree(old)
     return final
+
+
+def recover_checkpoints(run_dir: str) -> None:
+    """At start (rank 0, run.dir locked): finish or undo saves that a dead process left half done.
+
+    A copy set aside while a step was saved again goes back if the new one never arrived; a
+    temporary directory that verifies is a save that died just before its rename and is put
+    in place; any other temporary directory is a partial save and is deleted.
+    """
+    d = checkpoint_dir(run_dir)
+    if not os.path.isdir(d):
+        return
+    for name in sorted(os.listdir(d)):
+        match = LEFTOVER.match(name)
+        if not match:
+            continue
+        path, final = os.path.join(d, name), os.path.join(d, match.group(2))
+        if not os.path.exists(final):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError:
+                pass
+            else:
+                os.rename(path, final)
+                _fsync_dir(d)
+                print(f"ganforge: recovered {final} from {name}, left by an interrupted save",
+                      file=sys.stderr, flush=True)
+                continue
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def verify_checkpoint(path: str) -> str:
@@ -254,7 +293,3 @@ class CheckpointManager:
             kept += 1
             if kept > max(self.keep, 1) and os.path.realpath(path) != self.resumed_from:
                 shutil.rmtree(path, ignore_errors=True)
-        d = checkpoint_dir(self.run_dir)
-        for name in os.listdir(d):
-            if name.startswith(".tmp-step_") and not name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(os.path.join(d, name), ignore_errors=True)
