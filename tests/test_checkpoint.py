@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
+import pytest
 import torch
 
 from tests.conftest import run_cli
-from trainer.checkpoint import CheckpointManager, list_checkpoints, load_latest, read_checkpoint, write_checkpoint
+from trainer.checkpoint import (
+    CheckpointManager,
+    list_checkpoints,
+    load_latest,
+    read_checkpoint,
+    write_checkpoint,
+)
 
 RECIPE = "configs/dcgan_digits.yaml"
 TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", "train.batch_size=32", "log.mlflow_uri=none",
@@ -127,3 +135,45 @@ def test_a_death_while_saving_a_step_again_keeps_a_valid_copy(digits_dir, tmp_pa
     assert r.returncode == 0, r.stderr
     assert "at step 4" in r.stdout, "the checkpoint being saved again was lost"
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")], "leftovers"
+
+
+def test_a_full_disk_is_reported_at_the_next_step_and_nothing_is_lost(digits_dir, tmp_path):
+    import subprocess
+
+    measure = tmp_path / "measure"
+    common = ["train", "--config", RECIPE, f"data.train={digits_dir}", *TINY, "checkpoint.keep=3"]
+    assert run_cli(*common, f"run.dir={measure}", "train.max_steps=1", "checkpoint.every_steps=1").returncode == 0
+    one = sum(f.stat().st_size for f in (measure / "checkpoints" / "step_00000001").iterdir())
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    size = -(-(one * 3 // 2) // 4096) * 4096  # room for one checkpoint and half of the next
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(run / "checkpoints")],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        r = run_cli(*common, f"run.dir={run}", "train.max_steps=40", "checkpoint.every_steps=4")
+        assert r.returncode == 1, r.stderr[-3000:]
+        line = r.stderr.strip().splitlines()[-1]
+        assert "step_00000008" in line and "No space left on device" in line, line
+        last = max(json.loads(x)["step"] for x in open(run / "metrics.jsonl"))
+        assert last < 12, f"the failed save of step 8 was reported only at step {last}"
+        assert steps(str(run)) == [4] and read_checkpoint(str(run / "checkpoints" / "step_00000004"))["step"] == 4
+        assert os.listdir(run / "checkpoints") == ["step_00000004"], "the partial save was left behind"
+    finally:
+        subprocess.run(["umount", str(run / "checkpoints")], check=True)
+
+
+def test_start_deletes_partial_saves_and_keeps_finished_ones(tmp_path):
+    from trainer.checkpoint import recover_checkpoints
+
+    run = str(tmp_path)
+    d = tmp_path / "checkpoints"
+    write_checkpoint(run, 2, state(2))
+    partial = d / ".tmp-step_00000004-999999"
+    partial.mkdir()
+    (partial / "state.pt").write_bytes(b"half a checkpoint")
+    os.rename(write_checkpoint(run, 6, state(6)), d / ".tmp-step_00000006-999999")  # died just before its rename
+    recover_checkpoints(run)
+    assert sorted(os.listdir(d)) == ["step_00000002", "step_00000006"]
+    assert read_checkpoint(str(d / "step_00000006"))["step"] == 6

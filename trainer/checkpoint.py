@@ -72,17 +72,36 @@ def to_cpu(obj: Any) -> Any:
     return obj
 
 
-def write_checkpoint(run_dir: str, step: int, state: dict[str, Any]) -> str:
-    """Write one checkpoint directory atomically; returns its path."""
-    d = checkpoint_dir(run_dir)
-    os.makedirs(d, exist_ok=True)
-    final = os.path.join(d, f"step_{step:08d}")
-    tmp = os.path.join(d, f"{TMP}step_{step:08d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+class _OsErrorKeeper:
+    """The file object torch.save writes through: keeps the OSError (ENOSPC, EIO) that torch
+    reports only as an opaque RuntimeError."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_committed(tmp: str, step: int, state: dict[str, Any]) -> None:
+    """state.pt, fsynced, then the COMMITTED marker naming its size and sha256, in directory `tmp`."""
     os.makedirs(tmp)
     state_path = os.path.join(tmp, STATE)
     with open(state_path, "wb") as f:
-        torch.save(state, f)
+        keeper = _OsErrorKeeper(f)
+        try:
+            torch.save(state, keeper)
+        except RuntimeError:
+            if keeper.error is not None:
+                raise keeper.error from None
+            raise
         f.flush()
         os.fsync(f.fileno())
     marker = {"step": step, "time": time.time(),
@@ -92,6 +111,20 @@ def write_checkpoint(run_dir: str, step: int, state: dict[str, Any]) -> str:
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
+
+
+def write_checkpoint(run_dir: str, step: int, state: dict[str, Any]) -> str:
+    """Write one checkpoint directory atomically; returns its path."""
+    d = checkpoint_dir(run_dir)
+    os.makedirs(d, exist_ok=True)
+    final = os.path.join(d, f"step_{step:08d}")
+    tmp = os.path.join(d, f"{TMP}step_{step:08d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_committed(tmp, step, state)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial save must not keep the disk full
+        raise
     if not os.path.exists(final):
         os.rename(tmp, final)
         _fsync_dir(d)
@@ -239,7 +272,7 @@ class CheckpointManager:
         self.wait()
         snapshot = to_cpu(state)
         path = os.path.join(checkpoint_dir(self.run_dir), f"step_{step:08d}")
-        self._thread = threading.Thread(target=self._write, args=(step, snapshot), daemon=False,
+        self._thread = threading.Thread(target=self._write, args=(step, path, snapshot), daemon=False,
                                         name="ganforge-checkpoint")
         self._thread.start()
         if blocking:
@@ -247,16 +280,29 @@ class CheckpointManager:
         self.last_stall_s = time.perf_counter() - t0
         return path
 
-    def _write(self, step: int, snapshot: dict[str, Any]) -> None:
+    def _write(self, step: int, path: str, snapshot: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         try:
             self.last_path = write_checkpoint(self.run_dir, step, snapshot)
             self._valid(self.last_path)  # hashed once, here, while the file is in the page cache
+            self.last_write_s = time.perf_counter() - t0
+            self.last_time = time.time()
             self.prune()
-        except BaseException as e:  # noqa: BLE001 - surfaced to the training thread by wait()
-            self._error = e
-        self.last_write_s = time.perf_counter() - t0
-        self.last_time = time.time()
+        except BaseException as e:  # noqa: BLE001 - surfaced to the training thread by check() / wait()
+            why = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else \
+                f"{type(e).__name__}: {e}"
+            self._error = CheckpointError(f"{path}: saving the checkpoint of step {step} failed: {why}; "
+                                          f"older checkpoints are untouched")
+
+    @property
+    def failed(self) -> bool:
+        """True once a save has failed in the background (never blocks); check() raises its error."""
+        return self._error is not None and (self._thread is None or not self._thread.is_alive())
+
+    def check(self) -> None:
+        """Raise the error of a background save that has failed, if any (never blocks)."""
+        if self.failed:
+            self.wait()
 
     def wait(self) -> None:
         """Block until the save in flight is on disk; re-raise its error, if any."""
@@ -265,7 +311,7 @@ class CheckpointManager:
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
-            raise CheckpointError(f"saving a checkpoint in {checkpoint_dir(self.run_dir)} failed: {error}")
+            raise error
 
     def _valid(self, path: str) -> bool:
         """Whether `path` verifies; each committed version is hashed once per process."""
