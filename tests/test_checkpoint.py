@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 
 import pytest
 import torch
@@ -177,3 +178,34 @@ def test_start_deletes_partial_saves_and_keeps_finished_ones(tmp_path):
     recover_checkpoints(run)
     assert sorted(os.listdir(d)) == ["step_00000002", "step_00000006"]
     assert read_checkpoint(str(d / "step_00000006"))["step"] == 6
+
+
+def test_a_second_job_on_the_same_run_dir_is_refused_naming_the_holder(digits_dir, tmp_path):
+    import signal
+    import socket
+    import subprocess
+
+    from tests.conftest import BIN, REPO
+
+    run = tmp_path / "run"
+    base = ["train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *TINY,
+            "checkpoint.every_steps=2"]
+    first = subprocess.Popen([os.path.join(BIN, "ganforge"), *base, "train.max_steps=100000"], cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(str(run)):
+            assert time.monotonic() < deadline and first.poll() is None, "the first job did not start"
+            time.sleep(0.1)
+        r = run_cli(*base, "train.max_steps=4")
+        assert r.returncode == 1, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and socket.gethostname() in lines[0], r.stderr
+        assert first.poll() is None, "the first job must go on"
+    finally:
+        first.send_signal(signal.SIGKILL)  # dies holding the lock: its file stays behind
+        first.wait(30)
+    r = run_cli(*base, "train.max_steps=4", "checkpoint.resume=none")
+    assert r.returncode == 0, r.stderr
+    assert "taking over the lock" in r.stderr and f"pid {first.pid}" in r.stderr
+    assert not (run / "LOCK").exists(), "released at exit"
