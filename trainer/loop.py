@@ -223,8 +223,11 @@ class Trainer(TrainerBase):
 
 def pick_checkpoint(cfg: Config, env: DistEnv) -> tuple[str, dict[str, Any]] | None:
     """Rank 0 chooses the checkpoint to resume from; every rank loads that same file."""
+    from trainer.checkpoint import recover_checkpoints
+
     choice: list[Any] = [None]
     if env.is_main:
+        recover_checkpoints(cfg.run.dir)
         if cfg.checkpoint.resume == "latest":
             found = load_latest(cfg.run.dir)
             choice[0] = found[0] if found else None
@@ -404,14 +407,20 @@ class Reporter:
 
 def run_training(cfg: Config) -> dict[str, Any]:
     """Train per `cfg` in this process (one rank of the job); returns a summary on rank 0."""
+    from trainer.run_lock import lock_run_dir
+
     env = init_distributed()
+    lock = None
     try:
+        lock = lock_run_dir(cfg.run.dir, env)  # one job per run.dir, before anything in it changes
         summary = _run(cfg, env)
         if env.world_size > 1:
             # Leave together: a rank tearing down gloo while a peer still talks to it can abort.
             dist.barrier()
         return summary
     finally:
+        if lock:
+            lock.release()
         shutdown()
 
 
@@ -431,12 +440,16 @@ def make_trainer(cfg: Config, env: DistEnv) -> TrainerBase:
 
 
 def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
+    from trainer.checkpoint import CheckpointError, set_aside_newer
+    from trainer.preemption import data_marks, rewind_after_lost_worker
+
     trainer = make_trainer(cfg, env)
     resumed = pick_checkpoint(cfg, env)
     if resumed:
         trainer.load_state_dict(resumed[1], resumed[0])
     if env.is_main:
         os.makedirs(cfg.run.dir, exist_ok=True)
+        set_aside_newer(cfg.run.dir, trainer.state.step if resumed else 0)  # not this run's past
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
             f.write(dump_yaml(cfg))
         where = f"resuming from {resumed[0]} at step {trainer.state.step}" if resumed else "starting"
@@ -446,7 +459,8 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
     if reporter.tracker:
         trainer.state.mlflow_run_id = reporter.tracker.wait_ready(timeout=30)
 
-    ckpt = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.checkpoint.milestone_every)
+    ckpt = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.checkpoint.milestone_every,
+                             resumed_from=resumed[0] if resumed else None)
     reporter.watch_checkpoints(ckpt)
     saved_step = trainer.state.step if resumed else -1
 
@@ -467,15 +481,31 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
     start, status = time.perf_counter(), "FAILED"
     budget = cfg.train.max_minutes * 60
     try:
+        redone = -1
         while trainer.state.step < cfg.train.max_steps:
-            stats = trainer.train_step()
+            marks = data_marks(trainer)
+            try:
+                stats = trainer.train_step()
+            except RuntimeError as e:
+                # A loader worker lost during a stop must not cost the checkpoint: if the step had
+                # not started, run it again on fresh workers, then stop at its boundary as usual.
+                if not (flag.requested and redone != trainer.state.step and rewind_after_lost_worker(e, marks)):
+                    raise
+                redone = trainer.state.step
+                print(f"ganforge: rank {env.rank}: {e}; stopping, step {redone} runs again on new loader workers",
+                      file=sys.stderr, flush=True)
+                continue
             reporter.log(stats)
             reporter.samples()
             if trainer.state.step % cfg.checkpoint.every_steps == 0:
                 checkpoint()
             if cfg.eval.every_steps and trainer.state.step % cfg.eval.every_steps == 0:
                 reporter.evaluate()
-            preempt, over_budget = stop_votes([flag.requested, budget > 0 and time.perf_counter() - start > budget], env)
+            preempt, over_budget, save_failed = stop_votes(
+                [flag.requested, budget > 0 and time.perf_counter() - start > budget, ckpt.failed], env)
+            if save_failed:  # reported at the step after it happened, on every rank, not at the next save
+                ckpt.check()
+                raise CheckpointError(f"rank 0 could not save a checkpoint in {cfg.run.dir} (see its error)")
             if preempt:
                 checkpoint(blocking=True)
                 status = "KILLED"
