@@ -1,11 +1,15 @@
-"""Loader throughput: ganforge's deterministic loader vs plain webdataset vs ImageFolder.
+"""Loader throughput: ganforge's deterministic loader vs webdataset (same decoder, and its default) vs ImageFolder.
 
 Generates N 64x64 JPEGs (once, cached under --workdir), writes them as shards with
 `ganforge data make-shards --source folder --format jpg`, then reads every image once
 through each pipeline with the same workers and batch size, after one warm-up pass that
-fills the page cache. All three decode to uint8 CHW tensors and collate batches.
+fills the page cache, in `--repeats` alternating passes. All decode to uint8 CHW tensors and
+collate batches. `webdataset_same_decoder` decodes with torchvision's decode_image as
+ganforge's loader does, so the loaders alone are compared (goal: ratio_same_decoder >= 1.0);
+`webdataset` uses its default PIL decoding, what users get.
 
-Last stdout line: JSON with images/s of each and ratio_vs_webdataset, ratio_vs_imagefolder.
+Last stdout line: JSON with images/s of each (median, spread) and the ratios ganforge / other
+(median of the per-pass ratios, with their spread).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -62,12 +67,22 @@ def ganforge_pipeline(shards: str, workers: int, batch: int):
     return (b["image"] for b in make_loader(stream, num_workers=workers))
 
 
-def webdataset_pipeline(shards: str, workers: int, batch: int):
+def webdataset_pipeline(shards: str, workers: int, batch: int, same_decoder: bool = False):
+    """webdataset over the same shards: its default PIL decoding ("torchrgb8", what users get),
+    or (same_decoder) torchvision's decode_image, the decoder ganforge's loader uses."""
     import webdataset as wds
+
+    def torchvision_rgb(key: str, data: bytes):
+        if not key.endswith("jpg"):
+            return None
+        import torch
+        from torchvision.io import ImageReadMode, decode_image
+
+        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
     urls = sorted(os.path.join(shards, n) for n in os.listdir(shards) if n.endswith(".tar"))
     ds = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=wds.split_by_worker)
-          .decode("torchrgb8").to_tuple("jpg").batched(batch, partial=True))
+          .decode(torchvision_rgb if same_decoder else "torchrgb8").to_tuple("jpg").batched(batch, partial=True))
     return (b[0] for b in wds.WebLoader(ds, batch_size=None, num_workers=workers))
 
 
@@ -85,6 +100,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=20_000)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5, help="alternating timed passes of each pipeline")
     p.add_argument("--workdir", default=os.path.join("runs", "bench-loader"))
     args = p.parse_args()
     import torch
@@ -96,19 +112,29 @@ def main() -> None:
     make_shards(images, shards)
     pipelines = {
         "ganforge": lambda: ganforge_pipeline(shards, args.workers, args.batch),
+        "webdataset_same_decoder": lambda: webdataset_pipeline(shards, args.workers, args.batch, same_decoder=True),
         "webdataset": lambda: webdataset_pipeline(shards, args.workers, args.batch),
         "imagefolder": lambda: imagefolder_pipeline(images, args.workers, args.batch),
     }
     for make in pipelines.values():  # warm the page cache
         time_pipeline(make())
-    result: dict[str, float | int] = {"images": args.n, "workers": args.workers, "batch": args.batch}
-    for name, make in pipelines.items():
-        n, secs = time_pipeline(make())
-        assert n == args.n, f"{name} read {n} images, expected {args.n}"
-        result[f"{name}_img_s"] = round(n / secs, 1)
-        print(f"{name:>12}: {n / secs:8.0f} images/s ({secs:.1f} s)", flush=True)
-    result["ratio_vs_webdataset"] = round(result["ganforge_img_s"] / result["webdataset_img_s"], 3)
-    result["ratio_vs_imagefolder"] = round(result["ganforge_img_s"] / result["imagefolder_img_s"], 3)
+    rates: dict[str, list[float]] = {name: [] for name in pipelines}
+    for _ in range(args.repeats):  # alternating, so drifts in machine speed touch every pipeline alike
+        for name, make in pipelines.items():
+            n, secs = time_pipeline(make())
+            assert n == args.n, f"{name} read {n} images, expected {args.n}"
+            rates[name].append(n / secs)
+    result: dict = {"images": args.n, "workers": args.workers, "batch": args.batch, "repeats": args.repeats}
+    for name, rs in rates.items():
+        result[f"{name}_img_s"] = round(statistics.median(rs), 1)
+        result[f"{name}_spread"] = [round(min(rs), 1), round(max(rs), 1)]
+        print(f"{name:>24}: {statistics.median(rs):8.0f} images/s (median of {len(rs)}; {min(rs):.0f}..{max(rs):.0f})",
+              flush=True)
+    for key, other in (("ratio_same_decoder", "webdataset_same_decoder"), ("ratio_vs_webdataset", "webdataset"),
+                       ("ratio_vs_imagefolder", "imagefolder")):
+        ratios = [a / b for a, b in zip(rates["ganforge"], rates[other], strict=True)]
+        result[key] = round(statistics.median(ratios), 3)
+        result[f"{key}_spread"] = [round(min(ratios), 3), round(max(ratios), 3)]
     print(json.dumps(result))
 
 

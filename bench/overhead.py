@@ -1,18 +1,23 @@
-"""Training-loop overhead: the ganforge loop vs a bare pytorch/examples-style DCGAN loop.
+"""Training-loop overhead: the ganforge loop vs the tightest hand-written DCGAN loop and vs pytorch/examples'.
 
-Both train the same DCGAN (configs/dcgan_digits.yaml: 32x32, batch 64, fp32, one CPU process)
-on the same in-memory uint8 batches, so only the loops differ. The ganforge side runs the
-real loop (`trainer.loop._run`) with everything at its default cadence: MLflow (sqlite),
-progress lines, metrics.jsonl, EMA, sample grids and background checkpoints; only the data
-cursor is swapped for the in-memory batches (the loader has its own benchmark). Steps after
-a warm-up are timed from the start of one step to the start of the last one, so periodic
-work between steps is included.
+All three train the same DCGAN (configs/dcgan_digits.yaml: 32x32, batch 64, fp32, one CPU
+process) on the same in-memory uint8 batches, so only the loops differ:
+- `tight`: the tightest hand-written loop (one D backward, the D step's fake reused, D frozen
+  and unwrapped in the G step so only G's gradients flow and are reduced);
+- `examples`: pytorch/examples dcgan/main.py's loop as users write it;
+- `ganforge`: the real loop (`trainer.loop._run`) with everything at its default cadence:
+  MLflow (sqlite), progress lines, metrics.jsonl, EMA, sample grids and background checkpoints;
+  only the data cursor is swapped for the in-memory batches (the loader has its own benchmark).
+  Steps after a warm-up are timed from the start of one step to the start of the last one, so
+  periodic work between steps is included.
+The loops run in `--repeats` alternating repetitions; each ratio is the median of the
+per-repetition ratios, with their spread.
 
 With `--processes 2` the same comparison runs as a 2-process DDP job (torchrun, gloo on CPU, one
-thread per process, global batch 64): the bare side wraps G and D in DDP as a plain torchrun
-DCGAN script would.
+thread per process, global batch 64); the hand-written loops wrap G and D in DDP.
 
-Last stdout line: JSON with both images/s and ratio = ganforge / bare.
+Last stdout line: JSON with the images/s of each loop (median and spread), `ratio_tight` =
+ganforge / tight (goal >= 0.95) and `ratio_examples` = ganforge / examples.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import io
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -39,8 +45,9 @@ def in_memory_batches(data_dir: str, batch: int, n: int, rank: int = 0, world: i
     return list(itertools.islice(make_loader(stream), n))
 
 
-def bare_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
-    """pytorch/examples dcgan/main.py's loop (with logits), on the same models and batches."""
+def examples_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
+    """pytorch/examples dcgan/main.py's loop as users write it (with logits): two D backwards, D's
+    weight gradients computed (and, under DDP, all-reduced) in the G step too."""
     from trainer.models import build_models
 
     torch.manual_seed(0)
@@ -71,6 +78,41 @@ def bare_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float
     return steps * cfg.train.batch_size / (time.perf_counter() - t0)
 
 
+def tight_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
+    """The tightest hand-written loop: one D backward over the real and fake terms, the D step's
+    fake reused, D frozen (and, under DDP, unwrapped) in the G step so only G's gradients are
+    computed and reduced, gradients set to None."""
+    from trainer.models import build_models
+
+    torch.manual_seed(0)
+    g, d = build_models(cfg.model)
+    d_plain = d
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        g, d = DistributedDataParallel(g), DistributedDataParallel(d)
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=(cfg.train.beta1, cfg.train.beta2))
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=(cfg.train.beta1, cfg.train.beta2))
+    bce = F.binary_cross_entropy_with_logits
+    t0 = 0.0
+    for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
+        if i == warmup:
+            t0 = time.perf_counter()
+        real = batch["image"].float() / 127.5 - 1
+        b = real.shape[0]
+        ones, zeros = torch.ones(b), torch.zeros(b)
+        fake = g(torch.randn(b, cfg.model.z_dim))
+        opt_d.zero_grad(set_to_none=True)
+        (bce(d(real), ones) + bce(d(fake.detach()), zeros)).backward()
+        opt_d.step()
+        opt_g.zero_grad(set_to_none=True)
+        d_plain.requires_grad_(False)
+        bce(d_plain(fake), ones).backward()
+        d_plain.requires_grad_(True)
+        opt_g.step()
+    return steps * cfg.train.batch_size / (time.perf_counter() - t0)
+
+
 def ganforge_loop(cfg, batches, steps: int, warmup: int, env=None) -> float:
     from trainer import loop
     from trainer.data import DataCursor
@@ -87,16 +129,20 @@ def ganforge_loop(cfg, batches, steps: int, warmup: int, env=None) -> float:
     DataCursor.next = lambda self: dict(next(feed))
     loop.Trainer.train_step = timed_step
     cfg.train.max_steps = steps + warmup + 1
-    with contextlib.redirect_stdout(io.StringIO()):
-        loop._run(cfg, env or DistEnv(0, 1, 0, torch.device("cpu")))
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            loop._run(cfg, env or DistEnv(0, 1, 0, torch.device("cpu")))
+    finally:
+        loop.Trainer.train_step = original_step
     return steps * cfg.train.batch_size / (marks[-1] - marks[warmup])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/dcgan_digits.yaml")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--steps", type=int, default=150, help="timed steps per repetition")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5, help="alternating repetitions of each loop")
     p.add_argument("--threads", type=int, default=2, help="torch threads (per process with --nproc)")
     p.add_argument("--processes", type=int, default=1, help="2: compare DDP loops under torchrun")
     args = p.parse_args()
@@ -114,15 +160,28 @@ def main() -> None:
     dist_env = init_distributed() if args.processes > 1 else None
     rank, world = (dist_env.rank, dist_env.world_size) if dist_env else (0, 1)
     cfg, data = digits_workspace(args.config, "overhead")
-    if dist_env:
-        cfg.run.dir += f"-ddp{world}"
+    base_dir = cfg.run.dir + (f"-ddp{world}" if dist_env else "")
     batches = in_memory_batches(data, cfg.train.batch_size, 20, rank, world)
-    bare = bare_loop(cfg, batches, args.steps, args.warmup, ddp=dist_env is not None)
-    ours = ganforge_loop(cfg, batches, args.steps, args.warmup, dist_env)
+    rates: dict[str, list[float]] = {"examples": [], "tight": [], "ganforge": []}
+    for r in range(args.repeats):  # alternating, so drifts in machine speed touch every loop alike
+        rates["examples"].append(examples_loop(cfg, batches, args.steps, args.warmup, ddp=dist_env is not None))
+        rates["tight"].append(tight_loop(cfg, batches, args.steps, args.warmup, ddp=dist_env is not None))
+        cfg.run.dir = f"{base_dir}-rep{r}"  # a fresh run each time (a used one would be resumed)
+        rates["ganforge"].append(ganforge_loop(cfg, batches, args.steps, args.warmup, dist_env))
     if rank == 0:
-        result = {"config": args.config, "steps": args.steps, "batch": cfg.train.batch_size, "processes": world,
-                  "bare_img_s": round(bare, 1), "ganforge_img_s": round(ours, 1), "ratio": round(ours / bare, 3)}
-        print(f"bare loop {bare:.0f} img/s, ganforge loop {ours:.0f} img/s ({world} process(es))")
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        result = {"config": args.config, "steps": args.steps, "repeats": args.repeats, "batch": cfg.train.batch_size,
+                  "processes": world, "threads": args.threads if world == 1 else 1}
+        for k, v in rates.items():
+            result[f"{k}_img_s"] = round(med[k], 1)
+            result[f"{k}_spread"] = [round(min(v), 1), round(max(v), 1)]
+        ratios = {name: [o / b for o, b in zip(rates["ganforge"], rates[name], strict=True)]
+                  for name in ("tight", "examples")}
+        for name, rs in ratios.items():  # per repetition, then the median: pairs share machine conditions
+            result[f"ratio_{name}"] = round(statistics.median(rs), 3)
+            result[f"ratio_{name}_spread"] = [round(min(rs), 3), round(max(rs), 3)]
+        print(f"examples loop {med['examples']:.0f} img/s, tight loop {med['tight']:.0f} img/s, "
+              f"ganforge loop {med['ganforge']:.0f} img/s ({world} process(es), {args.repeats} repetitions)")
         print(json.dumps(result), flush=True)
     if dist_env:
         from trainer.distributed import shutdown
