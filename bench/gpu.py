@@ -130,33 +130,43 @@ def main() -> None:
                                                                       compile_=True)
         builders["ganforge_bf16_cl_compile"] = lambda: ganforge_step(
             make_cfg("precision=bf16", "train.compile=true"), batch, device)
+    result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "repeats": args.repeats}
     steps, peaks = {}, {}
-    for name, build in builders.items():
+    for name, build in builders.items():  # a variant that fails is reported; the others still run
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        steps[name] = build()
-        window(steps[name], args.warmup, device)
+        try:
+            steps[name] = build()
+            window(steps[name], args.warmup, device)
+        except Exception as e:  # noqa: BLE001  (any failure of one variant is a finding, not the end)
+            steps.pop(name, None)
+            result[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+            print(f"{name}: FAILED: {result[name]['error']}", flush=True)
+            continue
         peaks[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
         print(f"{name}: built and warmed up in {time.perf_counter() - t0:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.repeats):
         for name, step in steps.items():
             times[name].append(window(step, args.steps, device))
-    result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "repeats": args.repeats}
     for name, ts in times.items():
         rates = sorted(args.batch / t for t in ts)
         result[name] = {"img_s": round(statistics.median(rates), 1), "spread": [round(rates[0], 1), round(rates[-1], 1)],
                         "step_ms": round(statistics.median(ts) * 1000, 2), "peak_mem_mb": round(peaks[name], 1)}
         print(f"{name:>26}: {result[name]}", flush=True)
     img = {name: result[name]["img_s"] for name in times}
-    best = max(v for k, v in img.items() if k.startswith("ganforge"))
-    result["ratio_examples"] = round(best / img["examples_fp32"], 3)
-    result["ratio_tight"] = round(img["ganforge_bf16_cl"] / img["tight_bf16_cl"], 3)
-    if "ganforge_bf16_cl_compile" in img:
-        result["ratio_tight_compile"] = round(img["ganforge_bf16_cl_compile"] / img["tight_bf16_cl_compile"], 3)
+    ours = [v for k, v in img.items() if k.startswith("ganforge")]
+    if ours and "examples_fp32" in img:
+        result["ratio_examples"] = round(max(ours) / img["examples_fp32"], 3)
+    for key, a, b in (("ratio_tight", "ganforge_bf16_cl", "tight_bf16_cl"),
+                      ("ratio_tight_compile", "ganforge_bf16_cl_compile", "tight_bf16_cl_compile")):
+        if a in img and b in img:
+            result[key] = round(img[a] / img[b], 3)
     print(json.dumps(result))
+    if len(times) < len(builders):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
