@@ -225,3 +225,50 @@ def test_http_streaming_from_a_local_server(small_dir):
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_force_over_a_dataset_keeps_the_old_one_when_the_new_source_fails_half_way(tmp_path):
+    from PIL import Image
+
+    old = str(tmp_path / "data")
+    assert run_cli("data", "make-shards", "--source", "gaussians", "--n", "50", "--out", old).returncode == 0
+    before = open(os.path.join(old, "index.json")).read()
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "imgs" / "a")
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a" / f"{i}.png")
+    (tmp_path / "imgs" / "a" / "7.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")  # after the good ones
+
+    r = run_cli("data", "make-shards", "--source", "folder", "--input", str(tmp_path / "imgs"), "--size", "16",
+                "--samples-per-shard", "2", "--out", old, "--force")
+    assert r.returncode == 1 and "7.png" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert open(os.path.join(old, "index.json")).read() == before
+    assert run_cli("data", "verify", old).returncode == 0
+    assert sorted(os.listdir(tmp_path)) == ["data", "imgs"]  # no build folder left behind
+
+    r = run_cli("data", "make-shards", "--source", "digits", "--out", old, "--force")
+    assert r.returncode == 0, r.stderr
+    assert load_index(old).meta["source"] == "digits" and run_cli("data", "verify", old).returncode == 0
+    assert sorted(os.listdir(tmp_path)) == ["data", "imgs"]
+
+
+def test_force_onto_a_mount_point_swaps_file_by_file(small_dir, monkeypatch):
+    import errno
+
+    from data_pipeline import writer
+    from data_pipeline.sources import gaussians_source
+
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.realpath(src) == os.path.realpath(small_dir):
+            raise OSError(errno.EBUSY, "Device or resource busy")  # what a mount point answers
+        real_rename(src, dst)
+
+    monkeypatch.setattr(writer.os, "rename", rename)
+    (open(os.path.join(small_dir, "README"), "w")).write("kept")
+    src = gaussians_source(n=30)
+    writer.write_shards(src.samples, small_dir, kind=src.kind, meta=src.meta, samples_per_shard=10, force=True)
+    assert sorted(os.listdir(small_dir)) == ["000000.tar", "000001.tar", "000002.tar", "README", "index.json"]
+    assert load_index(small_dir).kind == "points" and verify_index(load_index(small_dir)) == []
+    assert sorted(os.listdir(os.path.dirname(small_dir))) == ["small"]
