@@ -30,6 +30,7 @@ EXIT_CONFIG_ERROR, EXIT_PREEMPTED = 2, 143  # trainer/main.py's contract
 METRICS_PORT = 9400  # rank r of a node serves /metrics on METRICS_PORT + local rank
 MLFLOW_URI = "http://mlflow:5000"  # the Service of k8s/mlflow, same namespace
 MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow:v3.17.2"  # the mlflow pinned in constraints.txt
+MONITORING_NAMESPACE = "monitoring"  # where Prometheus runs: the only namespace let in to /metrics
 FLAVORS = ("job", "pytorchjob", "jobset")
 
 
@@ -106,7 +107,9 @@ def run_config(path: str, overrides: list[str], opts: RenderOptions) -> tuple[An
     cluster = [f"data.train={opts.data_dir or DATA + '/' + (os.path.basename(cfg.data.train.rstrip('/')) or 'train')}",
                f"run.dir={CHECKPOINTS}/{cfg.run.name}",
                f"log.prometheus_port={cfg.log.prometheus_port or METRICS_PORT}"]
-    if cfg.log.mlflow_uri != "none":
+    if opts.mlflow_uri == "none":  # off in the run itself: no sqlite fallback on the shared volume
+        cluster.append("log.mlflow_uri=none")
+    elif cfg.log.mlflow_uri != "none":
         cluster.append("log.mlflow_uri=")  # MLFLOW_TRACKING_URI of the pod decides
     cfg = load_config(path, [*overrides, *cluster])
     nproc = max(1, opts.gpus_per_node)
@@ -207,7 +210,9 @@ def container(cfg, name: str, opts: RenderOptions, launch_args: list[str], conta
         {"name": "JOB_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/job-name']"}}},
         {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "GANFORGE_RDZV_SERVICE", "value": name},
-        {"name": "MLFLOW_TRACKING_URI", "value": "" if opts.mlflow_uri == "none" else opts.mlflow_uri},
+        {"name": "MLFLOW_TRACKING_URI", "value": opts.mlflow_uri},  # "none" disables tracking
+        # Pods are scraped on their own address; the NetworkPolicy limits who reaches it.
+        {"name": "GANFORGE_METRICS_ADDR", "value": "0.0.0.0"},
         # The root filesystem is read-only: caches and home go to the /tmp volume.
         {"name": "HOME", "value": "/tmp"},
         {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
@@ -245,6 +250,7 @@ def pod_template(cfg, name: str, opts: RenderOptions, launch_args: list[str], co
     spec: dict[str, Any] = {
         # SIGTERM -> the launcher -> torchrun -> workers checkpoint; SIGKILL only after this.
         "terminationGracePeriodSeconds": opts.shutdown_seconds + 30,
+        "automountServiceAccountToken": False,  # training needs no access to the Kubernetes API
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container(cfg, name, opts, launch_args, container_name)],
@@ -354,6 +360,7 @@ def mlflow_objects(opts: RenderOptions) -> list[dict[str, Any]]:
         "replicas": 1, "strategy": {"type": "Recreate"},  # one writer of the sqlite store
         "selector": {"matchLabels": lab},
         "template": {"metadata": {"labels": lab}, "spec": {
+            "automountServiceAccountToken": False,
             "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [server],
@@ -361,7 +368,25 @@ def mlflow_objects(opts: RenderOptions) -> list[dict[str, Any]]:
                         {"name": "tmp", "emptyDir": {}}]}}}}
     service = {"apiVersion": "v1", "kind": "Service", "metadata": copy.deepcopy(m),
                "spec": {"selector": lab, "ports": [{"name": "http", "port": 5000, "targetPort": "http"}]}}
-    return [pvc, deployment, service]
+    # MLflow has no authentication (and can delete artifacts): only ganforge's pods reach it.
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": copy.deepcopy(m),
+              "spec": {"podSelector": {"matchLabels": lab}, "policyTypes": ["Ingress"],
+                       "ingress": [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "ganforge"}}}],
+                                    "ports": [{"protocol": "TCP", "port": 5000}]}]}}
+    return [pvc, deployment, service, policy]
+
+
+def network_policy(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
+    """The job's pods accept traffic only from each other (c10d store, gloo/NCCL) and, on the
+    /metrics ports alone, from the monitoring namespace."""
+    metrics = [{"protocol": "TCP", "port": cfg.log.prometheus_port + r} for r in range(max(1, opts.gpus_per_node))]
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta(name, opts),
+            "spec": {"podSelector": {"matchLabels": {"ganforge.io/run": name}}, "policyTypes": ["Ingress"],
+                     "ingress": [
+                         {"from": [{"podSelector": {"matchLabels": {"ganforge.io/run": name}}}]},
+                         {"from": [{"namespaceSelector": {"matchLabels": {
+                             "kubernetes.io/metadata.name": MONITORING_NAMESPACE}}}], "ports": metrics},
+                     ]}}
 
 
 def render(cfg, text: str, opts: RenderOptions) -> list[dict[str, Any]]:
@@ -374,7 +399,7 @@ def render(cfg, text: str, opts: RenderOptions) -> list[dict[str, Any]]:
         objs.append(pytorch_job(cfg, name, opts))
     else:
         objs.append(job_set(cfg, name, opts))
-    return [*objs, pod_monitor(cfg, name, opts)]
+    return [*objs, pod_monitor(cfg, name, opts), network_policy(cfg, name, opts)]
 
 
 # -- files --------------------------------------------------------------------------------------

@@ -370,3 +370,15 @@ def test_runs_compare_shows_the_differing_lr_d_final_losses_and_a_plot(digits_di
 def test_runs_list_names_a_missing_store(tmp_path):
     r = run_cli("runs", "list", "--tracking-uri", f"sqlite:///{tmp_path}/nothing.db")
     assert r.returncode == 1 and "nothing.db" in r.stderr and not os.path.exists(tmp_path / "nothing.db")
+
+
+def test_the_exporter_listens_on_loopback_unless_told_otherwise(monkeypatch):
+    from tests.conftest import free_port
+    from trainer.telemetry.prometheus import PrometheusExporter
+
+    monkeypatch.delenv("GANFORGE_METRICS_ADDR", raising=False)
+    exporter = PrometheusExporter(free_port(), rank=0, job="loopback", world_size=1)
+    try:
+        assert exporter.server.server_address[0] == "127.0.0.1"  # /metrics has no authentication
+    finally:
+        exporter.close()

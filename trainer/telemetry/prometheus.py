@@ -126,7 +126,8 @@ class PrometheusExporter:
         self.world_size.set(world_size)
         if (mem := device_memory_bytes(device)) is not None:
             self.memory.set(mem)
-        addr = addr if addr is not None else os.environ.get("GANFORGE_METRICS_ADDR", "0.0.0.0")
+        # Loopback unless told otherwise: /metrics has no authentication (manifests set 0.0.0.0).
+        addr = addr if addr is not None else os.environ.get("GANFORGE_METRICS_ADDR", "127.0.0.1")
         try:
             self.server, _ = start_http_server(port, addr=addr, registry=reg)
         except OSError as e:
