@@ -6,6 +6,9 @@ import bisect
 import hashlib
 import json
 import os
+import re
+import shlex
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +17,10 @@ from data_pipeline.errors import DataError
 INDEX_NAME = "index.json"
 FORMAT = "ganforge.shards"
 VERSION = 1
+# A shard is a plain file beside index.json: no path separators, no "..", nothing a shell reads.
+SHARD_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}")
+# Characters that make a `pipe:` command need a shell; without them it runs as an argument list.
+SHELL_SYNTAX = frozenset("|&;<>()$`\\*?[]{}~#!\n")
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,9 @@ def parse_index(doc: Any, root: str, source: str) -> ShardIndex:
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise DataError(f"{source}: malformed index entry ({type(e).__name__}: {e})") from None
     for s in shards:
+        if not isinstance(s.name, str) or not SHARD_NAME.fullmatch(s.name):
+            raise DataError(f"{source}: shard name {s.name!r} is not a plain file name "
+                            "(letters, digits, '.', '_', '-'; not starting with '.')")
         if len(s.samples) != s.num_samples:
             raise DataError(f"{source}: shard {s.name} lists {len(s.samples)} samples, says {s.num_samples}")
     index = ShardIndex(root=root, kind=doc.get("kind", "image"), meta=doc.get("meta", {}), shards=shards)
@@ -174,10 +184,37 @@ def load_index(location: str) -> ShardIndex:
 
 
 def _read_url(url: str) -> bytes:
+    return read_location(url)
+
+
+def read_location(location: str) -> bytes:
+    """The bytes at a URL or `pipe:` location; a pipe command runs without a shell unless it uses shell syntax."""
+    if location.startswith("pipe:"):
+        return _read_pipe(location[len("pipe:"):], location)
     import webdataset as wds
 
     try:
-        with wds.gopen(url, "rb") as stream:
+        with wds.gopen(location, "rb") as stream:
             return stream.read()
     except Exception as e:  # noqa: BLE001 - the opener raises many kinds
-        raise DataError(f"{url}: cannot fetch ({type(e).__name__}: {e})") from None
+        raise DataError(f"{location}: cannot fetch ({type(e).__name__}: {e})") from None
+
+
+def _read_pipe(command: str, location: str) -> bytes:
+    try:
+        args = shlex.split(command)
+    except ValueError:
+        args = []
+    needs_shell = not args or any(c in SHELL_SYNTAX for c in command) or "=" in args[0]
+    try:
+        if needs_shell:
+            done = subprocess.run(command, shell=True, capture_output=True, check=False)  # noqa: S602
+        else:
+            done = subprocess.run(args, capture_output=True, check=False)
+    except OSError as e:
+        raise DataError(f"{location}: cannot fetch ({e.strerror}: {args[0] if args else command})") from None
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip().splitlines()
+        raise DataError(f"{location}: cannot fetch (command exited with status {done.returncode}"
+                        f"{': ' + err[-1] if err else ''})")
+    return done.stdout

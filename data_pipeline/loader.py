@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.index import ShardIndex, ShardRecord, is_url, load_index
+from data_pipeline.index import ShardIndex, ShardRecord, is_url, load_index, read_location
 from data_pipeline.planner import epoch_order, rank_positions, samples_at, worker_batches
 
 
@@ -57,13 +57,10 @@ class ShardReader:
             self._open.move_to_end(path)
             return self._open[path]
         if is_url(path):
-            import webdataset as wds
-
             try:
-                with wds.gopen(path, "rb") as stream:
-                    buf: Any = stream.read()
-            except Exception as e:  # noqa: BLE001 - openers raise many kinds
-                raise DataError(f"{shard.name}: cannot fetch {path} ({type(e).__name__}: {e})") from None
+                buf: Any = read_location(path)
+            except DataError as e:
+                raise DataError(f"{shard.name}: {e}") from None
         else:
             try:
                 with open(path, "rb") as f:
