@@ -4,6 +4,7 @@ Prometheus scraping a 2-process run, and `ganforge runs compare` on real MLflow 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -272,7 +273,7 @@ def test_real_prometheus_scrapes_both_ranks_of_a_two_process_run(digits_dir, tmp
            "--dynamo_backend", "no", "--main_process_port", str(free_port()), "--multi_gpu", "--num_processes", "2",
            "trainer/main.py", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={tmp_path}/run",
            "run.name=scraped", *TINY, "log.mlflow_uri=none", f"log.prometheus_port={base_port}",
-           "train.max_steps=100000", "train.max_minutes=3", "checkpoint.every_steps=100000", "log.every_steps=10"]
+           "train.max_steps=100000", "train.max_minutes=4", "checkpoint.every_steps=20", "log.every_steps=10"]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", GANFORGE_METRICS_ADDR="127.0.0.1")
     train = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(tmp_path / "train.log", "w"),
                              stderr=subprocess.STDOUT, start_new_session=True)
@@ -300,13 +301,23 @@ def test_real_prometheus_scrapes_both_ranks_of_a_two_process_run(digits_dir, tmp
         world = query(prom_url, 'ganforge_world_size{job="scraped"}')["data"]["result"]
         assert sorted((r["metric"]["rank"], r["value"][1]) for r in world) == [("0", "2"), ("1", "2")]
 
-        # Every dashboard query is valid PromQL for this Prometheus and finds data where it should.
-        for expr in dashboard_exprs():
-            concrete = expr.replace("$job", ".*").replace("$__rate_interval", "30s")
-            if concrete.startswith("label_values("):
-                continue  # a Grafana function, not PromQL
-            answer = query(prom_url, concrete)
-            assert answer["status"] == "success", (expr, answer)
+        # Every dashboard query is valid PromQL for this Prometheus and returns data: a panel that
+        # is empty on a running job is a broken panel. Rates need a few scrapes, so poll a while.
+        exprs = {e: e.replace("$job", ".*").replace("$__rate_interval", "30s") for e in dashboard_exprs()
+                 if not e.startswith("label_values(")}  # label_values: a Grafana function, not PromQL
+        empty: dict[str, object] = dict.fromkeys(exprs)
+        deadline = time.monotonic() + 90
+        while empty and time.monotonic() < deadline and train.poll() is None:
+            for expr in list(empty):
+                answer = query(prom_url, exprs[expr])
+                assert answer["status"] == "success", (expr, answer)
+                values = [float(r["value"][1]) for r in answer["data"]["result"]]
+                if values and all(math.isfinite(v) for v in values):
+                    del empty[expr]
+                else:
+                    empty[expr] = answer["data"]["result"]
+            time.sleep(2)
+        assert not empty, f"dashboard queries with no (finite) data on a running job: {empty}"
         rules = json.loads(http_get(f"{prom_url}/api/v1/rules"))["data"]["groups"]
         assert sum(len(g["rules"]) for g in rules) == 5, "the alert rules load in a real Prometheus"
     finally:
