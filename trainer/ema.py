@@ -26,7 +26,9 @@ class EMA:
     @torch.no_grad()
     def update(self, g: nn.Module, batch: int, nimg: int) -> None:
         beta = ema_beta(batch, nimg, self.ema_kimg, self.rampup) if self.ema_kimg > 0 else 0.0
-        for p_ema, p in zip(self.model.parameters(), g.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1.0 - beta)
+        ema, params = list(self.model.parameters()), [p.detach() for p in g.parameters()]
+        if len(ema) != len(params):
+            raise ValueError(f"EMA holds {len(ema)} parameters, the generator {len(params)}")
+        torch._foreach_lerp_(ema, params, 1.0 - beta)  # one fused launch per dtype/device, not one per tensor
         for b_ema, b in zip(self.model.buffers(), g.buffers(), strict=True):
             b_ema.copy_(b)
