@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from trainer.distributed import DistEnv
 from trainer.grid_sample import grid_sample
+from trainer.precision import upcast
 
 # Strengths of the reference pipeline (stylegan2-ada-pytorch `training/augment.py` defaults).
 XINT_MAX = 0.125  # integer translation, fraction of the image size
@@ -160,17 +161,17 @@ def augment(images: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
         return images
     if u.shape != (len(images), RANDOM_COLUMNS):
         raise ValueError(f"augment needs ({len(images)}, {RANDOM_COLUMNS}) uniforms, got {tuple(u.shape)}")
-    with torch.autocast(images.device.type, enabled=False):  # matrices and sampling in fp32
-        return _augment(images.float(), u.float(), p).to(images.dtype)
+    with torch.autocast(images.device.type, enabled=False):  # matrices and sampling in fp32 (fp64 in an fp64 run)
+        return _augment(upcast(images), upcast(u), p).to(images.dtype)
 
 
 def _augment(x: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
     b, c, h, w = x.shape
     inv = geometric_matrix(u, p, (h, w))
     if not torch.equal(inv, _eye(3, b, x.device)):
-        grid = F.affine_grid(inv[:, :2, :], [b, c, h, w], align_corners=False)
+        grid = F.affine_grid(inv[:, :2, :].to(x.dtype), [b, c, h, w], align_corners=False)
         x = grid_sample(x, grid, padding_mode="reflection")  # twice differentiable: R1 passes through it
-    m = color_matrix(u, p)
+    m = color_matrix(u, p).to(x.dtype)
     flat = x.reshape(b, c, h * w)
     if c == 3:
         flat = m[:, :3, :3] @ flat + m[:, :3, 3:]
@@ -192,7 +193,7 @@ class AdaptiveP:
     def observe(self, real_logits: torch.Tensor) -> None:
         """Count the signs of D's outputs on (augmented) real images of this rank."""
         if self.adaptive:
-            x = real_logits.detach().float()
+            x = upcast(real_logits.detach())
             self.signs = self.signs.to(x.device) + torch.stack([x.sign().sum(), x.new_tensor(x.numel())]).double()
 
     def _global_signs(self, env: DistEnv | None) -> torch.Tensor:

@@ -162,7 +162,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (accelerate's --mixed_precision, else bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16 | fp64 (for equivalence checks; slow)
     strategy: str = "ddp"  # ddp | deepspeed
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -180,7 +180,7 @@ CHOICES = {
     "train.optimizer": ("adam", "rmsprop"),
     "train.augment": ("none", "ada"),
     "loss.type": ("bce", "hinge", "wgan", "wgan_gp", "lsgan"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
     "strategy": ("ddp", "deepspeed"),
 }
 
@@ -326,6 +326,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("model.num_classes", f"must be >= 0; got {cfg.model.num_classes}")
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:
         raise ConfigError("loss.clip", f"wgan needs a positive clipping bound; got {cfg.loss.clip}")
+    if cfg.precision == "fp64" and cfg.eval.every_steps:
+        raise ConfigError("eval.every_steps", "evaluation runs in float32: with precision=fp64 (for equivalence "
+                                              "checks) evaluate the checkpoints afterwards with `ganforge eval`")
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "")
+    if cfg.precision == "auto" and launcher.lower() not in ("", "no", "bf16", "fp16"):
+        raise ConfigError("precision", f"auto follows accelerate's --mixed_precision, but {launcher!r} is not "
+                                       f"one ganforge trains in (no, bf16, fp16); set precision explicitly")
     if cfg.model.arch == "stylegan2":
         validate_stylegan2(cfg, world_size)
     elif cfg.train.augment != "none":
@@ -354,6 +361,8 @@ def validate_deepspeed(cfg: Config) -> None:
         raise ConfigError("deepspeed.bucket_size", f"must be > 0; got {cfg.deepspeed.bucket_size}")
     if cfg.model.arch in TRANSLATION_ARCHS:
         raise ConfigError("strategy", f"deepspeed trains the GAN recipes; {cfg.model.arch} runs use strategy=ddp")
+    if cfg.precision == "fp64":
+        raise ConfigError("precision", "fp64 (for equivalence checks) runs with strategy=ddp; deepspeed trains in fp32, bf16 or fp16")
     if cfg.train.compile:
         raise ConfigError("train.compile", "torch.compile is not supported with strategy=deepspeed")
     if importlib.util.find_spec("deepspeed") is None:

@@ -22,6 +22,7 @@ from trainer import __version__
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, to_dict
 from trainer.distributed import DistEnv, unwrap, wrap
+from trainer.precision import default_dtype, resolve_precision
 
 
 def derive_seed(*parts: int) -> int:
@@ -39,12 +40,6 @@ def global_draw(seed: int, shape: tuple[int, ...], env: DistEnv, uniform: bool =
     draw = torch.rand if uniform else torch.randn
     full = draw(shape, generator=torch.Generator().manual_seed(seed), device="cpu")  # same on every device
     return full[env.rank::env.world_size].to(env.device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 class TrainingError(Exception):
@@ -128,6 +123,8 @@ class TrainerBase:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.precision = resolve_precision(cfg.precision, env.device)
+        # Before any network or input exists: fp64 makes every one of them float64.
+        torch.set_default_dtype(default_dtype(self.precision))
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         if env.device.type == "cuda":

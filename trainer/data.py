@@ -54,5 +54,5 @@ class DataCursor:
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], on whatever device the images are."""
-    return images.float().div_(127.5).sub_(1.0)
+    """uint8 [0, 255] -> [-1, 1] in the default dtype (float64 in an fp64 run), on the images' device."""
+    return images.to(torch.get_default_dtype()).div_(127.5).sub_(1.0)

@@ -40,6 +40,7 @@ from trainer.distributed import (
 from trainer.ema import EMA
 from trainer.models import build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
+from trainer.precision import upcast
 from trainer.preemption import Preempted, StopFlag
 from trainer.sampling import generate, latents, save_samples
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
@@ -75,7 +76,7 @@ class Trainer(TrainerBase):
     def real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next real batch on the device, in the model's range, with its labels if conditional."""
         batch = self.data.next()
-        x = batch["points"] if self.points else to_unit_range(batch["image"]).contiguous(memory_format=self.memory_format)
+        x = batch["points"].to(torch.get_default_dtype()) if self.points else to_unit_range(batch["image"]).contiguous(memory_format=self.memory_format)
         return x, batch.get("label") if self.cfg.model.num_classes else None
 
     def d_step(self, real: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None = None,
@@ -110,10 +111,10 @@ class Trainer(TrainerBase):
                 with self.autocast():
                     real_out, fake_out = d(x, yr), d(fake.detach(), yf)
                     loss = d_loss(cfg.loss.type, real_out, fake_out)
-                parts = {"loss/d": loss.detach(), "d/real": real_out.detach().float().mean(),
-                         "d/fake": fake_out.detach().float().mean()}
+                parts = {"loss/d": loss.detach(), "d/real": upcast(real_out.detach()).mean(),
+                         "d/fake": upcast(fake_out.detach()).mean()}
                 if eps is not None:
-                    gp = gradient_penalty(unwrap(d), x, fake.detach().float(), eps[part], yr)
+                    gp = gradient_penalty(unwrap(d), x, upcast(fake.detach()), eps[part], yr)
                     loss = loss + cfg.loss.gp_weight * gp
                     parts["loss/gp"] = gp.detach()
                 if r1:

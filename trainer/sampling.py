@@ -17,11 +17,16 @@ def latents(seed: int, n: int, z_dim: int, device: torch.device | str = "cpu") -
 @torch.no_grad()
 def run_in_chunks(net: nn.Module, *inputs: torch.Tensor | None, batch: int = 256,
                   device: torch.device | str | None = None) -> torch.Tensor:
-    """net(*inputs) in eval mode, `batch` rows at a time (None inputs pass through), as float32 on CPU."""
+    """net(*inputs) in eval mode, `batch` rows at a time (None inputs pass through), as float32 on CPU.
+
+    Floating-point inputs go in the default dtype (float64 in an fp64 run, whose networks are float64)."""
+    def part(x: torch.Tensor, i: int) -> torch.Tensor:
+        return x[i:i + batch].to(device or x.device, torch.get_default_dtype() if x.is_floating_point() else x.dtype)
+
     was_training = net.training
     net.eval()
     try:
-        return torch.cat([net(*(None if x is None else x[i:i + batch].to(device or x.device) for x in inputs)).float().cpu()
+        return torch.cat([net(*(None if x is None else part(x, i) for x in inputs)).float().cpu()
                           for i in range(0, len(inputs[0]), batch)])
     finally:
         net.train(was_training)

@@ -33,6 +33,7 @@ from trainer.distributed import DistEnv, average_buffers, mean_across, unwrap
 from trainer.ema import EMA
 from trainer.models import build_models
 from trainer.objectives import r1_penalty
+from trainer.precision import upcast
 from trainer.sampling import generate, latents, save_samples
 
 # What each draw is for: the last part of its seed (seed, step, purpose, ...).
@@ -112,7 +113,7 @@ class StyleGAN2Trainer(TrainerBase):
         self.G.module.requires_grad_(True)
         with self.autocast():
             fake = self.G.module(**self.g_inputs(GMAIN, self.cfg.train.batch_size))
-            loss = F.softplus(-d(self.augmented(fake, GMAIN, 0)).float()).mean()
+            loss = F.softplus(-upcast(d(self.augmented(fake, GMAIN, 0)))).mean()
         self.G.backward(loss)
         norm, finite = self.G.apply()
         d.requires_grad_(True)
@@ -129,12 +130,12 @@ class StyleGAN2Trainer(TrainerBase):
             img, ws = self.G.module(**self.g_inputs(GREG, n), return_ws=True)
         res = img.shape[2] * img.shape[3]
         y = draw(derive_seed(cfg.seed, self.state.step, GREG, PL_NOISE), (n, *img.shape[1:]), self.env) / res ** 0.5
-        (grad,) = torch.autograd.grad((img.float() * y).sum(), ws, create_graph=True)
-        lengths = grad.float().square().sum(2).mean(1).sqrt()
+        (grad,) = torch.autograd.grad((upcast(img) * y).sum(), ws, create_graph=True)
+        lengths = upcast(grad).square().sum(2).mean(1).sqrt()
         batch_mean = mean_across(lengths.detach().mean().reshape(1), self.env)[0]
         pl_mean = self.pl_mean.lerp(batch_mean, cfg.loss.pl_decay)
         # img[:, 0, 0, 0] * 0 ties every G parameter into the graph, which DDP's reducer expects.
-        return (lengths - pl_mean).square().mean() + img[:, 0, 0, 0].float().mean() * 0, pl_mean
+        return (lengths - pl_mean).square().mean() + upcast(img[:, 0, 0, 0]).mean() * 0, pl_mean
 
     def g_reg(self) -> dict[str, torch.Tensor]:
         """Greg: the lazy path-length penalty, weighted by pl_weight * pl_every."""
@@ -155,13 +156,13 @@ class StyleGAN2Trainer(TrainerBase):
         with self.autocast():
             fake_out = self.D.module(self.augmented(fake, DMAIN, 0))
             real_out = self.D.module(self.augmented(real, DMAIN, 1))
-            loss = F.softplus(fake_out.float()).mean() + F.softplus(-real_out.float()).mean()
+            loss = F.softplus(upcast(fake_out)).mean() + F.softplus(-upcast(real_out)).mean()
         self.ada.observe(real_out)
         self.D.backward(loss)
         norm, finite = self.D.apply()
         g.requires_grad_(True)
-        return {"loss/d": loss.detach(), "d/real": real_out.detach().float().mean(),
-                "d/fake": fake_out.detach().float().mean(), "grad_norm/d": norm, "skipped/d": self.flag(not finite)}
+        return {"loss/d": loss.detach(), "d/real": upcast(real_out.detach()).mean(),
+                "d/fake": upcast(fake_out.detach()).mean(), "grad_norm/d": norm, "skipped/d": self.flag(not finite)}
 
     def r1(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(R1 of this rank's rows, D's outputs): E||grad_x D(augment(x))||^2 at the un-augmented reals."""
@@ -174,7 +175,7 @@ class StyleGAN2Trainer(TrainerBase):
         """Dreg: lazy R1, weighted by r1_gamma / 2 * r1_every."""
         unwrap(self.G.module).requires_grad_(False)
         penalty, out = self.r1(real)
-        loss = penalty * (self.cfg.loss.r1_gamma / 2) * self.cfg.loss.r1_every + out.float().mean() * 0
+        loss = penalty * (self.cfg.loss.r1_gamma / 2) * self.cfg.loss.r1_every + upcast(out).mean() * 0
         self.D.backward(loss)
         norm, finite = self.D.apply()
         unwrap(self.G.module).requires_grad_(True)

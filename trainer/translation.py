@@ -27,6 +27,7 @@ from trainer.core import TrainerBase, derive_seed
 from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import DistEnv, unwrap
 from trainer.models import build_models
+from trainer.precision import upcast
 from trainer.sampling import run_in_chunks, save_grid
 
 VAL_GRID = 8  # held-out examples pictured in each sample grid
@@ -35,7 +36,7 @@ VAL_MAX = 256  # held-out examples measured at each sample step (the first ones 
 
 def adversarial(kind: str, out: torch.Tensor, real: bool) -> torch.Tensor:
     """The reference's GAN term: least squares to 1/0 (lsgan) or cross-entropy on logits (bce)."""
-    out = out.float()
+    out = upcast(out)
     if kind == "lsgan":
         return ((out - float(real)) ** 2).mean()
     return F.softplus(-out if real else out).mean()
@@ -141,11 +142,11 @@ class TranslationTrainer(TrainerBase):
         with self.autocast():
             out = self.G.module(a, b, identity=cfg.identity_weight > 0)
             adv = adversarial(cfg.type, d.d_b(out["fake_b"]), True) + adversarial(cfg.type, d.d_a(out["fake_a"]), True)
-            cycle = F.l1_loss(out["rec_a"].float(), a) + F.l1_loss(out["rec_b"].float(), b)
+            cycle = F.l1_loss(upcast(out["rec_a"]), a) + F.l1_loss(upcast(out["rec_b"]), b)
             loss = adv + cfg.cycle_weight * cycle
             stats = {"loss/g_adv": adv.detach(), "loss/cycle": cycle.detach()}
             if cfg.identity_weight > 0:
-                idt = F.l1_loss(out["same_b"].float(), b) + F.l1_loss(out["same_a"].float(), a)
+                idt = F.l1_loss(upcast(out["same_b"]), b) + F.l1_loss(upcast(out["same_a"]), a)
                 loss = loss + cfg.cycle_weight * cfg.identity_weight * idt
                 stats["loss/identity"] = idt.detach()
         self.G.backward(loss)
@@ -160,7 +161,7 @@ class TranslationTrainer(TrainerBase):
         with self.autocast():
             fake = self.G.module(a)
             adv = adversarial(cfg.type, d(torch.cat([a, fake], 1)), True)
-            l1 = F.l1_loss(fake.float(), b)
+            l1 = F.l1_loss(upcast(fake), b)
             loss = adv + cfg.l1_weight * l1
         self.G.backward(loss)
         norm, finite = self.G.apply()
@@ -184,7 +185,7 @@ class TranslationTrainer(TrainerBase):
                 real_out = self.D.module(torch.cat([a, b], 1))
                 fake_out = self.D.module(torch.cat([a, fakes[0].detach()], 1))
                 loss = 0.5 * (adversarial(kind, real_out, True) + adversarial(kind, fake_out, False))
-                stats = {"d/real": real_out.detach().float().mean(), "d/fake": fake_out.detach().float().mean()}
+                stats = {"d/real": upcast(real_out.detach()).mean(), "d/fake": upcast(fake_out.detach()).mean()}
         self.D.backward(loss)
         norm, finite = self.D.apply()
         return stats | {"loss/d": loss.detach(), "grad_norm/d": norm, "skipped/d": self.flag(not finite)}

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.precision import upcast
+
 LRELU_GAIN = math.sqrt(2.0)  # keeps activations at unit variance after leaky ReLU(0.2)
 
 
@@ -189,7 +191,7 @@ class MappingNetwork(nn.Module):
         w = self.net(z)
         if update_w_avg:
             with torch.no_grad():
-                self.w_avg.lerp_(w.detach().float().mean(0).to(self.w_avg.dtype), 1 - self.w_avg_beta)
+                self.w_avg.lerp_(upcast(w.detach()).mean(0).to(self.w_avg.dtype), 1 - self.w_avg_beta)
         if psi != 1.0:
             w = self.w_avg.to(w.dtype).lerp(w, psi)
         return w
@@ -264,7 +266,7 @@ def minibatch_stddev(x: torch.Tensor, group: int) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     g = math.gcd(min(group, n), n)
-    y = x.float().reshape(g, -1, c, h, w)
+    y = upcast(x).reshape(g, -1, c, h, w)
     y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt().mean(dim=(1, 2, 3))  # (N/G,)
     y = y.reshape(-1, 1, 1, 1).repeat(g, 1, h, w).to(x.dtype)
     return torch.cat([x, y], dim=1)
