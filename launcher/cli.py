@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import data_cli, eval_cli, k8s, launch, runs_cli
+from launcher import config_cli, data_cli, eval_cli, k8s, launch, runs_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,8 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     k8s.add_parser(sub)
     runs_cli.add_parser(sub)
     eval_cli.add_parser(sub)
+    config_cli.add_parser(sub)
 
-    t = sub.add_parser("train", help="train in this process (use `ganforge launch` for several)")
+    t = sub.add_parser("train", help="train in this process (use `ganforge launch` for several)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config keys (dotted key=value; `ganforge config keys PREFIX` filters):\n"
+                              + config_cli.keys_table(config_cli.config_keys()))
     t.add_argument("--config", required=True)
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     t.set_defaults(func=train)
@@ -82,11 +86,11 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before anything imports torch: --help stays fast
     from data_pipeline import DataError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as e:

@@ -51,7 +51,7 @@ class ModelConfig:
     arch: str = "dcgan"  # dcgan | stylegan2 (images) | mlp (2-D points) | cyclegan | pix2pix (image-to-image)
     resolution: int = 32  # image side; a power of two >= 16 (stylegan2: >= 8; ignored by mlp)
     channels: int = 1  # image channels, or the point dimension for mlp
-    z_dim: int = 100
+    z_dim: int = 100  # latent size (the generator's input)
     g_width: int = 64  # dcgan: maps of G's last hidden layer (doubling towards 4x4); mlp: hidden units
     d_width: int = 64  # dcgan: maps of D's first layer (doubling towards 4x4); mlp: hidden units
     depth: int = 4  # mlp hidden layers
@@ -95,10 +95,10 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0 = no limit
     n_critic: int = 1  # D steps per G step
     optimizer: str = "adam"  # adam | rmsprop (the WGAN paper's choice with weight clipping)
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
+    lr_g: float = 2e-4  # generator learning rate
+    lr_d: float = 2e-4  # discriminator learning rate
+    beta1: float = 0.5  # Adam's beta1 (momentum) for both networks
+    beta2: float = 0.999  # Adam's beta2 for both networks
     lr_decay_start: float = 1.0  # fraction of max_steps after which both lrs decay linearly to 0 (1.0: constant)
     accumulate: int = 1  # micro-batches per phase step (gradient accumulation)
     grad_clip: float = 0.0  # clip each network's gradient norm to this; 0 = off
@@ -128,7 +128,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 500
+    every_steps: int = 500  # save a checkpoint every k steps (and at the end and on SIGTERM)
     keep: int = 3  # newest checkpoints kept
     milestone_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
     resume: str = "latest"  # latest | none | PATH
@@ -137,11 +137,11 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     mlflow_uri: str = ""  # default sqlite:///<parent of run.dir>/mlflow.db; "none" disables
-    experiment: str = "ganforge"
+    experiment: str = "ganforge"  # MLflow experiment name
     prometheus_port: int = 0  # 0 disables the /metrics exporter
-    every_steps: int = 50
-    sample_every_steps: int = 500
-    sample_count: int = 64
+    every_steps: int = 50  # progress line, metrics.jsonl, MLflow and /metrics losses every k steps
+    sample_every_steps: int = 500  # sample grids of the fixed latents every k steps
+    sample_count: int = 64  # images in each sample grid
 
 
 @dataclass
@@ -157,7 +157,7 @@ class EvalConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
-    seed: int = 0
+    seed: int = 0  # the one seed everything derives from (weights, data order, latents)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -259,17 +259,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def load_config(path: str | None, overrides: list[str] = ()) -> Config:
-    """Config from a YAML file (or defaults) plus dotted overrides, validated."""
+def load_config(path: str | list[str] | None, overrides: list[str] = ()) -> Config:
+    """Config from YAML file(s) (or defaults) plus dotted overrides, validated. With several
+    files, each is applied over the ones before it, then the overrides."""
     cfg = Config()
-    if path:
+    for one in [path] if isinstance(path, str) else path or []:
         try:
-            with open(path) as f:
+            with open(one) as f:
                 doc = yaml.safe_load(f) or {}
         except FileNotFoundError:
-            raise ConfigError("--config", f"no such file {path}") from None
+            raise ConfigError("--config", f"no such file {one}") from None
         except yaml.YAMLError as e:
-            raise ConfigError("--config", f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+            raise ConfigError("--config", f"{one} is not valid YAML ({str(e).splitlines()[0]})") from None
         apply(cfg, doc)
     for text in overrides:
         key, value = parse_override(text)

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from trainer import __version__
 from trainer.checkpoint import CheckpointManager, load_latest, read_checkpoint
@@ -43,6 +42,7 @@ from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 from trainer.precision import upcast
 from trainer.preemption import Preempted, StopFlag
 from trainer.sampling import generate, latents, save_samples
+from trainer.sync_batchnorm import convert_sync_batchnorm
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
 from trainer.telemetry.prometheus import PrometheusExporter, restart_count
 
@@ -56,7 +56,7 @@ class Trainer(TrainerBase):
         torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
         g, d = build_models(cfg.model)
         if cfg.model.sync_bn and env.world_size > 1:
-            g, d = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (g, d))
+            g, d = (convert_sync_batchnorm(m, env.device) for m in (g, d))
         # Not under compile (inductor picks conv layouts itself, and torch 2.11's inductor fails on
         # channels_last weights in convolution_backward) nor DeepSpeed (it flattens contiguous params).
         channels_last = gpu and cfg.train.channels_last and cfg.model.arch == "dcgan" and not cfg.train.compile \

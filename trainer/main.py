@@ -43,13 +43,6 @@ def prepare(config: str, overrides: list[str]):
         raise ConfigError("data.train", str(e)) from None
     from trainer.models import POINT_ARCHS, TRANSLATION_ARCHS
 
-    if cfg.model.sync_bn and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("model.sync_bn", "SyncBatchNorm runs on GPUs only; on CPU leave it off "
-                                               "(BN statistics are then averaged across ranks after each step)")
-
     if cfg.model.arch in TRANSLATION_ARCHS:
         return check_translation_data(cfg, index)
 
