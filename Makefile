@@ -28,6 +28,7 @@ test-fast: install
 bench: install
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/faults.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/scaling.py
 	$(BIN)/python bench/zero_memory.py

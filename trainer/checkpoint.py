@@ -26,6 +26,17 @@ STATE = "state.pt"
 MARKER = "COMMITTED"
 TMP, ASIDE = ".tmp-", ".old-"  # a save being written; the copy a save of the same step replaces
 LEFTOVER = re.compile(r"^(\.tmp-|\.old-)(step_\d{8})-\d+$")
+# Test-only (bench/faults.py): seconds to pause inside every save, half after the state file is
+# written and half after the marker, before the rename, so that a kill lands mid-save for sure.
+PAUSE_IN_SAVE = "GANFORGE_TEST_PAUSE_IN_SAVE"
+
+
+def _test_pause(step: int, where: str) -> None:
+    """Sleep per GANFORGE_TEST_PAUSE_IN_SAVE (test-only; unset in real runs: no effect)."""
+    seconds = float(os.environ.get(PAUSE_IN_SAVE) or 0)
+    if seconds > 0:
+        print(f"ganforge: test pause in the save of step {step}, {where}", file=sys.stderr, flush=True)
+        time.sleep(seconds / 2)
 
 
 class CheckpointError(Exception):
@@ -104,6 +115,7 @@ def _write_committed(tmp: str, step: int, state: dict[str, Any]) -> None:
             raise
         f.flush()
         os.fsync(f.fileno())
+    _test_pause(step, "state written, no marker")
     marker = {"step": step, "time": time.time(),
               "files": {STATE: {"bytes": os.path.getsize(state_path), "sha256": _sha256(state_path)}}}
     with open(os.path.join(tmp, MARKER), "w") as f:
@@ -125,6 +137,7 @@ def write_checkpoint(run_dir: str, step: int, state: dict[str, Any]) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a partial save must not keep the disk full
         raise
+    _test_pause(step, "committed, not renamed")
     if not os.path.exists(final):
         os.rename(tmp, final)
         _fsync_dir(d)
