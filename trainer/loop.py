@@ -41,6 +41,7 @@ from trainer.models import build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 from trainer.precision import upcast
 from trainer.preemption import Preempted, StopFlag
+from trainer.running_stats import restore_running_stats, snapshot_running_stats
 from trainer.sampling import generate, latents, save_samples
 from trainer.sync_batchnorm import convert_sync_batchnorm
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
@@ -171,6 +172,7 @@ class Trainer(TrainerBase):
         gb, zd = cfg.train.batch_size, cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
         skipped = False
+        norm_stats = snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped
         reuse = cfg.train.accumulate == 1  # the last D step's G(z) feeds the G step
         for i in range(cfg.train.n_critic):
             real, real_labels = self.real_batch()
@@ -190,6 +192,8 @@ class Trainer(TrainerBase):
             stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, 3), (gb, zd), env),
                                  self.fake_labels(derive_seed(cfg.seed, step, 5)))
         skipped |= bool(stats["skipped/g"])
+        if skipped:  # the bad batch must not stay in BN statistics (then averaged, EMA-copied, saved)
+            restore_running_stats(norm_stats)
         average_buffers(self.G.module, env)
         average_buffers(self.D.module, env)
         self.state.step += 1
