@@ -48,3 +48,44 @@ def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(make_trainer, m
     monkeypatch.undo()
     t.train_step()  # and training goes on with finite statistics
     assert all(torch.isfinite(b.float()).all() for b in bn_buffers(t.G.module, t.D.module).values())
+
+
+# -- ganforge sample on files that hold no usable generator ---------------------------------------------
+@pytest.fixture(scope="module")
+def trained_run(digits_dir, tmp_path_factory) -> str:
+    from tests.conftest import run_cli
+
+    run = str(tmp_path_factory.mktemp("sample") / "run")
+    r = run_cli("train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *TINY,
+                "train.max_steps=2", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # What Reporter.save_generator writes at the end of a run with MLflow (off here, for speed).
+    from trainer.checkpoint import load_latest
+
+    state = load_latest(run)[1]
+    torch.save({k: state[k] for k in ("step", "config", "G_ema")}, f"{run}/generator_ema.pt")
+    return run
+
+
+@pytest.mark.parametrize("what", ["generator_ema.pt --no-ema", "bare state_dict", "no config"])
+def test_sampling_a_file_without_a_usable_generator_is_one_clear_line(trained_run, tmp_path, what):
+    import os
+
+    from tests.conftest import run_cli
+
+    path = os.path.join(trained_run, "generator_ema.pt")
+    extra = ["--no-ema"] if what.endswith("--no-ema") else []
+    if what == "bare state_dict":
+        path = str(tmp_path / "g.pt")
+        torch.save(torch.load(os.path.join(trained_run, "generator_ema.pt"), weights_only=True)["G_ema"], path)
+    elif what == "no config":
+        path = str(tmp_path / "g.pt")
+        state = torch.load(os.path.join(trained_run, "generator_ema.pt"), weights_only=True)
+        torch.save({k: v for k, v in state.items() if k != "config"}, path)
+    r = run_cli("sample", "--run", trained_run, "--checkpoint", path, "--n", "4", "--seed", "0",
+                "--out", str(tmp_path / "x.npy"), *extra)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr and path in lines[0], r.stderr
+    assert {"generator_ema.pt --no-ema": "without --no-ema", "bare state_dict": "not a ganforge checkpoint",
+            "no config": "no 'config' entry"}[what] in lines[0]

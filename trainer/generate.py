@@ -23,6 +23,9 @@ def load_checkpoint_state(run_dir: str, checkpoint: str | None = None):
         if found is None:
             raise CheckpointError(f"{run_dir}: no valid checkpoint in {os.path.join(run_dir, 'checkpoints')}")
         path, state = found
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{path}: no 'config' entry, so not a ganforge checkpoint or generator_ema.pt "
+                              f"(a bare state_dict cannot be sampled: its architecture is unknown)")
     return path, state, from_dict(state["config"])
 
 
@@ -34,8 +37,14 @@ def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = 
     if cfg.model.arch in TRANSLATION_ARCHS:
         raise CheckpointError(f"{path}: a {cfg.model.arch} run translates images rather than sampling them; "
                               "use `ganforge translate`")
+    key = "G_ema" if use_ema else "G"
+    if key not in state:
+        held = " and ".join(k for k in ("G", "G_ema") if k in state) or "no generator"
+        hint = ("generator_ema.pt keeps only the EMA generator: sample it without --no-ema, or pass a "
+                "checkpoint (run.dir/checkpoints/step_N) for the raw G") if key == "G" else "sample the raw G with --no-ema"
+        raise CheckpointError(f"{path}: no {key} weights (it holds {held}); {hint}")
     g, _ = build_models(cfg.model)
-    g.load_state_dict(state["G_ema" if use_ema else "G"])
+    g.load_state_dict(state[key])
     return g.eval(), cfg, path
 
 
