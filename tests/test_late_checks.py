@@ -89,3 +89,22 @@ def test_sampling_a_file_without_a_usable_generator_is_one_clear_line(trained_ru
     assert len(lines) == 1 and "Traceback" not in r.stderr and path in lines[0], r.stderr
     assert {"generator_ema.pt --no-ema": "without --no-ema", "bare state_dict": "not a ganforge checkpoint",
             "no config": "no 'config' entry"}[what] in lines[0]
+
+
+# -- the skipped-sample total on /metrics -----------------------------------------------------------------
+def test_skipped_total_is_exported_to_prometheus():
+    import re
+    import urllib.request
+
+    from tests.conftest import free_port
+    from trainer.telemetry.prometheus import PrometheusExporter
+
+    e = PrometheusExporter(free_port(), rank=0, job="digits", world_size=2, device=torch.device("cpu"),
+                           addr="127.0.0.1")
+    try:
+        for total in (0, 3, 3, 5):  # the job-wide running total, at each log step
+            e.report({}, 0, torch.device("cpu"), 0, skipped_samples=total)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{e.port}/metrics", timeout=5).read().decode()
+    finally:
+        e.close()
+    assert re.search(r"^ganforge_data_skipped_samples_total\{.*\} 5\.0$", text, re.M), text

@@ -329,7 +329,8 @@ class Reporter:
         values |= {f"lr/{p.name.lower()}": p.opt.param_groups[0]["lr"] for p in t.phases}
         values["train/nonfinite_steps"] = float(t.state.nonfinite)  # skipped steps, same on every rank
         if self.exporter:
-            self.exporter.report(values, int(values["train/nonfinite_steps"]), t.env.device, t.data.epoch)
+            self.exporter.report(values, int(values["train/nonfinite_steps"]), t.env.device, t.data.epoch,
+                                 skipped_samples=t.data.skipped)
         if not self.active:
             return
         now = time.perf_counter()

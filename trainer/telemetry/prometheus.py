@@ -110,6 +110,10 @@ class PrometheusExporter:
                          (*BASE_LABELS, "network"), registry=reg)
         self.nonfinite = counter("ganforge_nonfinite_steps_total", "Steps whose losses were NaN or infinite.")
         self._nonfinite_seen = 0
+        self.skipped = counter("ganforge_data_skipped_samples_total",
+                               "Bad samples skipped and replaced (data.on_error=skip), summed over the job's "
+                               "ranks: the same job-wide total on every rank.")
+        self._skipped_seen = 0
         self.checkpoint_seconds = Histogram("ganforge_checkpoint_seconds", "Time to write one checkpoint.",
                                             BASE_LABELS, registry=reg, buckets=CHECKPOINT_BUCKETS).labels(**base)
         self.last_checkpoint = gauge("ganforge_last_checkpoint_timestamp_seconds",
@@ -158,8 +162,9 @@ class PrometheusExporter:
             self.step_seconds.observe(seconds)
 
     @_guarded
-    def report(self, values: dict[str, float], nonfinite_steps: int, device: Any, epoch: int) -> None:
-        """At a log step: losses, D outputs, gradient norms, learning rates, non-finite count, memory."""
+    def report(self, values: dict[str, float], nonfinite_steps: int, device: Any, epoch: int,
+               skipped_samples: int = 0) -> None:
+        """At a log step: losses, D outputs, gradient norms, learning rates, non-finite and skipped counts, memory."""
         for key, value in values.items():
             if (net_term := loss_labels(key)) is not None:
                 self._loss.labels(**self.labels, network=net_term[0], term=net_term[1]).set(value)
@@ -172,6 +177,9 @@ class PrometheusExporter:
         if nonfinite_steps > self._nonfinite_seen:  # the loop reports a running total
             self.nonfinite.inc(nonfinite_steps - self._nonfinite_seen)
             self._nonfinite_seen = nonfinite_steps
+        if skipped_samples > self._skipped_seen:  # also a running total (of the whole job)
+            self.skipped.inc(skipped_samples - self._skipped_seen)
+            self._skipped_seen = skipped_samples
         if (mem := device_memory_bytes(device)) is not None:
             self.memory.set(mem)
         self.epoch.set(epoch)
