@@ -117,6 +117,18 @@ class ShardIndex:
         return path
 
 
+def parse_label(payload: bytes, label_names: list[str] | None) -> int:
+    """A `cls` member as an integer in 0..len(label_names)-1 (or >= 0 without names); else DataError."""
+    try:
+        label = int(payload)
+    except ValueError:
+        raise DataError(f"label {payload[:20].decode(errors='replace')!r} is not an integer") from None
+    if label < 0 or (label_names and label >= len(label_names)):
+        span = f"the dataset's {len(label_names)} label names" if label_names else "labels >= 0"
+        raise DataError(f"label {label} is outside {span}")
+    return label
+
+
 def is_url(location: str) -> bool:
     return "://" in location or location.startswith("pipe:")
 

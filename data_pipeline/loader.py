@@ -24,7 +24,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.index import ShardIndex, ShardRecord, is_url, load_index, read_location
+from data_pipeline.index import (
+    ShardIndex,
+    ShardRecord,
+    is_url,
+    load_index,
+    parse_label,
+    read_location,
+)
 from data_pipeline.planner import epoch_order, rank_positions, samples_at, worker_batches
 
 
@@ -89,6 +96,16 @@ class ShardReader:
             members[ext] = payload
         return shard, rec.key, members
 
+    def decode(self, sample: int) -> dict[str, torch.Tensor]:
+        """Read and decode one sample; any problem is a DataError naming its shard and key."""
+        shard, key, members = self.read(sample)
+        try:
+            return decode_sample(self.index.kind, self.index.meta, members)
+        except DataError as e:
+            raise DataError(f"{shard.name}: key {key}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - a decoder raises many kinds
+            raise DataError(f"{shard.name}: key {key}: cannot decode ({type(e).__name__}: {e})") from None
+
     def close(self) -> None:
         for buf in self._open.values():
             if isinstance(buf, mmap.mmap):
@@ -124,29 +141,48 @@ def decode_npy(payload: bytes) -> np.ndarray:
 
 
 def decode_sample(kind: str, meta: dict[str, Any], members: dict[str, bytes]) -> dict[str, torch.Tensor]:
-    """Decode one sample's members into tensors (uint8 images, float32 points, int64 label)."""
+    """Decode one sample's members into tensors (uint8 images, float32 points, int64 label).
+
+    Whatever disagrees with the index metadata (image size or bit depth, label outside
+    `label_names`) is a DataError naming the member, so a batch never mixes shapes or depths.
+    """
     out: dict[str, torch.Tensor] = {}
     ext = meta.get("image_ext", "png")
     channels = int(meta.get("channels", 3))
     if kind == "image":
-        out["image"] = _decode_image(members[ext], channels)
+        out["image"] = _checked_image(members, ext, channels, meta.get("size"))
     elif kind == "paired":
-        out["a"] = _decode_image(members[f"a.{ext}"], channels)
-        out["b"] = _decode_image(members[f"b.{ext}"], channels)
+        out["a"] = _checked_image(members, f"a.{ext}", channels, meta.get("size"))
+        out["b"] = _checked_image(members, f"b.{ext}", channels, meta.get("size"))
     elif kind == "points":
         out["points"] = torch.from_numpy(decode_npy(members["npy"]).astype(np.float32))
+        dims = meta.get("dims")
+        if dims is not None and tuple(out["points"].shape) != (dims,):
+            raise DataError(f"member .npy has shape {tuple(out['points'].shape)}, the index says ({dims},)")
     else:
         raise DataError(f"unknown dataset kind {kind!r}")
     if "cls" in members:
-        out["label"] = torch.tensor(int(members["cls"]), dtype=torch.int64)
+        out["label"] = torch.tensor(parse_label(members["cls"], meta.get("label_names")), dtype=torch.int64)
     return out
+
+
+def _checked_image(members: dict[str, bytes], member: str, channels: int, size: int | None) -> torch.Tensor:
+    image = _decode_image(members[member], channels)
+    if image.dtype != torch.uint8:
+        raise DataError(f"member .{member} is a {image.element_size() * 8}-bit image, the index says 8-bit "
+                        "(write the shards again with `ganforge data make-shards`)")
+    if size is not None and tuple(image.shape[1:]) != (size, size):
+        raise DataError(f"member .{member} is {image.shape[2]}x{image.shape[1]} (WxH), the index says {size}x{size}")
+    if image.shape[0] != channels:
+        raise DataError(f"member .{member} has {image.shape[0]} channels, the index says {channels}")
+    return image
 
 
 def decode_samples(index: ShardIndex, samples) -> list[dict[str, torch.Tensor]]:
     """The given sample numbers of `index`, read (CRC-checked) and decoded, in that order."""
     reader = ShardReader(index)
     try:
-        return [decode_sample(index.kind, index.meta, reader.read(int(i))[2]) for i in samples]
+        return [reader.decode(int(i)) for i in samples]
     finally:
         reader.close()
 
@@ -225,20 +261,15 @@ class ShardStream(IterableDataset):
             reader.close()
 
     def _load(self, reader: ShardReader, sample: int, warned: set[str]) -> dict[str, torch.Tensor] | None:
-        shard, key = None, "?"
         try:
-            shard, key, members = reader.read(sample)
-            return decode_sample(self.index.kind, self.index.meta, members)
-        except Exception as e:  # noqa: BLE001 - any decode failure is a bad sample
-            name = shard.name if shard else self.index.locate(sample)[0].name
-            if not isinstance(e, DataError) or key == "?":
-                key = self.index.locate(sample)[1].key
-            msg = str(e) if isinstance(e, DataError) else f"{name}: key {key}: cannot decode ({type(e).__name__}: {e})"
+            return reader.decode(sample)
+        except DataError as e:
             if self.spec.on_error == "raise":
-                raise DataError(msg) from None
+                raise
+            name = self.index.locate(sample)[0].name
             if name not in warned:
                 warned.add(name)
-                print(f"ganforge: skipping bad sample ({msg}); further ones in {name} are counted silently",
+                print(f"ganforge: skipping bad sample ({e}); further ones in {name} are counted silently",
                       file=sys.stderr, flush=True)
             return None
 

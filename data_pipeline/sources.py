@@ -136,11 +136,25 @@ def _image_files(root: str) -> list[str]:
 
 
 def _open_rgb(path: str) -> Image.Image:
+    """An image as 8-bit RGB; 16-bit gray is scaled to 8 bits (PIL's convert would clip it at 255)."""
     try:
         with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I"):
+                img = _eight_bit(np.asarray(img), path)
+            elif img.mode == "F":
+                raise DataError(f"{path}: floating-point image (mode F); convert it to 8- or 16-bit first")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{path}: cannot read image ({e})") from None
+
+
+def _eight_bit(pixels: np.ndarray, path: str) -> Image.Image:
+    """A 16-bit (or 32-bit integer) gray image as 8-bit gray: 0..65535 maps onto 0..255."""
+    low, high = int(pixels.min()), int(pixels.max())
+    if low < 0 or high > 65535:
+        raise DataError(f"{path}: integer image with values {low}..{high}, outside 16 bits; convert it to 8-bit first")
+    return Image.fromarray((pixels.astype(np.float64) / 257).round().astype(np.uint8), mode="L")
 
 
 def folder_source(root: str, size: int = 64, fmt: str = "png") -> Source:

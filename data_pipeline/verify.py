@@ -1,4 +1,5 @@
-"""Check shards against their index: presence, size, sha256, tar members and per-member crc32."""
+"""Check shards against their index: presence, size, sha256, tar members, per-member crc32, and
+that every sample decodes as the index metadata says (image size and bit depth, labels)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import os
 import tarfile
 import zlib
 from collections.abc import Callable
+from typing import Any
 
+from data_pipeline.errors import DataError
 from data_pipeline.index import ShardIndex, ShardRecord
 
 
@@ -41,6 +44,22 @@ def verify_shard(data: bytes, shard: ShardRecord) -> list[str]:
     return problems
 
 
+def decode_problems(data: bytes, shard: ShardRecord, kind: str, meta: dict[str, Any]) -> list[str]:
+    """Samples of an intact shard that disagree with the index metadata (image size, bit depth, label)."""
+    from data_pipeline.loader import decode_sample
+
+    problems = []
+    for rec in shard.samples:
+        members = {ext: data[offset:offset + size] for ext, (offset, size, _) in rec.members.items()}
+        try:
+            decode_sample(kind, meta, members)
+        except DataError as e:
+            problems.append(f"{shard.name}: key {rec.key}: {e}")
+        except Exception as e:  # noqa: BLE001 - a decoder raises many kinds
+            problems.append(f"{shard.name}: key {rec.key}: cannot decode ({type(e).__name__}: {e})")
+    return problems
+
+
 def verify_index(index: ShardIndex, progress: Callable[[str], None] | None = None) -> list[str]:
     """All problems of a local dataset; an empty list means every shard matches its index."""
     problems = []
@@ -50,7 +69,10 @@ def verify_index(index: ShardIndex, progress: Callable[[str], None] | None = Non
             problems.append(f"{shard.name}: missing shard file {path}")
             continue
         with open(path, "rb") as f:
-            found = verify_shard(f.read(), shard)
+            data = f.read()
+        found = verify_shard(data, shard)
+        if not found:
+            found = decode_problems(data, shard, index.kind, index.meta)
         problems += found
         if progress:
             progress(f"{shard.name}: {'ok' if not found else 'BAD'} ({shard.num_samples} samples)")

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from data_pipeline.errors import DataError
-from data_pipeline.index import INDEX_NAME, SampleRecord, ShardIndex, ShardRecord
+from data_pipeline.index import INDEX_NAME, SampleRecord, ShardIndex, ShardRecord, parse_label
 
 Sample = tuple[str, dict[str, bytes]]  # (key, {extension: payload})
 BUILD_MARK = ".make-shards-"  # <parent>/.<name>.make-shards-XXXX: a dataset being built
@@ -198,8 +198,14 @@ def _write_into(
             print(f"  wrote {shards[-1].name}: {shards[-1].num_samples} samples, "
                   f"{shards[-1].bytes / 1e6:.2f} MB", flush=True)
 
+    label_names = meta.get("label_names")
     for key, members in samples:
         _check_key(key)
+        if "cls" in members:
+            try:
+                parse_label(members["cls"], label_names)
+            except DataError as e:
+                raise DataError(f"key {key}: {e}") from None
         if key in seen:
             raise DataError(f"duplicate sample key {key!r}")
         seen.add(key)

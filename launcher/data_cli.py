@@ -106,15 +106,19 @@ def inspect(args: argparse.Namespace) -> int:
     for k, v in index.meta.items():
         if k not in ("centres",):
             print(f"{k + ':':<9} {_brief(v)}")
-    from data_pipeline.loader import ShardReader, decode_sample
+    from data_pipeline.index import parse_label
+    from data_pipeline.loader import ShardReader
 
     reader = ShardReader(index)
     try:
         labels = Counter()
         for i in range(index.num_samples):
-            _, _, members = reader.read(i) if "cls" in index.locate(i)[1].members else (None, None, {})
-            if "cls" in members:
-                labels[int(members["cls"])] += 1
+            if "cls" in index.locate(i)[1].members:
+                shard, key, members = reader.read(i)
+                try:
+                    labels[parse_label(members["cls"], index.meta.get("label_names"))] += 1
+                except DataError as e:
+                    raise DataError(f"{shard.name}: key {key}: {e}") from None
         names = index.meta.get("label_names") or []
         if len(labels) > MAX_LABEL_LINES:
             counts = sorted(labels.values())
@@ -131,7 +135,7 @@ def inspect(args: argparse.Namespace) -> int:
             from trainer.sampling import save_grid
 
             n = min(args.n, index.num_samples)
-            items = [decode_sample(index.kind, index.meta, reader.read(i)[2]) for i in range(n)]
+            items = [reader.decode(i) for i in range(n)]
             if index.kind == "points":
                 raise DataError("--grid shows images; this dataset holds 2-D points")
             key = "image" if index.kind == "image" else "a"
