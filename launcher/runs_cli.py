@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from trainer.redact import redact
+
 DEFAULT_URI = "sqlite:///runs/mlflow.db"
 # Which way is better, by a fragment of the metric name; metrics matching neither get no "best".
 LOWER_IS_BETTER = ("loss", "fid", "kid", "wait", "nonfinite")
@@ -197,10 +199,10 @@ def list_runs(args: argparse.Namespace) -> int:
         client = _client(uri)
         runs = _all_runs(client)
     except RunsError as e:
-        print(f"ganforge: error: {e}", file=sys.stderr)
+        print(f"ganforge: error: {redact(str(e))}", file=sys.stderr)
         return 1
     if not runs:
-        print(f"no runs in {uri}")
+        print(f"no runs in {redact(uri)}")
         return 0
     exp_names = {e.experiment_id: e.name for e in client.search_experiments()}
     rows = [["run id", "name", "experiment", "status", "started", "steps", "loss/d", "loss/g"]]
@@ -223,6 +225,6 @@ def compare_runs(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"\nplot: {plot(views, args.plot)}")
     except RunsError as e:
-        print(f"ganforge: error: {e}", file=sys.stderr)
+        print(f"ganforge: error: {redact(str(e))}", file=sys.stderr)
         return 1
     return 0

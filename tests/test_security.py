@@ -65,3 +65,68 @@ def test_pipe_locations_are_read_without_a_shell(small_dir, monkeypatch):
     assert calls == [(["cat", f"{small_dir}/index.json"], False), (["cat", f"{small_dir}/000000.tar"], False)]
     with pytest.raises(DataError, match="000000.tar: cannot fetch .*exited with status 1"):
         index_module.read_location("pipe:cat /nonexistent/000000.tar")
+
+
+@pytest.mark.parametrize("raw, shown", [
+    ("https://alice:s3cret@host/data", "https://alice:***@host/data"),
+    ("https://ghp_s3cret@github.com/x", "https://***@github.com/x"),
+    ("s3://bucket/k?X-Amz-Date=1&X-Amz-Signature=s3cret", "s3://bucket/k?X-Amz-Date=1&X-Amz-Signature=***"),
+    ("https://acct.blob.core.windows.net/c?sv=2020&sig=s3cret", "https://acct.blob.core.windows.net/c?sv=2020&sig=***"),
+    ("http://h/x?token=s3cret&page=2", "http://h/x?token=***&page=2"),
+    ("postgresql://ml:s3cret@db:5432/mlflow", "postgresql://ml:***@db:5432/mlflow"),
+    ('pipe:curl -s -H "Authorization: Bearer s3cret-t0ken" https://h/d', 'pipe:curl -s -H "Authorization: Bearer ***" https://h/d'),
+    ("sqlite:////runs/mlflow.db", "sqlite:////runs/mlflow.db"),
+    ("data/digits", "data/digits"),
+])
+def test_redaction_hides_passwords_and_tokens_and_keeps_everything_else(raw, shown):
+    from trainer.redact import redact
+
+    assert redact(raw) == shown
+    assert redact({"data": {"train": raw}, "n": [raw, 3]}) == {"data": {"train": shown}, "n": [shown, 3]}
+
+
+def test_a_password_in_data_train_is_recorded_nowhere(tmp_path, digits_dir):
+    """A real run streaming over http with user:password@: config.yaml, checkpoints, MLflow and output stay clean."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import free_port
+    from trainer.checkpoint import read_checkpoint
+
+    secret = "hunter2-SECRET"
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                              cwd=digits_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/index.json", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        db = tmp_path / "mlflow.db"
+        r = run_cli("train", "--config", "configs/dcgan_digits.yaml", f"data.train=http://alice:{secret}@127.0.0.1:{port}",
+                    f"run.dir={tmp_path}/run", "train.max_steps=2", "train.batch_size=16", "checkpoint.every_steps=2",
+                    "log.every_steps=1", "log.sample_every_steps=2", "log.prometheus_port=0", f"log.mlflow_uri=sqlite:///{db}")
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert r.returncode == 0, r.stderr
+    assert secret not in r.stdout + r.stderr
+    assert secret not in open(tmp_path / "run" / "config.yaml").read()
+    assert "alice:***@127.0.0.1" in open(tmp_path / "run" / "config.yaml").read()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in os.listdir(checkpoints):
+        if name.startswith("step"):
+            assert secret not in repr(read_checkpoint(str(checkpoints / name))["config"])
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file() and path.suffix in (".pt", ".yaml", ".json", ".jsonl", ".txt"):
+            assert secret.encode() not in path.read_bytes(), path
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("ganforge").experiment_id])
+    assert run.data.params["data.train"] == f"http://alice:***@127.0.0.1:{port}"
+    assert not any(secret in str(v) for v in [*run.data.params.values(), *run.data.tags.values()])

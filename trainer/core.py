@@ -23,6 +23,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.config import Config, to_dict
 from trainer.distributed import DistEnv, unwrap, wrap
 from trainer.precision import default_dtype, resolve_precision
+from trainer.redact import redact
 
 
 def derive_seed(*parts: int) -> int:
@@ -203,7 +204,7 @@ class TrainerBase:
         """Counters, config, data position, and per phase its network(s), optimiser and scaler."""
         out = {"version": __version__, "step": self.state.step, "nimg": self.state.nimg,
                "nonfinite": self.state.nonfinite, "world_size": self.env.world_size, "strategy": self.cfg.strategy,
-               "config": to_dict(self.cfg), "data": self.data.state_dict(),
+               "config": to_dict(redact(self.cfg)), "data": self.data.state_dict(),
                "mlflow_run_id": self.state.mlflow_run_id}
         for p in self.phases:
             out |= {p.name: unwrap(p.module).state_dict(), f"opt_{p.name}": p.optimizer_state(),

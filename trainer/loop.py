@@ -41,6 +41,7 @@ from trainer.models import build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 from trainer.precision import upcast
 from trainer.preemption import Preempted, StopFlag
+from trainer.redact import redact
 from trainer.running_stats import restore_running_stats, snapshot_running_stats
 from trainer.sampling import generate, latents, save_samples
 from trainer.sync_batchnorm import convert_sync_batchnorm
@@ -284,7 +285,7 @@ class Reporter:
                     "device_count": str(torch.cuda.device_count() if env.device.type == "cuda" else 1),
                     "precision": trainer.precision, "mlflow.runName": cfg.run.name}
             self.tracker = MlflowTracker(uri, cfg.log.experiment, cfg.run.name, trainer.state.mlflow_run_id,
-                                         to_flat(cfg), tags, resume_step=resumed_step)
+                                         to_flat(redact(cfg)), tags, resume_step=resumed_step)
             self.uri = uri
 
     def _time_data(self, data: DataCursor) -> None:
@@ -407,7 +408,7 @@ class Reporter:
         """run.dir/generator_ema.pt: the final generator(s) alone, loadable by `ganforge sample --checkpoint`."""
         t = self.t
         path = os.path.join(t.cfg.run.dir, "generator_ema.pt")
-        torch.save({"step": t.state.step, "config": to_dict(t.cfg), **t.export()}, path)
+        torch.save({"step": t.state.step, "config": to_dict(redact(t.cfg)), **t.export()}, path)
         return path
 
 
@@ -457,7 +458,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
         os.makedirs(cfg.run.dir, exist_ok=True)
         set_aside_newer(cfg.run.dir, trainer.state.step if resumed else 0)  # not this run's past
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
-            f.write(dump_yaml(cfg))
+            f.write(dump_yaml(redact(cfg)))  # the running process keeps the real values
         where = f"resuming from {resumed[0]} at step {trainer.state.step}" if resumed else "starting"
         print(f"ganforge: {where}; world size {env.world_size} on {env.device.type}, "
               f"precision {trainer.precision}, global batch {cfg.train.batch_size}", flush=True)
@@ -543,5 +544,5 @@ def print_summary(s: dict[str, Any]) -> None:
     if s["checkpoint"]:
         print(f"  checkpoints: {os.path.dirname(s['checkpoint'])}")
     if s["mlflow_uri"]:
-        print(f"  MLflow:      mlflow ui --backend-store-uri {s['mlflow_uri']}   (run {s['mlflow_run_id']})")
+        print(f"  MLflow:      mlflow ui --backend-store-uri {redact(s['mlflow_uri'])}   (run {s['mlflow_run_id']})")
     sys.stdout.flush()

@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+from trainer.redact import redact
+
 
 def default_tracking_uri(run_dir: str) -> str:
     """sqlite:///<parent of run.dir>/mlflow.db, e.g. runs/mlflow.db for run.dir=runs/demo."""
@@ -92,7 +94,7 @@ class MlflowTracker:
     def _warn(self, msg: str) -> None:
         if not self._warned:
             self._warned = True
-            print(f"ganforge: warning: MLflow: {msg} (training continues; retrying)", file=sys.stderr, flush=True)
+            print(f"ganforge: warning: MLflow: {redact(msg)} (training continues; retrying)", file=sys.stderr, flush=True)
 
     def _retry(self, fn, *args, attempts: int = 5):
         for i in range(attempts):
@@ -117,9 +119,9 @@ class MlflowTracker:
                 exp_id = client.create_experiment(experiment, artifact_location=artifacts)
             else:
                 exp_id = exp.experiment_id
-            run = client.create_run(exp_id, run_name=run_name, tags=tags)
+            run = client.create_run(exp_id, run_name=run_name, tags=redact(tags))
             self.run_id = run.info.run_id
-            items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+            items = [Param(k, str(v)[:6000]) for k, v in sorted(redact(params).items())]
             for i in range(0, len(items), 100):
                 client.log_batch(self.run_id, params=items[i:i + 100])
         else:
@@ -127,7 +129,7 @@ class MlflowTracker:
             # Points logged after the checkpoint we resumed from are not logged twice.
             history = client.get_metric_history(self.run_id, "loss/g")
             self._skip_through = max([self._skip_through] + [m.step for m in history])
-            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items() if k != "mlflow.runName"])
+            client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in redact(tags).items() if k != "mlflow.runName"])
         return client
 
     def _work(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
