@@ -157,29 +157,39 @@ def test_single_process_train_and_resume_from_saved_step(digits_dir, tmp_path):
     ("configs/dcgan_digits.yaml", ["model.norm=none", "loss.r1_gamma=1.0", "loss.r1_every=2"]),  # lazy R1
 ])
 def test_two_processes_equal_one_process_with_the_same_global_batch(digits_dir, tmp_path, recipe, extra):
+    """The default fp32 path, within float32 noise. Weights are compared exactly in float64 in
+    tests/test_equivalence.py: in float32, Adam turns summation-order noise on elements with a
+    near-zero gradient into steps of ~lr that differ between the runs (from step ~3 in WGAN-GP),
+    so only what comes before that, and the function G computes, can be compared here.
+
+    Bounds: measured on a 2-core AVX2 machine over 10 pairs of runs of both recipes, some with
+    one of the two runs on other kernels (ATEN_CPU_CAPABILITY=default, ONEDNN_MAX_CPU_ISA=SSE41,
+    1 or 2 threads) to stand in for other CPUs."""
     common = ["--config", recipe, f"data.train={digits_dir}", *TINY, "train.max_steps=10", "log.every_steps=1",
               *extra]
     r = accelerate_cpu(2, *common, f"run.dir={tmp_path}/two")
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("train", *common, f"run.dir={tmp_path}/one", env={"WORLD_SIZE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    # The same computation: every loss term (penalties included) of the first steps agrees.
     logs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("two", "one")]
+    assert logs[0][0]["step"] == logs[1][0]["step"] == 1
     for a, b in zip(logs[0][:3], logs[1][:3], strict=True):
+        # Every loss term (penalties included) and mean D output of the first 3 steps. Measured:
+        # at most 2.5e-8 apart (2.2e-5 relative), 1/40 of this bound.
         for k in (k for k in b if k.startswith(("loss/", "d/"))):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), f"step {b['step']} {k}"
-    a = read_checkpoint(str(tmp_path / "two" / "checkpoints" / "step_00000010"))
-    b = read_checkpoint(str(tmp_path / "one" / "checkpoints" / "step_00000010"))
-    assert a["world_size"] == 2 and b["world_size"] == 1
-    for net in ("G", "D"):
-        for k, v in b[net].items():
-            # Only float summation order differs; Adam normalises each gradient element, so on
-            # near-zero elements that noise becomes sign noise: weights agree to ~1e-3 relative.
-            assert (a[net][k] - v).norm() <= 2e-2 * v.norm() + 1e-7, f"{net}.{k}"
+    for k in (k for k in logs[1][0] if k.startswith("grad_norm/")):
+        # Gradient norms of step 1: Adam hides a wrong gradient scale from losses and outputs (with
+        # gradients summed instead of averaged over ranks, outputs after 10 steps moved by 2e-4
+        # only), the norms show it (2x). Measured: at most 5.3e-6 relative.
+        assert logs[0][0][k] == pytest.approx(logs[1][0][k], rel=1e-3), k
     outs = []
     for run in ("two", "one"):
         out = str(tmp_path / f"{run}.npy")
         assert run_cli("sample", "--run", str(tmp_path / run), "--n", "16", "--seed", "0", "--out", out,
                        "--no-ema").returncode == 0
         outs.append(np.load(out))
-    assert np.abs(outs[0] - outs[1]).max() < 1e-4
+    # G's outputs after 10 steps, in [-1, 1]. Measured: at most 3.2e-4 for WGAN-GP (where the
+    # noise grows from step ~3 on; 1.4e-4 without other kernels, over the former bound of 1e-4)
+    # and 1.2e-9 for R1; the bound is 30x the former.
+    assert np.abs(outs[0] - outs[1]).max() < 1e-2
