@@ -64,7 +64,7 @@ class ModelConfig:
     d_layers: int = 3  # PatchGAN strided layers (3: 70x70 patches)
     dropout: bool = True  # pix2pix: dropout in the U-Net decoder
     direction: str = "AtoB"  # pix2pix: AtoB translates member a into b; BtoA the reverse
-    sync_bn: bool = False  # SyncBatchNorm across ranks (GPU); default: BN statistics averaged after each step
+    sync_bn: bool = False  # BN over the global batch (SyncBatchNorm on GPU, all-reduces on CPU); default: BN statistics averaged after each step
     w_dim: int = 512  # stylegan2: size of the intermediate latent w
     map_layers: int = 8  # stylegan2: fully connected layers of the mapping network z -> w
     style_mixing: float = 0.9  # stylegan2: probability that a training sample mixes two w's
