@@ -108,3 +108,88 @@ def test_skipped_total_is_exported_to_prometheus():
     finally:
         e.close()
     assert re.search(r"^ganforge_data_skipped_samples_total\{.*\} 5\.0$", text, re.M), text
+
+
+# -- data.on_error=skip: counted over ranks, exported, bounded; worker errors in one line -------------
+SMALL_RUN = [*TINY, "model.resolution=16", "train.batch_size=12", "log.every_steps=1"]
+
+
+def break_samples(directory: str, keys: list[str]) -> None:
+    """Destroy the PNG body of the samples `keys` (their CRC updated: they fail at decode time)."""
+    import json
+    import os
+    import zlib
+
+    doc = json.load(open(os.path.join(directory, "index.json")))
+    for shard in doc["shards"]:
+        path = os.path.join(directory, shard["name"])
+        data = bytearray(open(path, "rb").read())
+        for rec in shard["samples"]:
+            if rec["key"] in keys:
+                off, size, _ = rec["members"]["png"]
+                data[off + 20:off + size] = b"\0" * (size - 20)
+                rec["members"]["png"][2] = zlib.crc32(bytes(data[off:off + size]))
+        open(path, "wb").write(bytes(data))
+    json.dump(doc, open(os.path.join(directory, "index.json"), "w"))
+
+
+def first_key_per_rank(directory: str, world_size: int) -> list[str]:
+    from tests.conftest import run_cli
+
+    r = run_cli("data", "plan", directory, "--world-size", str(world_size))
+    assert r.returncode == 0, r.stderr
+    plan = [__import__("json").loads(line) for line in r.stdout.splitlines()]
+    return [next(p["key"] for p in plan if p["rank"] == rank) for rank in range(world_size)]
+
+
+def metrics(run: str) -> list[dict]:
+    import json
+    import os
+
+    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def test_skipped_samples_are_summed_over_ranks(small_dir, tmp_path):
+    from tests.conftest import accelerate_cpu
+
+    break_samples(small_dir, first_key_per_rank(small_dir, 2))  # one bad sample on each rank
+    run = str(tmp_path / "run")
+    # 60 samples, global batch 12: 5 steps read the epoch once, both bad samples included.
+    r = accelerate_cpu(2, "--config", RECIPE, f"data.train={small_dir}", f"run.dir={run}", *SMALL_RUN,
+                       "data.on_error=skip", "data.max_skip_fraction=0.05", "train.max_steps=5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert metrics(run)[-1]["data/skipped"] == 2
+
+
+def test_too_many_skipped_samples_stop_the_run_with_one_line(small_dir, tmp_path):
+    from tests.conftest import accelerate_cpu
+
+    break_samples(small_dir, first_key_per_rank(small_dir, 2))  # 2 of 60: 3.3 %, over the default 1 %
+    r = accelerate_cpu(2, "--config", RECIPE, f"data.train={small_dir}", f"run.dir={tmp_path}/run", *SMALL_RUN,
+                       "data.on_error=skip", "train.max_steps=5")
+    assert r.returncode == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("ganforge: error:")]
+    assert errors and all(e == errors[0] for e in errors), r.stderr[-3000:]  # the same line on each rank
+    assert "data.max_skip_fraction=0.01" in errors[0] and "%" in errors[0]
+    assert "trainer/data.py\", line" not in r.stderr, r.stderr[-3000:]  # no trainer traceback (accelerate prints its own)
+
+
+def test_max_skip_fraction_is_checked_before_anything_starts(small_dir, tmp_path):
+    from tests.conftest import run_cli
+
+    r = run_cli("train", "--config", RECIPE, f"data.train={small_dir}", f"run.dir={tmp_path}/run",
+                "data.max_skip_fraction=1.5")
+    assert r.returncode == 2 and "data.max_skip_fraction" in r.stderr
+
+
+def test_a_data_error_in_a_loader_worker_reaches_the_user_as_one_line(small_dir, tmp_path):
+    from tests.conftest import run_cli
+
+    key = first_key_per_rank(small_dir, 1)[0]
+    break_samples(small_dir, [key])
+    r = run_cli("train", "--config", RECIPE, f"data.train={small_dir}", f"run.dir={tmp_path}/run", *SMALL_RUN,
+                "data.num_workers=1", "train.max_steps=3", timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("ganforge: error:")]
+    assert len(errors) == 1 and f"key {key}: cannot decode" in errors[0], r.stderr[-3000:]

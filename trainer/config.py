@@ -41,6 +41,7 @@ class DataConfig:
     build: str = ""  # sample_images | edges2photos: build the packaged dataset holding data.train if missing
     num_workers: int = 0  # DataLoader workers per rank
     on_error: str = "raise"  # raise | skip (a bad sample is counted and replaced)
+    max_skip_fraction: float = 0.01  # on_error=skip: stop (DataError) once more than this fraction of samples was bad
     flip: bool = False  # random horizontal flips, fixed by (seed, epoch, sample)
     pad: bool = True  # pad the epoch so every rank reads the same count (else drop the tail)
     shuffle_block_shards: int = 0  # 0: shuffle all samples; k: shuffle within blocks of k shards
@@ -300,6 +301,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("model.resolution", f"must be a power of two >= 16; got {res}")
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers", f"must be >= 0; got {cfg.data.num_workers}")
+    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:  # NaN fails too
+        raise ConfigError("data.max_skip_fraction", f"must be in 0..1; got {cfg.data.max_skip_fraction}")
     if not cfg.data.train:
         raise ConfigError("data.train", "required: a directory written by `ganforge data make-shards`")
     if not cfg.run.dir:

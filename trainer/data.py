@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from data_pipeline import DataError
 from data_pipeline.loader import ShardStream, StreamSpec, make_loader
@@ -24,8 +25,10 @@ class DataCursor:
             raise DataError(f"{location}: {self.stream.index.num_samples} samples, fewer than one "
                             f"global batch ({self.global_batch})")
         self.loader = make_loader(self.stream, cfg.data.num_workers, pin_memory=env.device.type == "cuda")
-        self.device = env.device
-        self.epoch, self.consumed, self.skipped = 0, 0, 0
+        self.device, self.world_size = env.device, env.world_size
+        self.counting = cfg.data.on_error == "skip"  # nothing is ever skipped otherwise
+        self.max_skip_fraction = cfg.data.max_skip_fraction
+        self.epoch, self.consumed, self.skipped = 0, 0, 0  # skipped: bad samples of every rank, whole run
         self._it = None
 
     def state_dict(self) -> dict[str, int]:
@@ -47,10 +50,41 @@ class DataCursor:
             except StopIteration:
                 self.epoch, self.consumed, self._it = self.epoch + 1, 0, None
                 continue
+            except DataError as e:  # raised in a loader worker: torch wraps it in the worker's traceback
+                raise DataError(worker_error_line(e)) from None
             self.consumed += self.global_batch
-            self.skipped += int(batch.pop("skipped"))
+            self.count_skipped(batch.pop("skipped"))
             return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         raise DataError("the data stream yields no batch for a whole epoch")
+
+    def count_skipped(self, skipped: torch.Tensor) -> None:
+        """Add the bad samples of this batch on every rank to the run's total; stop past the bound.
+
+        Every rank fetches in step, so the one all-reduce here (only with data.on_error=skip)
+        pairs up, and every rank sees the same total and stops at the same batch. The bound
+        is on max(samples read, dataset size): a few bad samples early in the first epoch do
+        not stop the run, more than the fraction of the dataset does.
+        """
+        if not self.counting:
+            return
+        if self.world_size > 1:
+            skipped = skipped.to(self.device, torch.int64)
+            dist.all_reduce(skipped)
+        self.skipped += int(skipped)
+        size = self.stream.index.num_samples
+        read = self.epoch * size + self.consumed
+        if self.skipped > self.max_skip_fraction * max(read, size):
+            raise DataError(f"{self.skipped} bad samples skipped out of {read} read ({self.skipped / read:.2%}), "
+                            f"more than data.max_skip_fraction={self.max_skip_fraction:g}; repair the shards (`ganforge data verify`) or raise the bound")
+
+
+def worker_error_line(error: DataError) -> str:
+    """The message of a DataError raised in a loader worker, without the traceback torch wraps it in."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split("DataError: ", 1)[1] if "DataError: " in last else last
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:

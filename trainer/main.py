@@ -56,6 +56,9 @@ def prepare(config: str, overrides: list[str]):
     check_images(cfg, "data.train", index, "image")
     if cfg.model.num_classes and not index.meta.get("label_names"):
         raise ConfigError("model.num_classes", f"{cfg.data.train} has no labels for a conditional model")
+    classes = len(index.meta.get("label_names") or [])
+    if cfg.model.num_classes and classes > cfg.model.num_classes:
+        raise ConfigError("model.num_classes", f"{cfg.model.num_classes}, but {cfg.data.train} has {classes} classes")
     return cfg
 
 
