@@ -40,7 +40,10 @@ def global_draw(seed: int, shape: tuple[int, ...], env: DistEnv, uniform: bool =
     """
     draw = torch.rand if uniform else torch.randn
     full = draw(shape, generator=torch.Generator().manual_seed(seed), device="cpu")  # same on every device
-    return full[env.rank::env.world_size].to(env.device)
+    mine = full[env.rank::env.world_size]
+    if env.device.type == "cuda":  # from pinned memory, so the copy does not stall the host
+        return mine.pin_memory().to(env.device, non_blocking=True)
+    return mine.to(env.device)
 
 
 class TrainingError(Exception):
@@ -56,6 +59,7 @@ class Phase:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
+    finite: bool = True  # whether the last apply() stepped: a host-side copy, so reading it costs no sync
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of (the scaled) `loss` into this phase's network."""
@@ -83,6 +87,7 @@ class Phase:
             self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
+        self.finite = finite
         return norm.detach(), finite
 
     @torch.no_grad()
@@ -137,6 +142,7 @@ class TrainerBase:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         self.state = TrainState()
+        self._flags: torch.Tensor | None = None
 
     def make_phase(self, name: str, module: nn.Module, lr: float) -> Phase:
         """`module` wrapped for the job, with its own optimiser and (fp16) loss scaler."""
@@ -183,7 +189,9 @@ class TrainerBase:
     def flag(self, value: bool) -> torch.Tensor:
         """A 0/1 statistic on the trainer's device, where every statistic of a step lives (the
         reporter reduces them in one tensor)."""
-        return torch.tensor(float(value), device=self.env.device)
+        if self._flags is None:  # built once: a fresh tensor per call would be a host-to-device copy
+            self._flags = torch.tensor([0.0, 1.0], device=self.env.device)
+        return self._flags[int(value)]
 
     def count_nonfinite(self, skipped: bool) -> None:
         s = self.state

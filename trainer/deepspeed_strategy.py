@@ -174,6 +174,7 @@ class DeepSpeedPhase(Phase):
         finite = math.isfinite(norm)
         if isinstance(self.scaler, LossScale):
             self.scaler.update(finite)
+        self.finite = finite
         return torch.tensor(norm, device=self.engine.device), finite
 
     def clamp_weights(self, bound: float) -> None:

@@ -184,7 +184,7 @@ class Trainer(TrainerBase):
             r1 = cfg.loss.r1_gamma > 0 and (step * cfg.train.n_critic + i) % cfg.loss.r1_every == 0
             stats = self.d_step(real, z, eps, real_labels, self.fake_labels(derive_seed(cfg.seed, step, 4, i)), r1,
                                 keep_fake=reuse and i == cfg.train.n_critic - 1)
-            skipped |= bool(stats["skipped/d"])
+            skipped |= not self.D.finite
         if reuse:
             fake, labels = self.kept_fake
             self.kept_fake = None
@@ -192,7 +192,7 @@ class Trainer(TrainerBase):
         else:
             stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, 3), (gb, zd), env),
                                  self.fake_labels(derive_seed(cfg.seed, step, 5)))
-        skipped |= bool(stats["skipped/g"])
+        skipped |= not self.G.finite
         if skipped:  # the bad batch must not stay in BN statistics (then averaged, EMA-copied, saved)
             restore_running_stats(norm_stats)
         average_buffers(self.G.module, env)

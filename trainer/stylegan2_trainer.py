@@ -186,16 +186,18 @@ class StyleGAN2Trainer(TrainerBase):
         self.set_learning_rates(step, {"G": cfg.train.lr_g * self.g_ratio, "D": cfg.train.lr_d * self.d_ratio})
         real = to_unit_range(self.data.next()["image"])
         stats = self.g_main()
-        skipped = bool(stats["skipped/g"])
+        skipped = not self.G.finite
         if cfg.loss.pl_weight > 0 and step % cfg.loss.pl_every == 0:
             reg = self.g_reg()
-            skipped |= bool(reg.pop("skipped/g"))
+            reg.pop("skipped/g")
+            skipped |= not self.G.finite
             self.last_reg |= reg
         stats |= self.d_main(real)
-        skipped |= bool(stats["skipped/d"])
+        skipped |= not self.D.finite
         if cfg.loss.r1_gamma > 0 and step % cfg.loss.r1_every == 0:
             reg = self.d_reg(real)
-            skipped |= bool(reg.pop("skipped/d"))
+            reg.pop("skipped/d")
+            skipped |= not self.D.finite
             self.last_reg |= reg
         self.ada.update(step, env)
         average_buffers(self.G.module, env)  # w_avg: the mean over ranks is the mean over the global batch

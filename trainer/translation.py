@@ -133,7 +133,7 @@ class TranslationTrainer(TrainerBase):
         stats |= self.d_step(a, b, fakes)
         self.state.step += 1
         self.state.nimg += cfg.train.batch_size
-        self.count_nonfinite(bool(stats["skipped/g"]) or bool(stats["skipped/d"]))
+        self.count_nonfinite(not (self.G.finite and self.D.finite))
         return stats
 
     def cycle_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
