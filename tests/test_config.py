@@ -50,8 +50,8 @@ def test_cli_exits_2_with_one_line_naming_the_key():
 def test_cli_rejects_data_that_does_not_fit_the_model(digits_dir):
     r = run_cli("train", "--config", RECIPE, f"data.train={digits_dir}", "model.resolution=64")
     assert r.returncode == 2 and "model.resolution" in r.stderr
-    r = run_cli("train", "--config", RECIPE, "data.train=/nonexistent/shards")
-    assert r.returncode == 2 and "data.train" in r.stderr and "/nonexistent/shards" in r.stderr
+    r = run_cli("train", "--config", RECIPE, "data.train=/nonexistent/shards")  # not there (yet): retryable
+    assert r.returncode == 1 and "data.train" in r.stderr and "/nonexistent/shards" in r.stderr
 
 
 def test_bad_yaml_file_is_named(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import types
 import typing
@@ -183,7 +184,9 @@ CHOICES = {
     "loss.type": ("bce", "hinge", "wgan", "wgan_gp", "lsgan"),
     "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
     "strategy": ("ddp", "deepspeed"),
+    "eval.features": ("auto", "inception", "digits", "points", "stacked"),
 }
+EVAL_METRICS = ("fid", "kid", "pr", "modes", "classes", "stacked")  # what eval.metrics may name
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -299,6 +302,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     res = cfg.model.resolution
     if cfg.model.arch == "dcgan" and (res < 16 or res & (res - 1)):
         raise ConfigError("model.resolution", f"must be a power of two >= 16; got {res}")
+    for key, value in to_flat(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number; got {value}")
+    if not 0 <= cfg.log.prometheus_port <= 65535:
+        raise ConfigError("log.prometheus_port", f"a TCP port (0 disables the exporter); got {cfg.log.prometheus_port}")
+    validate_eval(cfg)
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers", f"must be >= 0; got {cfg.data.num_workers}")
     if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:  # NaN fails too
@@ -351,6 +360,21 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
 
 TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
 EVAL_METRICS = ("fid", "kid", "pr", "modes", "classes", "stacked")
+
+
+def validate_eval(cfg: Config) -> None:
+    """eval.*: caught here, not at the first evaluation hours into the run."""
+    e = cfg.eval
+    if e.every_steps < 0:
+        raise ConfigError("eval.every_steps", f"must be >= 0 (0: never); got {e.every_steps}")
+    if e.n <= 0:
+        raise ConfigError("eval.n", f"must be > 0; got {e.n}")
+    names = [m.strip() for m in e.metrics.split(",") if m.strip()]
+    unknown = [m for m in names if m not in EVAL_METRICS]
+    if unknown or not names:
+        raise ConfigError("eval.metrics", f"{e.metrics!r}: choose from {', '.join(EVAL_METRICS)}")
+    if e.every_steps and e.inception_weights and not os.path.isfile(e.inception_weights):
+        raise ConfigError("eval.inception_weights", f"no such file {e.inception_weights!r}")
 
 
 def validate_deepspeed(cfg: Config) -> None:

@@ -25,9 +25,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def prepare(config: str, overrides: list[str]):
     """Load and check the config against the data, before any process group exists."""
     from data_pipeline import DataError, load_index
+    from data_pipeline.index import INDEX_NAME, is_url
     from trainer.config import ConfigError, load_config
 
     cfg = load_config(config, overrides)
+    check_run_dir(cfg.run.dir)
     if cfg.data.build:
         from data_pipeline.packaged import ensure_built
 
@@ -40,6 +42,10 @@ def prepare(config: str, overrides: list[str]):
     try:
         index = load_index(cfg.data.train)
     except DataError as e:
+        if not is_url(cfg.data.train) and not os.path.isfile(os.path.join(cfg.data.train, INDEX_NAME)):
+            # A data volume that is not mounted yet: retryable (exit 1), unlike a wrong config.
+            raise DataError(f"data.train: no {INDEX_NAME} in {cfg.data.train} (not written, or its volume "
+                            f"not mounted yet); the same command can be retried") from None
         raise ConfigError("data.train", str(e)) from None
     from trainer.models import POINT_ARCHS, TRANSLATION_ARCHS
 
@@ -60,6 +66,17 @@ def prepare(config: str, overrides: list[str]):
     if cfg.model.num_classes and classes > cfg.model.num_classes:
         raise ConfigError("model.num_classes", f"{cfg.model.num_classes}, but {cfg.data.train} has {classes} classes")
     return cfg
+
+
+def check_run_dir(path: str) -> None:
+    """run.dir can be created and written by this user; nothing is created yet."""
+    from trainer.config import ConfigError
+
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError("run.dir", f"{path} cannot be written ({probe} is not a writable directory)")
 
 
 def check_images(cfg, key: str, index, kind: str) -> None:
@@ -106,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ganforge: {e}", file=sys.stderr)
         return 2
+    except DataError as e:
+        print(f"ganforge: error: {e}", file=sys.stderr)
+        return 1
     from trainer.loop import TrainingError, run_training
     from trainer.preemption import EXIT_PREEMPTED, Preempted
 

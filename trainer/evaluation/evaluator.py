@@ -12,13 +12,14 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.index import load_index
+from trainer.config import EVAL_METRICS
 from trainer.distributed import DistEnv, pick_device
 from trainer.evaluation.errors import EvaluationError
 from trainer.evaluation.features import build_extractor
 from trainer.evaluation.sharding import generated_features
 from trainer.evaluation.stacked_mnist import PROTOCOL_SAMPLES, is_stacked, stacked_mode_metrics
 
-METRICS = ("fid", "kid", "pr", "modes", "classes", "stacked")
+METRICS = EVAL_METRICS  # one list for the CLI and the config
 MODE_POINTS = 2500  # the PacGAN protocol's sample count for the 2-D mode metric
 PR_K = 3
 DEFAULT_N = 5000
