@@ -45,19 +45,26 @@ def in_memory_batches(data_dir: str, batch: int, n: int, rank: int = 0, world: i
     return list(itertools.islice(make_loader(stream), n))
 
 
-def examples_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
-    """pytorch/examples dcgan/main.py's loop as users write it (with logits): two D backwards, D's
-    weight gradients computed (and, under DDP, all-reduced) in the G step too."""
+def hand_written_setup(cfg, ddp: bool):
+    """(G, D, D unwrapped, Adam for G, Adam for D) from the recipe's seed-0 networks, in DDP if asked."""
     from trainer.models import build_models
 
     torch.manual_seed(0)
     g, d = build_models(cfg.model)
+    d_plain = d
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         g, d = DistributedDataParallel(g), DistributedDataParallel(d)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=(cfg.train.beta1, cfg.train.beta2))
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=(cfg.train.beta1, cfg.train.beta2))
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    return (g, d, d_plain, torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas),
+            torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas))
+
+
+def examples_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
+    """pytorch/examples dcgan/main.py's loop as users write it (with logits): two D backwards, D's
+    weight gradients computed (and, under DDP, all-reduced) in the G step too."""
+    g, d, _, opt_g, opt_d = hand_written_setup(cfg, ddp)
     t0 = 0.0
     for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
         if i == warmup:
@@ -82,17 +89,7 @@ def tight_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> floa
     """The tightest hand-written loop: one D backward over the real and fake terms, the D step's
     fake reused, D frozen (and, under DDP, unwrapped) in the G step so only G's gradients are
     computed and reduced, gradients set to None."""
-    from trainer.models import build_models
-
-    torch.manual_seed(0)
-    g, d = build_models(cfg.model)
-    d_plain = d
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        g, d = DistributedDataParallel(g), DistributedDataParallel(d)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=(cfg.train.beta1, cfg.train.beta2))
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=(cfg.train.beta1, cfg.train.beta2))
+    g, d, d_plain, opt_g, opt_d = hand_written_setup(cfg, ddp)
     bce = F.binary_cross_entropy_with_logits
     t0 = 0.0
     for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):

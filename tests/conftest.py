@@ -64,3 +64,14 @@ def small_dir(tmp_path) -> str:
     write_shards(samples, out, kind="image", meta={"size": 16, "channels": 1, "image_ext": "png"},
                  samples_per_shard=9)
     return out
+
+
+@pytest.fixture(scope="session")
+def packaged(tmp_path_factory) -> dict[str, str]:
+    """Both packaged datasets at 32x32, built once with the project's own builder."""
+    from data_pipeline.packaged import ensure_built
+
+    root = tmp_path_factory.mktemp("packaged")
+    ensure_built("sample_images", str(root / "si"), 32)
+    ensure_built("edges2photos", str(root / "ep"), 32)
+    return {"si": str(root / "si"), "ep": str(root / "ep")}

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from tests.test_gpu import family_args
-from tests.test_translation import packaged  # noqa: F401  (fixture)
 from trainer.config import load_config
 
 
@@ -30,7 +29,7 @@ def on_cpu(fetch):
 
 
 @pytest.mark.parametrize("family", ["dcgan", "wgan_gp", "cyclegan", "pix2pix", "stylegan2"])
-def test_a_step_builds_no_tensor_off_the_trainer_device(family, digits_dir, packaged, tmp_path, monkeypatch):  # noqa: F811
+def test_a_step_builds_no_tensor_off_the_trainer_device(family, digits_dir, packaged, tmp_path, monkeypatch):
     from trainer.distributed import DistEnv
     from trainer.loop import make_trainer
 

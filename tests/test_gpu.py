@@ -42,16 +42,6 @@ def single_process(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.fixture(scope="module")
-def packaged(tmp_path_factory) -> dict[str, str]:
-    from data_pipeline.packaged import ensure_built
-
-    root = tmp_path_factory.mktemp("packaged")
-    ensure_built("sample_images", str(root / "si"), 32)
-    ensure_built("edges2photos", str(root / "ep"), 32)
-    return {"si": str(root / "si"), "ep": str(root / "ep")}
-
-
 def family_args(family: str, digits_dir: str, packaged: dict[str, str]) -> tuple[str, list[str]]:
     """(recipe, overrides): a small version of each family's recipe on data this machine can make."""
     if family == "dcgan":

@@ -19,17 +19,6 @@ TINY = ["model.resolution=32", "model.g_width=8", "model.d_width=8", "model.n_bl
         "log.mlflow_uri=none", "train.threads=1"]
 
 
-@pytest.fixture(scope="session")
-def packaged(tmp_path_factory) -> dict[str, str]:
-    """Both packaged datasets at 32x32, built once with the project's own builder."""
-    from data_pipeline.packaged import ensure_built
-
-    root = tmp_path_factory.mktemp("packaged")
-    ensure_built("sample_images", str(root / "si"), 32)
-    ensure_built("edges2photos", str(root / "ep"), 32)
-    return {"si": str(root / "si"), "ep": str(root / "ep")}
-
-
 def cycle_data(root: str) -> list[str]:
     return ["data.build=", f"data.train={root}/trainA", f"data.train_b={root}/trainB",
             f"data.val={root}/testA", f"data.val_b={root}/testB"]
