@@ -92,7 +92,11 @@ def keys_cli(args: argparse.Namespace) -> int:
 
 
 def show_cli(args: argparse.Namespace) -> int:
-    from trainer.config import dump_yaml, load_config
+    import yaml
 
-    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    from trainer.config import load_config, to_dict
+    from trainer.redact import redact
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False), end="")  # as config.yaml records it
     return 0

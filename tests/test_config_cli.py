@@ -57,3 +57,9 @@ def test_help_imports_no_torch(argv):
     assert r.stdout.strip().splitlines()[-1] == "False", "torch is imported before --help is answered"
     if argv == ["train", "--help"]:
         assert "train.max_steps" in r.stdout and "G steps" in r.stdout
+
+
+def test_config_show_prints_no_secret():
+    r = run_cli("config", "show", "--config", "configs/dcgan_digits.yaml",
+                "log.mlflow_uri=https://alice:SECRET@mlflow.example:5000")
+    assert r.returncode == 0 and "SECRET" not in r.stdout and "alice" in r.stdout

@@ -50,6 +50,27 @@ def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(make_trainer, m
     assert all(torch.isfinite(b.float()).all() for b in bn_buffers(t.G.module, t.D.module).values())
 
 
+def test_a_skipped_translation_step_leaves_batchnorm_statistics_as_they_were(packaged, tmp_path, monkeypatch):
+    from tests.test_translation import pix_data
+    from trainer.distributed import DistEnv
+    from trainer.translation import TranslationTrainer
+
+    cfg = load_config("configs/pix2pix_edges.yaml", [*pix_data(packaged["ep"]), f"run.dir={tmp_path}/run",
+                                                     "model.resolution=32", "model.g_width=8", "model.d_width=8",
+                                                     "train.batch_size=4", "model.norm=batch", "log.mlflow_uri=none"])
+    t = TranslationTrainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+    t.train_step()
+    before = bn_buffers(t.G.module, t.D.module)
+    assert before, "pix2pix's networks hold BatchNorm statistics"
+    real = t.real_batch
+    monkeypatch.setattr(t, "real_batch", lambda: tuple(torch.full_like(x, float("nan")) for x in real()))
+    stats = t.train_step()
+    assert stats["skipped/g"] == 1 and t.state.nonfinite == 1
+    after = bn_buffers(t.G.module, t.D.module)
+    for name, b in before.items():
+        assert torch.equal(after[name], b), f"{name} changed by a skipped step"
+
+
 # -- ganforge sample on files that hold no usable generator ---------------------------------------------
 @pytest.fixture(scope="module")
 def trained_run(digits_dir, tmp_path_factory) -> str:
