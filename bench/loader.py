@@ -43,12 +43,17 @@ def make_images(root: str, n: int, size: int) -> None:
     open(marker, "w").close()
 
 
+def count_images(root: str) -> int:
+    return sum(1 for _, _, files in os.walk(root) for f in files if f.endswith(".jpg"))
+
+
 def make_shards(images: str, out: str) -> None:
+    from data_pipeline import load_index
     from data_pipeline.sources import folder_source
     from data_pipeline.writer import write_shards
 
-    if os.path.exists(os.path.join(out, "index.json")):
-        return
+    if os.path.exists(os.path.join(out, "index.json")) and load_index(out).num_samples == count_images(images):
+        return  # the shards of exactly these images, from an earlier run
     src = folder_source(images, size=64, fmt="jpg")
     write_shards(src.samples, out, kind=src.kind, meta=src.meta, samples_per_shard=1000, force=True)
 
