@@ -6,6 +6,7 @@ rank sees its plan in order for any number of workers; the stream position is on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import mmap
@@ -16,6 +17,7 @@ import threading
 import warnings
 import zlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.cache import ShardCache, ShardFeed
 from data_pipeline.errors import DataError
 from data_pipeline.index import (
     ShardIndex,
@@ -32,7 +35,16 @@ from data_pipeline.index import (
     parse_label,
     read_location,
 )
-from data_pipeline.planner import epoch_order, rank_positions, samples_at, worker_batches
+from data_pipeline.planner import (
+    epoch_order,
+    rank_positions,
+    rank_slots,
+    samples_at,
+    worker_batches,
+)
+from data_pipeline.remote import FetchStats, HttpClient, is_remote
+
+FETCH_FIELDS = tuple(f.name for f in dataclasses.fields(FetchStats))
 
 
 @dataclass
@@ -48,14 +60,27 @@ class StreamSpec:
     flip: bool = False
     block_shards: int = 0
     on_error: str = "raise"  # or "skip"
+    groups: int = 1  # > 1: the epoch order is that many node streams (planner.epoch_order)
+    ranks_per_node: int = 0  # ranks n*ranks_per_node ... share node n (0: unknown)
+    cache_dir: str = ""  # node-local cache of remote shards ("" : read them into memory)
+    cache_limit: int = 0  # bytes of unused shards the cache keeps (0: no limit)
+    prefetch_shards: int = 2  # shards downloaded ahead of the reader
 
 
 class ShardReader:
-    """Random access to sample members: local shards memory-mapped, remote ones fetched whole and cached."""
+    """Random access to sample members: local shards memory-mapped, remote ones fetched whole and kept.
 
-    def __init__(self, index: ShardIndex, max_open: int = 64):
+    `local` maps a shard number to a file holding it (the node cache's copy of a remote
+    shard); without it, http(s) shards are downloaded into memory by `client`.
+    """
+
+    def __init__(self, index: ShardIndex, max_open: int = 64, client: HttpClient | None = None,
+                 local: Callable[[int], str] | None = None):
         self.index = index
         self.max_open = max_open
+        self.client = client or HttpClient()
+        self.local = local
+        self._number = {shard.name: i for i, shard in enumerate(index.shards)}
         self._open: OrderedDict[str, Any] = OrderedDict()
 
     def _buffer(self, shard: ShardRecord) -> Any:
@@ -63,24 +88,31 @@ class ShardReader:
         if path in self._open:
             self._open.move_to_end(path)
             return self._open[path]
-        if is_url(path):
+        if is_remote(path) and self.local is not None:
+            buf = _map(self.local(self._number[shard.name]), shard)
+        elif is_remote(path):
+            data = io.BytesIO()
+            self.client.download(path, data, shard.bytes, what=shard.name)
+            buf = data.getvalue()
+        elif is_url(path):
             try:
                 buf: Any = read_location(path)
             except DataError as e:
                 raise DataError(f"{shard.name}: {e}") from None
         else:
-            try:
-                with open(path, "rb") as f:
-                    # A mapping reads pages on demand and costs no syscall per member.
-                    buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
-            except OSError as e:
-                raise DataError(f"{shard.name}: cannot open shard ({e.strerror})") from None
+            buf = _map(path, shard)
         self._open[path] = buf
         if len(self._open) > self.max_open:
             old = self._open.popitem(last=False)[1]
             if isinstance(old, mmap.mmap):
                 old.close()
         return buf
+
+    def drop(self, shard: ShardRecord) -> None:
+        """Forget `shard` (its mapping or bytes); a later read opens it again."""
+        buf = self._open.pop(self.index.shard_path(shard), None)
+        if isinstance(buf, mmap.mmap):
+            buf.close()
 
     def read(self, sample: int) -> tuple[ShardRecord, str, dict[str, bytes]]:
         shard, rec = self.index.locate(sample)
@@ -111,6 +143,15 @@ class ShardReader:
             if isinstance(buf, mmap.mmap):
                 buf.close()
         self._open.clear()
+
+
+def _map(path: str, shard: ShardRecord) -> Any:
+    """The file at `path` memory-mapped: pages are read on demand, with no syscall per member."""
+    try:
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+    except OSError as e:
+        raise DataError(f"{shard.name}: cannot open shard ({e.strerror})") from None
 
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -210,6 +251,9 @@ class ShardStream(IterableDataset):
         if spec.on_error not in ("raise", "skip"):
             raise DataError(f"data.on_error must be 'raise' or 'skip', got {spec.on_error!r}")
         self.spec = spec
+        self.remote = is_remote(self.index.root)
+        if self.remote and spec.cache_dir:
+            ShardCache(spec.cache_dir, spec.cache_limit, self.index, HttpClient())  # a bad cache_dir fails here
         self.epoch = 0
         self.start = 0
 
@@ -219,7 +263,14 @@ class ShardStream(IterableDataset):
 
     def positions(self) -> np.ndarray:
         s = self.spec
-        return rank_positions(self.index.num_samples, s.world_size, s.rank, self.start, s.pad)
+        slots = rank_slots(s.world_size, s.groups, s.ranks_per_node, self.start)
+        return rank_positions(self.index.num_samples, s.world_size, s.rank, self.start, s.pad, slots)
+
+    def cache_bytes(self) -> int:
+        """Bytes of shards in this node's cache now (0 without one)."""
+        if not (self.remote and self.spec.cache_dir):
+            return 0
+        return ShardCache(self.spec.cache_dir, self.spec.cache_limit, self.index, HttpClient()).size()
 
     def batches_left(self) -> int:
         n, b = len(self.positions()), self.spec.batch_size
@@ -230,18 +281,25 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         sizes = [sh.num_samples for sh in self.index.shards]
-        order = epoch_order(sizes, s.seed, self.epoch, s.block_shards)
+        order = epoch_order(sizes, s.seed, self.epoch, s.block_shards, s.groups)
         total = len(order)
         flips = np.random.default_rng([s.seed, self.epoch, 1]).random(total) < 0.5 if s.flip else None
         positions = self.positions()
         samples = samples_at(order, positions, self.start)
-        reader = ShardReader(self.index)
+        batches = worker_batches(len(positions), s.batch_size, workers, worker, s.drop_last)
+        client = HttpClient(FetchStats())
+        feed, last_use = self._feed(client, [samples[r.start:r.stop] for r in batches])
+        reader = ShardReader(self.index, client=client, local=feed.path if feed else None)
         warned: set[str] = set()
+        read = 0
         try:
-            for rows in worker_batches(len(positions), s.batch_size, workers, worker, s.drop_last):
+            for rows in batches:
                 items, skipped, last_good = [], 0, None
                 for sample in samples[rows.start:rows.stop]:
                     item = self._load(reader, int(sample), warned)
+                    if feed is not None:
+                        self._release(reader, feed, last_use, int(sample), read)
+                    read += 1
                     if item is None:  # skipped bad sample: repeat a good one so ranks stay in step
                         skipped += 1
                         continue
@@ -256,9 +314,32 @@ class ShardStream(IterableDataset):
                 batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
                 batch["position"] = torch.as_tensor(positions[rows.start:rows.stop])
                 batch["skipped"] = torch.tensor(skipped)
+                if self.remote:
+                    taken = client.stats.take()
+                    batch["fetch"] = torch.tensor([float(taken[f]) for f in FETCH_FIELDS], dtype=torch.float64)
                 yield batch
         finally:
             reader.close()
+            if feed is not None:
+                feed.close()
+
+    def _feed(self, client: HttpClient, reads: list[np.ndarray]) -> tuple[ShardFeed | None, dict[int, int]]:
+        """For remote shards with a node cache: the feed of this worker's shards and each one's last read."""
+        s = self.spec
+        if not (self.remote and s.cache_dir):
+            return None, {}
+        mine = np.concatenate(reads) if reads else np.zeros(0, dtype=np.int64)
+        shard_ids = [self.index.shard_of(int(x)) for x in mine]
+        last_use = {sid: t for t, sid in enumerate(shard_ids)}
+        cache = ShardCache(s.cache_dir, s.cache_limit, self.index, client)
+        return ShardFeed(cache, list(dict.fromkeys(shard_ids)), s.prefetch_shards), last_use
+
+    def _release(self, reader: ShardReader, feed: ShardFeed, last_use: dict[int, int], sample: int, read: int) -> None:
+        """After the last read of a shard by this worker, let the cache evict it."""
+        sid = self.index.shard_of(sample)
+        if last_use.get(sid) == read:
+            reader.drop(self.index.shards[sid])
+            feed.release(sid)
 
     def _load(self, reader: ShardReader, sample: int, warned: set[str]) -> dict[str, torch.Tensor] | None:
         try:

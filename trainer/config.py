@@ -46,6 +46,10 @@ class DataConfig:
     flip: bool = False  # random horizontal flips, fixed by (seed, epoch, sample)
     pad: bool = True  # pad the epoch so every rank reads the same count (else drop the tail)
     shuffle_block_shards: int = 0  # 0: shuffle all samples; k: shuffle within blocks of k shards
+    partition_nodes: int = 0  # > 1: split each epoch's shards among this many node streams (set it to the node count)
+    cache_dir: str = ""  # node-local cache for http(s) shards, shared by the node's ranks and workers
+    cache_limit: int = 0  # bytes of shards no reader needs that the cache keeps (0: no limit)
+    prefetch_shards: int = 2  # with data.cache_dir: shards each loader worker downloads ahead of reading
 
 
 @dataclass
@@ -310,6 +314,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     validate_eval(cfg)
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers", f"must be >= 0; got {cfg.data.num_workers}")
+    for key in ("shuffle_block_shards", "partition_nodes", "cache_limit", "prefetch_shards"):
+        if getattr(cfg.data, key) < 0:
+            raise ConfigError(f"data.{key}", f"must be >= 0; got {getattr(cfg.data, key)}")
     if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:  # NaN fails too
         raise ConfigError("data.max_skip_fraction", f"must be in 0..1; got {cfg.data.max_skip_fraction}")
     if not cfg.data.train:

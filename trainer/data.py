@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
 from data_pipeline import DataError
-from data_pipeline.loader import ShardStream, StreamSpec, make_loader
+from data_pipeline.loader import FETCH_FIELDS, ShardStream, StreamSpec, make_loader
 from trainer.config import Config
 from trainer.distributed import DistEnv
 
@@ -19,7 +21,9 @@ class DataCursor:
         spec = StreamSpec(
             seed=cfg.seed if seed is None else seed, rank=env.rank, world_size=env.world_size,
             batch_size=cfg.train.batch_size // env.world_size, pad=cfg.data.pad, drop_last=True,
-            flip=cfg.data.flip, block_shards=cfg.data.shuffle_block_shards, on_error=cfg.data.on_error)
+            flip=cfg.data.flip, block_shards=cfg.data.shuffle_block_shards, on_error=cfg.data.on_error,
+            groups=max(1, cfg.data.partition_nodes), ranks_per_node=local_world_size(),
+            cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit, prefetch_shards=cfg.data.prefetch_shards)
         self.stream = ShardStream(location, spec)
         if self.stream.index.num_samples < self.global_batch:
             raise DataError(f"{location}: {self.stream.index.num_samples} samples, fewer than one "
@@ -29,6 +33,7 @@ class DataCursor:
         self.counting = cfg.data.on_error == "skip"  # nothing is ever skipped otherwise
         self.max_skip_fraction = cfg.data.max_skip_fraction
         self.epoch, self.consumed, self.skipped = 0, 0, 0  # skipped: bad samples of every rank, whole run
+        self.fetched = dict.fromkeys(FETCH_FIELDS, 0.0)  # this rank's remote reads, all its workers, whole process
         self._it = None
 
     def state_dict(self) -> dict[str, int]:
@@ -54,8 +59,19 @@ class DataCursor:
                 raise DataError(worker_error_line(e)) from None
             self.consumed += self.global_batch
             self.count_skipped(batch.pop("skipped"))
+            if "fetch" in batch:
+                for name, value in zip(FETCH_FIELDS, batch.pop("fetch").tolist(), strict=True):
+                    self.fetched[name] += value
             return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         raise DataError("the data stream yields no batch for a whole epoch")
+
+    def fetch_metrics(self) -> dict[str, float]:
+        """This rank's remote-read counters (`data/bytes_fetched`, `data/cache_hits`, ...) and the node cache's size."""
+        if not self.stream.remote:
+            return {}
+        out = {f"data/{name}": value for name, value in self.fetched.items()}
+        out["data/cache_bytes"] = float(self.stream.cache_bytes())
+        return out
 
     def count_skipped(self, skipped: torch.Tensor) -> None:
         """Add the bad samples of this batch on every rank to the run's total; stop past the bound.
@@ -76,6 +92,11 @@ class DataCursor:
         if self.skipped > self.max_skip_fraction * max(read, size):
             raise DataError(f"{self.skipped} bad samples skipped out of {read} read ({self.skipped / read:.2%}), "
                             f"more than data.max_skip_fraction={self.max_skip_fraction:g}; repair the shards (`ganforge data verify`) or raise the bound")
+
+
+def local_world_size() -> int:
+    """Ranks on this node, as torchrun sets it (0: unknown)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
 
 
 def worker_error_line(error: DataError) -> str:
