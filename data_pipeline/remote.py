@@ -22,7 +22,7 @@ from data_pipeline.redact import redact_url
 ATTEMPTS = 6  # first try plus five retries
 BACKOFF_S = 0.2  # doubled after each failed attempt ...
 BACKOFF_MAX_S = 4.0  # ... up to this: about 12 s of waiting before a DataError
-TIMEOUT = urllib3.Timeout(connect=10.0, read=60.0)
+TIMEOUT_S = 60.0  # connect, and between two reads of a body
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 CHUNK = 1 << 20
 
@@ -63,15 +63,17 @@ def is_remote(location: str) -> bool:
 class HttpClient:
     """One process's connection pool; rebuilt after a fork (a pool is never shared across processes)."""
 
-    def __init__(self, stats: FetchStats | None = None, attempts: int = ATTEMPTS, backoff_s: float = BACKOFF_S):
+    def __init__(self, stats: FetchStats | None = None, attempts: int = ATTEMPTS, backoff_s: float = BACKOFF_S,
+                 timeout_s: float = TIMEOUT_S):
         self.stats = stats if stats is not None else FetchStats()
-        self.attempts, self.backoff_s = attempts, backoff_s
+        self.attempts, self.backoff_s, self.timeout_s = attempts, backoff_s, timeout_s
         self._pool: urllib3.PoolManager | None = None
         self._pid = -1
 
     def _manager(self) -> urllib3.PoolManager:
         if self._pid != os.getpid():
-            self._pool = urllib3.PoolManager(num_pools=4, maxsize=8, retries=False, timeout=TIMEOUT)
+            self._pool = urllib3.PoolManager(num_pools=4, maxsize=8, retries=False,
+                                             timeout=urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s))
             self._pid = os.getpid()
         return self._pool
 
