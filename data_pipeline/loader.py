@@ -251,6 +251,8 @@ class ShardStream(IterableDataset):
         if spec.on_error not in ("raise", "skip"):
             raise DataError(f"data.on_error must be 'raise' or 'skip', got {spec.on_error!r}")
         self.spec = spec
+        if self.index.kind in ("image", "paired"):
+            import torchvision.io  # noqa: F401 - once here, not in every forked loader worker
         self.remote = is_remote(self.index.root)
         if self.remote and spec.cache_dir:
             ShardCache(spec.cache_dir, spec.cache_limit, self.index, HttpClient())  # a bad cache_dir fails here
