@@ -194,3 +194,32 @@ def test_resume_with_another_layout_reads_every_remaining_sample_once(before, af
     assert len(real) == len(set(real)) == len(order) - start
     assert done | set(real) == set(range(len(order)))
     assert not done & set(real)
+
+
+def test_the_data_cursor_reports_fetch_counters_and_prometheus_serves_them(served, tmp_path):
+    import urllib.request
+
+    from tests.conftest import free_port
+    from trainer.config import load_config
+    from trainer.data import DataCursor
+    from trainer.distributed import DistEnv
+    from trainer.telemetry.prometheus import PrometheusExporter
+
+    cfg = load_config("configs/dcgan_digits.yaml", [f"data.train={served.url}", f"data.cache_dir={tmp_path / 'c'}",
+                                                    "data.num_workers=2", "train.batch_size=32", f"run.dir={tmp_path / 'run'}"])
+    cursor = DataCursor(cfg.data.train, cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+    for _ in range(1797 // 32):
+        cursor.next()
+    metrics = cursor.fetch_metrics()
+    assert metrics["data/bytes_fetched"] == served.total_bytes() == dataset_bytes(served.root)
+    assert metrics["data/cache_misses"] == 8 and metrics["data/requests"] == 8
+    assert metrics["data/cache_bytes"] == dataset_bytes(served.root)
+    port = free_port()
+    exporter = PrometheusExporter(port, rank=0, job="t", world_size=1)
+    try:
+        exporter.data_fetched(metrics)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    finally:
+        exporter.close()
+    served_line = next(line for line in page.splitlines() if line.startswith("ganforge_data_fetched_bytes_total"))
+    assert float(served_line.split()[-1]) == dataset_bytes(served.root)

@@ -32,6 +32,15 @@ from prometheus_client import (
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 BASE_LABELS = ("rank", "node", "job")
+# DataCursor.fetch_metrics keys -> counters of remote shard reads (this rank and its loader workers).
+FETCH_COUNTERS = {
+    "data/bytes_fetched": ("ganforge_data_fetched_bytes_total", "Bytes of remote shards downloaded."),
+    "data/requests": ("ganforge_data_fetch_requests_total", "HTTP requests for remote shards, retries included."),
+    "data/retries": ("ganforge_data_fetch_retries_total", "Remote shard requests retried after a 5xx, timeout, reset or short body."),
+    "data/fetch_seconds": ("ganforge_data_fetch_seconds_total", "Time spent downloading remote shards (prefetch threads included)."),
+    "data/cache_hits": ("ganforge_data_cache_hits_total", "Shards found in the node cache."),
+    "data/cache_misses": ("ganforge_data_cache_misses_total", "Shards this process downloaded into the node cache."),
+}
 
 
 def loss_labels(key: str) -> tuple[str, str] | None:
@@ -114,6 +123,9 @@ class PrometheusExporter:
                                "Bad samples skipped and replaced (data.on_error=skip), summed over the job's "
                                "ranks: the same job-wide total on every rank.")
         self._skipped_seen = 0
+        self._fetch = {key: counter(name, doc) for key, (name, doc) in FETCH_COUNTERS.items()}
+        self._fetch_seen: dict[str, float] = {}
+        self.cache_bytes = gauge("ganforge_data_cache_bytes", "Bytes of shards in this node's data.cache_dir.")
         self.checkpoint_seconds = Histogram("ganforge_checkpoint_seconds", "Time to write one checkpoint.",
                                             BASE_LABELS, registry=reg, buckets=CHECKPOINT_BUCKETS).labels(**base)
         self.last_checkpoint = gauge("ganforge_last_checkpoint_timestamp_seconds",
@@ -183,6 +195,16 @@ class PrometheusExporter:
         if (mem := device_memory_bytes(device)) is not None:
             self.memory.set(mem)
         self.epoch.set(epoch)
+
+    @_guarded
+    def data_fetched(self, metrics: dict[str, float]) -> None:
+        """Remote reads of this rank and its loader workers (DataCursor.fetch_metrics: running totals)."""
+        for key, value in metrics.items():
+            if key in self._fetch and value > self._fetch_seen.get(key, 0.0):
+                self._fetch[key].inc(value - self._fetch_seen.get(key, 0.0))
+                self._fetch_seen[key] = value
+        if "data/cache_bytes" in metrics:
+            self.cache_bytes.set(metrics["data/cache_bytes"])
 
     @_guarded
     def checkpoint_saved(self, seconds: float | None, timestamp: float) -> None:
