@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipeline.errors import DataError
+from data_pipeline.remote import HttpClient, is_remote
 
 INDEX_NAME = "index.json"
 FORMAT = "ganforge.shards"
@@ -200,9 +202,17 @@ def _read_url(url: str) -> bytes:
 
 
 def read_location(location: str) -> bytes:
-    """The bytes at a URL or `pipe:` location; a pipe command runs without a shell unless it uses shell syntax."""
+    """The bytes at a URL or `pipe:` location; a pipe command runs without a shell unless it uses shell syntax.
+
+    http(s) goes through data_pipeline.remote (retried, counted); other URL schemes through
+    webdataset's opener (its command-line clients: gs://, s3:// with `aws`, ...).
+    """
     if location.startswith("pipe:"):
         return _read_pipe(location[len("pipe:"):], location)
+    if is_remote(location):
+        body = io.BytesIO()
+        HttpClient().download(location, body)
+        return body.getvalue()
     import webdataset as wds
 
     try:
