@@ -116,6 +116,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="per rank")
     p.add_argument("--block-shards", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=4)
+    p.add_argument("--partition-nodes", type=int, default=-1, help="data.partition_nodes (default: --nodes)")
     p.add_argument("--workdir", default=os.path.join("runs", "bench-remote"))
     p.add_argument("--webdataset-rank", nargs=2, metavar=("URL", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -130,7 +131,8 @@ def main() -> None:
     index = load_index(shards)
     dataset_bytes = sum(s.bytes for s in index.shards)
     result: dict = {"images": args.n, "shards": args.shards, "dataset_mb": round(dataset_bytes / 2**20, 1),
-                    "nodes": args.nodes, "ranks": args.ranks, "workers": args.workers, "latency_ms": args.latency_ms}
+                    "nodes": args.nodes, "ranks": args.ranks, "workers": args.workers, "latency_ms": args.latency_ms,
+                    "block_shards": args.block_shards, "partition_nodes": args.nodes if args.partition_nodes < 0 else args.partition_nodes}
     for name in ("ganforge", "webdataset"):
         server = ShardServer(shards, latency_ms=args.latency_ms)
         scratch = tempfile.mkdtemp(prefix=f"bench-remote-{name}-")
@@ -138,7 +140,8 @@ def main() -> None:
             if name == "ganforge":
                 script = ["tests/remote_probe.py", server.url, os.path.join(scratch, "cache{node}"), scratch,
                           f"workers={args.workers}", f"batch_size={args.batch}", f"block_shards={args.block_shards}",
-                          f"groups={args.nodes}", f"prefetch_shards={args.prefetch}"]
+                          f"groups={args.nodes if args.partition_nodes < 0 else max(1, args.partition_nodes)}",
+                          f"prefetch_shards={args.prefetch}"]
             else:
                 script = ["bench/remote.py", "--workers", str(args.workers), "--batch", str(args.batch),
                           "--webdataset-rank", server.url, scratch]

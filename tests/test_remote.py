@@ -223,3 +223,11 @@ def test_the_data_cursor_reports_fetch_counters_and_prometheus_serves_them(serve
         exporter.close()
     served_line = next(line for line in page.splitlines() if line.startswith("ganforge_data_fetched_bytes_total"))
     assert float(served_line.split()[-1]) == dataset_bytes(served.root)
+
+
+@pytest.mark.parametrize("key", ["cache_limit", "prefetch_shards", "partition_nodes"])
+def test_a_negative_data_setting_is_a_config_error_naming_the_key(key, tmp_path):
+    from trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"config error: data\.{key}: must be >= 0; got -1"):
+        load_config("configs/dcgan_digits.yaml", [f"data.{key}=-1", f"run.dir={tmp_path}"])
