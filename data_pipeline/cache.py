@@ -1,4 +1,4 @@
-"""Node-local shard cache for remote locations: each shard downloaded once per node, verified, then read like a local one.
+"""Node-local shard cache for remote (http(s)://, s3://) shards: downloaded once per node, verified, then read like local ones.
 
 Layout: `<cache_dir>/<dataset fingerprint>/<shard name>`. A download goes to a hidden file
 beside its shard and is renamed in only once its size and sha256 match the index, so a shard
@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from data_pipeline.errors import DataError
 from data_pipeline.index import ShardIndex, ShardRecord
 from data_pipeline.redact import redact_url
-from data_pipeline.remote import FetchStats, HttpClient
+from data_pipeline.remote import FetchStats, RemoteClient
 
 LOCKS = ".locks"
 PART = ".part"
@@ -43,7 +43,7 @@ class HeldShard:
 class ShardCache:
     """The shards of one dataset on this node's disk, at most `limit` bytes of unused ones (0: no limit)."""
 
-    def __init__(self, directory: str, limit: int, index: ShardIndex, client: HttpClient):
+    def __init__(self, directory: str, limit: int, index: ShardIndex, client: RemoteClient):
         self.index, self.limit, self.client = index, limit, client
         self.root = os.path.join(directory, index.fingerprint())
         try:

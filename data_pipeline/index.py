@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_pipeline.errors import DataError
-from data_pipeline.remote import HttpClient, is_remote
+from data_pipeline.remote import RemoteClient, is_remote
 
 INDEX_NAME = "index.json"
 FORMAT = "ganforge.shards"
@@ -211,7 +211,7 @@ def read_location(location: str) -> bytes:
         return _read_pipe(location[len("pipe:"):], location)
     if is_remote(location):
         body = io.BytesIO()
-        HttpClient().download(location, body)
+        RemoteClient().download(location, body)
         return body.getvalue()
     import webdataset as wds
 

@@ -42,7 +42,7 @@ from data_pipeline.planner import (
     samples_at,
     worker_batches,
 )
-from data_pipeline.remote import FetchStats, HttpClient, is_remote
+from data_pipeline.remote import FetchStats, RemoteClient, is_remote
 
 FETCH_FIELDS = tuple(f.name for f in dataclasses.fields(FetchStats))
 
@@ -71,14 +71,14 @@ class ShardReader:
     """Random access to sample members: local shards memory-mapped, remote ones fetched whole and kept.
 
     `local` maps a shard number to a file holding it (the node cache's copy of a remote
-    shard); without it, http(s) shards are downloaded into memory by `client`.
+    shard); without it, http(s) and s3 shards are downloaded into memory by `client`.
     """
 
-    def __init__(self, index: ShardIndex, max_open: int = 64, client: HttpClient | None = None,
+    def __init__(self, index: ShardIndex, max_open: int = 64, client: RemoteClient | None = None,
                  local: Callable[[int], str] | None = None):
         self.index = index
         self.max_open = max_open
-        self.client = client or HttpClient()
+        self.client = client or RemoteClient()
         self.local = local
         self._number = {shard.name: i for i, shard in enumerate(index.shards)}
         self._open: OrderedDict[str, Any] = OrderedDict()
@@ -255,7 +255,7 @@ class ShardStream(IterableDataset):
             import torchvision.io  # noqa: F401 - once here, not in every forked loader worker
         self.remote = is_remote(self.index.root)
         if self.remote and spec.cache_dir:
-            ShardCache(spec.cache_dir, spec.cache_limit, self.index, HttpClient())  # a bad cache_dir fails here
+            ShardCache(spec.cache_dir, spec.cache_limit, self.index, RemoteClient())  # a bad cache_dir fails here
         self.epoch = 0
         self.start = 0
 
@@ -272,7 +272,7 @@ class ShardStream(IterableDataset):
         """Bytes of shards in this node's cache now (0 without one)."""
         if not (self.remote and self.spec.cache_dir):
             return 0
-        return ShardCache(self.spec.cache_dir, self.spec.cache_limit, self.index, HttpClient()).size()
+        return ShardCache(self.spec.cache_dir, self.spec.cache_limit, self.index, RemoteClient()).size()
 
     def batches_left(self) -> int:
         n, b = len(self.positions()), self.spec.batch_size
@@ -289,7 +289,7 @@ class ShardStream(IterableDataset):
         positions = self.positions()
         samples = samples_at(order, positions, self.start)
         batches = worker_batches(len(positions), s.batch_size, workers, worker, s.drop_last)
-        client = HttpClient(FetchStats())
+        client = RemoteClient(FetchStats())
         feed, last_use = self._feed(client, [samples[r.start:r.stop] for r in batches])
         reader = ShardReader(self.index, client=client, local=feed.path if feed else None)
         warned: set[str] = set()
@@ -325,7 +325,7 @@ class ShardStream(IterableDataset):
             if feed is not None:
                 feed.close()
 
-    def _feed(self, client: HttpClient, reads: list[np.ndarray]) -> tuple[ShardFeed | None, dict[int, int]]:
+    def _feed(self, client: RemoteClient, reads: list[np.ndarray]) -> tuple[ShardFeed | None, dict[int, int]]:
         """For remote shards with a node cache: the feed of this worker's shards and each one's last read."""
         s = self.spec
         if not (self.remote and s.cache_dir):

@@ -17,7 +17,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.index import load_index
 from data_pipeline.loader import FETCH_FIELDS, ShardStream, StreamSpec, make_loader
 from data_pipeline.planner import epoch_order, plan_epoch, rank_slots
-from data_pipeline.remote import HttpClient
+from data_pipeline.remote import RemoteClient
 
 
 @pytest.fixture()
@@ -70,7 +70,7 @@ def test_a_stalled_body_times_out_and_is_retried(served, tmp_path):
     served.stall_s = 2.0
     served.fail("000000.tar", "stall")
     index = load_index(served.url)
-    client = HttpClient(timeout_s=0.5, backoff_s=0.01)
+    client = RemoteClient(timeout_s=0.5, backoff_s=0.01)
     held = ShardCache(str(tmp_path / "cache"), 0, index, client).hold(index.shards[0])
     assert os.path.getsize(held.path) == index.shards[0].bytes
     assert client.stats.retries >= 1
@@ -80,7 +80,7 @@ def test_a_stalled_body_times_out_and_is_retried(served, tmp_path):
 def test_a_shard_that_keeps_failing_is_a_data_error_naming_shard_and_url_without_credentials(served, tmp_path):
     served.fail("000002.tar", *["503"] * 6)
     index = load_index(served.url.replace("http://", "http://reader:s3cret-pass@"))
-    client = HttpClient(backoff_s=0.01)
+    client = RemoteClient(backoff_s=0.01)
     with pytest.raises(DataError) as e:
         ShardCache(str(tmp_path / "cache"), 0, index, client).hold(index.shards[2])
     message = str(e.value)
@@ -93,7 +93,7 @@ def test_a_missing_shard_fails_at_once(served, tmp_path):
     os.unlink(os.path.join(served.root, "000005.tar"))
     index = load_index(served.url)
     with pytest.raises(DataError, match=r"000005\.tar: cannot fetch http://127\.0\.0\.1:\d+/000005\.tar \(HTTP 404\)"):
-        ShardCache(str(tmp_path / "cache"), 0, index, HttpClient()).hold(index.shards[5])
+        ShardCache(str(tmp_path / "cache"), 0, index, RemoteClient()).hold(index.shards[5])
     assert served.requests["000005.tar"] == 1
 
 
@@ -103,7 +103,7 @@ def test_a_corrupt_download_is_fetched_once_more_then_named(served, tmp_path):
     data[1000] ^= 0xFF  # same size, different sha256
     open(path, "wb").write(bytes(data))
     index = load_index(served.url)
-    cache = ShardCache(str(tmp_path / "cache"), 0, index, HttpClient())
+    cache = ShardCache(str(tmp_path / "cache"), 0, index, RemoteClient())
     with pytest.raises(DataError, match=r"000004\.tar: download from http://127\.0\.0\.1:\d+/000004\.tar does not match the index twice \(sha256"):
         cache.hold(index.shards[4])
     assert served.requests["000004.tar"] == 2
@@ -113,7 +113,7 @@ def test_a_corrupt_download_is_fetched_once_more_then_named(served, tmp_path):
 def test_eviction_keeps_the_limit_but_never_removes_a_held_shard(served, tmp_path):
     index = load_index(served.url)
     limit = 2 * index.shards[0].bytes
-    cache = ShardCache(str(tmp_path / "cache"), limit, index, HttpClient())
+    cache = ShardCache(str(tmp_path / "cache"), limit, index, RemoteClient())
     kept = cache.hold(index.shards[0])  # a reader still needs it
     for s in (1, 2, 3, 4):
         cache.hold(index.shards[s]).release()

@@ -47,7 +47,7 @@ class DataConfig:
     pad: bool = True  # pad the epoch so every rank reads the same count (else drop the tail)
     shuffle_block_shards: int = 0  # 0: shuffle all samples; k: shuffle within blocks of k shards
     partition_nodes: int = 0  # > 1: split each epoch's shards among this many node streams (set it to the node count)
-    cache_dir: str = ""  # node-local cache for http(s) shards, shared by the node's ranks and workers
+    cache_dir: str = ""  # node-local cache for http(s):// and s3:// shards, shared by the node's ranks and workers
     cache_limit: int = 0  # bytes of shards no reader needs that the cache keeps (0: no limit)
     prefetch_shards: int = 2  # with data.cache_dir: shards each loader worker downloads ahead of reading
 
