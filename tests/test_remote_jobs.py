@@ -1,5 +1,5 @@
 """Remote shards in real multi-process jobs (torchrun, gloo on CPU) against a local HTTP server
-that counts requests and bytes: two "nodes" with their own caches, and a SIGKILLed training run
+that counts requests and bytes: two "nodes" with their own caches (and server faults mid-epoch), and a SIGKILLed training run
 that resumes exactly."""
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def test_two_nodes_of_two_ranks_and_two_workers_read_every_sample_once_and_each_
         served, tmp_path):
     port, out = free_port(), tmp_path / "out"
     out.mkdir()
+    served.fail("000002.tar", "503", "reset")  # whichever node asks first gets both faults
     spec = ["batch_size=16", "block_shards=2", "groups=2", "prefetch_shards=2", "workers=2"]
     nodes = []
     for node in (0, 1):
@@ -58,12 +59,14 @@ def test_two_nodes_of_two_ranks_and_two_workers_read_every_sample_once_and_each_
     plan = plan_epoch(order, 4, slots=rank_slots(4, 2, 2))
     needs = [{index.shard_of(e.sample) for e in plan if e.rank // 2 == node} for node in (0, 1)]
     expected = {index.shards[s].name: sum(s in n for n in needs) for s in range(len(index.shards))}
+    expected["000002.tar"] += 2  # the two failed attempts, retried
     assert {n: c for n, c in served.requests.items() if n.endswith(".tar")} == {n: c for n, c in expected.items() if c}
-    assert sum(expected.values()) <= len(index.shards) + 1 + 3  # one shard on the cut, padding of 3 samples
+    assert sum(expected.values()) <= len(index.shards) + 1 + 3 + 2  # a shard on the cut, 3 padding samples, 2 faults
     for node in (0, 1):
         cached = [f for f in os.listdir(tmp_path / f"cache{node}" / index.fingerprint()) if not f.startswith(".")]
         assert len(cached) == len(needs[node])
     assert sum(r["bytes_fetched"] for r in ranks) == served.total_bytes()
+    assert sum(r["retries"] for r in ranks) == 2 and served.faults_served == {"503": 1, "reset": 1}
 
 
 RECIPE = "configs/dcgan_digits.yaml"
