@@ -4,13 +4,19 @@ Variants, all training configs/dcgan64.yaml's networks (full DCGAN widths) on th
 in-memory uint8 batches, so only the step differs:
 - `examples_fp32`: the pytorch/examples dcgan loop as users write it (fp32; D's weight
   gradients computed in the G step, as there);
-- `tight_bf16_cl`: the tightest hand-written loop: bf16 autocast, channels_last, D frozen in the
-  G step, the D step's fake reused, gradients set to None;
+- `tight_bf16_cl`: the tightest hand-written loop doing ganforge's work: bf16 autocast,
+  channels_last, D frozen in the G step, the D step's fake reused, gradients set to None,
+  fused Adam, and the recipe's EMA of G (one fused lerp, one fused buffer copy);
   (compiled variants keep the default layout on both sides: inductor chooses conv layouts);
 - `ganforge_bf16_cl`: the real `Trainer.train_step` with precision=bf16 and channels_last;
 - the last two again with torch.compile (`*_compile`), unless --no-compile.
 Every variant is built and warmed up first, then timed in `--repeats` alternating windows of
 `--steps` steps; each figure is the median window with its spread (min..max).
+
+`--profile DIR` also records one window of the tight loop and of ganforge with torch.profiler:
+the 40 costliest operators by host time go to DIR/<variant>.txt, and the JSON gets each one's
+host-side synchronisations per step (cudaStreamSynchronize, cudaDeviceSynchronize, and
+cudaMemcpy calls that block) and kernel launches per step.
 
 Needs a CUDA device; `--allow-cpu` runs the same code on the CPU as a smoke test (the figures
 then mean nothing for GPUs). Last stdout line: JSON with each variant and
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -50,6 +57,28 @@ def window(step, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def profile(step, steps: int, device: torch.device, path: str) -> dict:
+    """Host-side synchronisations and kernel launches per step in one window, and the costliest
+    operators by host time (written to `path`)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profiler(activities=activities) as prof:
+        window(step, steps, device)
+    events = prof.key_averages()
+    with open(path, "w") as f:
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=40))
+    count = lambda names: sum(e.count for e in events if e.key in names) / (steps + 0.0)  # noqa: E731
+    # the window's own synchronize before and after is one cudaDeviceSynchronize each: not the step's
+    return {"syncs_per_step": round(count(SYNCS) - 2 / steps * (device.type == "cuda"), 2),
+            "launches_per_step": round(count(LAUNCHES), 1)}
+
+
 def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: bool, compile_: bool):
     """The pytorch/examples loop (tight=False, fp32) or the tightest bf16 loop (tight=True)."""
     from trainer.models import build_models
@@ -62,8 +91,12 @@ def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: boo
         g.compile()
         d.compile()
     betas = (cfg.train.beta1, cfg.train.beta2)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas)
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=tight or None)
+    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas, fused=tight or None)
+    ema = copy.deepcopy(g).requires_grad_(False) if tight else None
+    ema_params, g_params = (list(ema.parameters()), list(g.parameters())) if tight else ([], [])
+    ema_buffers, g_buffers = (list(ema.buffers()), list(g.buffers())) if tight else ([], [])
+    beta = 0.5 ** (cfg.train.batch_size / (cfg.train.ema_kimg * 1000)) if cfg.train.ema_kimg > 0 else 0.0
     b = batch.shape[0]
     ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
     bce = F.binary_cross_entropy_with_logits
@@ -87,6 +120,10 @@ def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: boo
         if tight:
             d.requires_grad_(True)
         opt_g.step()
+        if ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, g_params, 1.0 - beta)
+                torch._foreach_copy_(ema_buffers, g_buffers)
 
     return step
 
@@ -97,7 +134,10 @@ def ganforge_step(cfg, batch: torch.Tensor, device: torch.device):
     from trainer.loop import Trainer
 
     labels = torch.zeros(batch.shape[0], dtype=torch.int64)
-    DataCursor.next = lambda self: {"image": batch.to(device, non_blocking=True), "label": labels.to(device)}
+    if device.type == "cuda":  # as the loader's pinned batches: a pageable copy would block the host
+        labels = labels.pin_memory()
+    DataCursor.next = lambda self: {"image": batch.to(device, non_blocking=True),
+                                    "label": labels.to(device, non_blocking=True)}
     return Trainer(cfg, DistEnv(0, 1, 0, device)).train_step
 
 
@@ -109,6 +149,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke test only)")
+    p.add_argument("--profile", metavar="DIR", help="profile one window of the tight loop and of ganforge into DIR")
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
         sys.exit("bench/gpu.py: no CUDA device here; run it on a GPU machine (or --allow-cpu for a smoke test)")
@@ -164,6 +205,11 @@ def main() -> None:
                       ("ratio_tight_compile", "ganforge_bf16_cl_compile", "tight_bf16_cl_compile")):
         if a in img and b in img:
             result[key] = round(img[a] / img[b], 3)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        for name in ("tight_bf16_cl", "ganforge_bf16_cl"):
+            if name in steps:
+                result[name] |= profile(steps[name], args.steps, device, os.path.join(args.profile, f"{name}.txt"))
     print(json.dumps(result))
     if len(times) < len(builders):
         sys.exit(1)

@@ -1,10 +1,10 @@
 """`make gpu-check`: the GPU suite in one command, at most about 5 minutes on one H100-class GPU.
 
 Runs the tests marked `gpu` (tests/test_gpu.py), bench/gpu.py (DCGAN 64x64 img/s against
-hand-written loops) and bench/stylegan2.py on configs/stylegan2_256.yaml (sec/kimg, peak
+hand-written loops, at batch 128 with a profile of host syncs and launches, and at batch 512) and bench/stylegan2.py on configs/stylegan2_256.yaml (sec/kimg, peak
 memory), and writes every figure as JSON into $OUT (default gpu-check-out/), so that they come
 back from a remote GPU machine as files: env.json, tests.json (+ gpu-tests.xml), dcgan64.json,
-stylegan2_256.json, summary.json, and log.txt with every command's output.
+dcgan64_b512.json, profile/*.txt, stylegan2_256.json, summary.json, and log.txt with every command's output.
 
 GPU_CHECK_CPU_SMOKE=1 runs the same steps on the CPU with tiny sizes: a check that the suite
 works, whose figures mean nothing. Exit status: 0 when every step succeeded.
@@ -91,26 +91,30 @@ def main() -> int:
     py = sys.executable
     xml = os.path.join(out, "gpu-tests.xml")
     if SMOKE:
-        dcgan = ["--allow-cpu", "--no-compile", "--steps", "2", "--repeats", "2", "--warmup", "1", "--batch", "16"]
+        dcgan = ["--allow-cpu", "--no-compile", "--steps", "2", "--repeats", "2", "--warmup", "1", "--batch", "4"]
+        dcgan_large = dcgan
         sg2 = ["--device", "cpu", "--steps", "1", "--warmup", "1", "model.resolution=32", "train.batch_size=4",
                "model.channel_base=512"]
         tests = ["-k", "dcgan and not two_processes"]  # the rest of the suite is the same code on other recipes
     else:
         dcgan, sg2, tests = [], ["--device", "cuda", "--steps", "16", "--warmup", "16"], []
+        dcgan_large = ["--no-compile", "--batch", "512", "--repeats", "3"]
     with open(os.path.join(out, "log.txt"), "w") as log:
         code, _, secs = run("tests", [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
                                       "--junitxml", xml, *tests], out, 900 if SMOKE else 180, log)
         summary["tests"] = test_counts(xml) | {"exit": code, "seconds": round(secs, 1)}
         write("tests.json", summary["tests"])
-        for name, cmd, limit in (("dcgan64", [py, "bench/gpu.py", *dcgan], 80),
+        for name, cmd, limit in (("dcgan64", [py, "bench/gpu.py", *dcgan, "--profile", os.path.join(out, "profile")], 100),
+                                 ("dcgan64_b512", [py, "bench/gpu.py", *dcgan_large], 60),
                                  ("stylegan2_256", [py, "bench/stylegan2.py", "--config", "configs/stylegan2_256.yaml",
                                                     *sg2], 90)):
             code, line, secs = run(name, cmd, out, 600 if SMOKE else limit, log)
             summary[name] = (last_json(line) or {"error": line}) | {"exit": code, "seconds": round(secs, 1)}
             write(f"{name}.json", summary[name])
     write("summary.json", summary)
-    ok = all(summary[k]["exit"] == 0 for k in ("tests", "dcgan64", "stylegan2_256"))
-    print(json.dumps({k: summary[k] for k in ("tests", "dcgan64", "stylegan2_256")}, indent=1))
+    steps = ("tests", "dcgan64", "dcgan64_b512", "stylegan2_256")
+    ok = all(summary[k]["exit"] == 0 for k in steps)
+    print(json.dumps({k: summary[k] for k in steps}, indent=1))
     print(f"gpu-check: {'passed' if ok else 'FAILED'}; figures in {out}")
     return 0 if ok else 1
 

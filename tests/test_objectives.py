@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 
@@ -76,16 +77,23 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_abort(make_trainer):
     from trainer.loop import TrainingError
 
     t = make_trainer("configs/dcgan_digits.yaml", "train.max_nonfinite=3")
+    assert t.D.opt.defaults["fused"]  # the skip is decided on the device, by the fused kernel
+    t.d_step(torch.rand(16, 1, 32, 32), torch.randn(16, 16))  # a good step: Adam has moments and a count
     before = [p.clone() for p in t.D.module.parameters()]
+    moments = copy.deepcopy(t.D.opt.state_dict()["state"])
     stats = t.d_step(torch.full((16, 1, 32, 32), float("nan")), torch.randn(16, 16))
     assert stats["skipped/d"] == 1 and not torch.isfinite(stats["grad_norm/d"])
     assert all(torch.equal(a, b) for a, b in zip(before, t.D.module.parameters(), strict=True))
-    t.count_nonfinite(True)
-    t.count_nonfinite(False)  # a good step resets the run
-    t.count_nonfinite(True)
-    t.count_nonfinite(True)
+    after = t.D.opt.state_dict()["state"]
+    assert all(torch.equal(moments[i][k], after[i][k]) for i in moments for k in ("step", "exp_avg", "exp_avg_sq"))
+    steps = [True, False, True, True]  # a good step resets the run
+    for skipped in steps:
+        t.finish_step([torch.tensor(skipped)], [])
+    t.settle_nonfinite()  # counted on the device, brought to the host at log steps and checkpoints
+    assert (t.state.nonfinite, t.state.nonfinite_run) == (3, 2)
+    t.finish_step([torch.tensor(False), torch.tensor(True)], [])  # any phase skipped: the step is skipped
     with pytest.raises(TrainingError, match="3 steps in a row"):
-        t.count_nonfinite(True)
+        t.settle_nonfinite()
     assert t.state.nonfinite == 4
 
 
@@ -96,8 +104,8 @@ def test_fp16_scalers_are_independent(make_trainer):
     d_before = [p.clone() for p in t.D.module.parameters()]
     d_out = t.D.module(torch.rand(16, 1, 32, 32))
     t.D.scaler.scale(d_out.float().mean() * float("inf")).backward()  # D overflows
-    _, finite = t.D.apply()
-    assert not finite and t.D.scaler.get_scale() < d_scale
+    _, skipped = t.D.apply()
+    assert skipped and t.D.scaler.get_scale() < d_scale
     assert all(torch.equal(a, b) for a, b in zip(d_before, t.D.module.parameters(), strict=True))
     g_before = [p.clone() for p in t.G.module.parameters()]
     stats = t.g_step(torch.randn(16, 16))

@@ -254,6 +254,34 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resume
 
 
 @pytest.mark.slow
+def caught(fn) -> BaseException:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001
+        return e
+    raise AssertionError("no error")
+
+
+def test_a_connection_broken_while_taking_a_batch_counts_as_a_lost_worker():
+    """A worker killed while it hands a batch's shared memory over resets that socket instead of
+    raising the DataLoader's own error (as the test below sometimes sees): both are a lost worker
+    (the step may run again); the same errors raised anywhere else are not."""
+    from trainer.preemption import lost_worker
+
+    def _try_get_data():  # the DataLoader's frame that receives a batch from a worker
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    def elsewhere():
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    def dataloader_error():
+        raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed.")
+
+    assert lost_worker(caught(_try_get_data)) and lost_worker(caught(dataloader_error))
+    assert not lost_worker(caught(elsewhere))
+    assert not lost_worker(RuntimeError("CUDA out of memory"))
+
+
 def test_loader_workers_lost_during_a_stop_do_not_cost_the_checkpoint(digits_dir, tmp_path):
     import psutil
 

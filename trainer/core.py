@@ -9,6 +9,7 @@ loop in `trainer.loop` drives either through the same small surface: `train_step
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ from trainer.config import Config, to_dict
 from trainer.distributed import DistEnv, unwrap, wrap
 from trainer.precision import default_dtype, resolve_precision
 from trainer.redact import redact
+from trainer.running_stats import restore_running_stats
 
 
 def derive_seed(*parts: int) -> int:
@@ -59,7 +61,7 @@ class Phase:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
-    finite: bool = True  # whether the last apply() stepped: a host-side copy, so reading it costs no sync
+    skipped: torch.Tensor | None = None  # whether the last apply() skipped its step: a bool on the device
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of (the scaled) `loss` into this phase's network."""
@@ -71,24 +73,28 @@ class Phase:
             return contextlib.nullcontext()
         return self.module.no_sync()
 
-    def apply(self) -> tuple[torch.Tensor, bool]:
+    def apply(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscale, measure (and clip) the gradient norm, then step unless it is non-finite.
 
-        Gradients are already averaged over ranks here, so every rank takes the same decision.
+        Returns (norm, skipped), both on the device. Gradients are already averaged over ranks
+        here, so every rank takes the same decision; a fused optimiser takes it on the device,
+        so the host does not wait for the GPU (see `step_unless`).
         """
         self.scaler.unscale_(self.opt)
         params = [p for p in self.module.parameters() if p.grad is not None]
         grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.scaler._device)
-        finite = bool(torch.isfinite(norm))
-        if finite and self.grad_clip > 0:
+        skipped = torch.isfinite(norm).logical_not()
+        if self.grad_clip > 0:  # a non-finite norm turns the gradients to 0 or NaN; the step is skipped anyway
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)  # takes the parameters
-        if finite or self.scaler.is_enabled():  # the fp16 scaler skips the step and lowers its scale itself
+        if self.scaler.is_enabled():  # the fp16 scaler skips the step and lowers its scale itself
             self.scaler.step(self.opt)
+        else:
+            step_unless(self.opt, skipped)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        self.finite = finite
-        return norm.detach(), finite
+        self.skipped = skipped
+        return norm.detach(), skipped
 
     @torch.no_grad()
     def clamp_weights(self, bound: float) -> None:
@@ -115,10 +121,29 @@ class TrainState:
     mlflow_run_id: str | None = None
 
 
-def make_optimizer(kind: str, params, lr: float, betas: tuple[float, float]) -> torch.optim.Optimizer:
+def step_unless(opt: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """`opt.step()` unless `skip` (a bool on the device).
+
+    An optimiser with a fused kernel (Adam with fused=True) reads the decision on the device, as
+    it reads the fp16 scaler's `found_inf`: nothing moves and its step counts stay. Any other
+    optimiser (RMSprop) needs the decision on the host: one device sync.
+    """
+    if getattr(opt, "_step_supports_amp_scaling", False):
+        opt.grad_scale, opt.found_inf = None, skip.to(torch.float32)
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
+    elif not bool(skip):
+        opt.step()
+
+
+def make_optimizer(kind: str, params, lr: float, betas: tuple[float, float],
+                   fused: bool = False) -> torch.optim.Optimizer:
+    """RMSprop, or Adam (fused: one kernel for all tensors, and it can skip a step on the device)."""
     if kind == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr)
-    return torch.optim.Adam(params, lr=lr, betas=betas)
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
 
 
 class TrainerBase:
@@ -143,11 +168,13 @@ class TrainerBase:
             torch.backends.cudnn.benchmark = False
         self.state = TrainState()
         self._flags: torch.Tensor | None = None
+        self._nonfinite: torch.Tensor | None = None  # [skipped since last settled, skipped in a row]
 
     def make_phase(self, name: str, module: nn.Module, lr: float) -> Phase:
         """`module` wrapped for the job, with its own optimiser and (fp16) loss scaler."""
         t = self.cfg.train
-        opt = make_optimizer(t.optimizer, module.parameters(), lr, (t.beta1, t.beta2))
+        opt = make_optimizer(t.optimizer, module.parameters(), lr, (t.beta1, t.beta2),
+                             fused=self.cfg.strategy == "ddp")  # DeepSpeed steps its own flat partitions
         if self.cfg.strategy == "deepspeed":
             from trainer.deepspeed_strategy import make_deepspeed_phase
 
@@ -186,17 +213,39 @@ class TrainerBase:
             for group in phase.opt.param_groups:
                 group["lr"] = base[phase.name] * factor
 
-    def flag(self, value: bool) -> torch.Tensor:
-        """A 0/1 statistic on the trainer's device, where every statistic of a step lives (the
-        reporter reduces them in one tensor)."""
+    def flag(self, value: torch.Tensor | bool) -> torch.Tensor:
+        """A 0/1 statistic on the trainer's device in the default dtype, where every statistic of a
+        step lives (the reporter reduces them in one tensor): from a device bool such as
+        `Phase.skipped`, or from a host bool."""
+        if isinstance(value, torch.Tensor):
+            return value.to(torch.get_default_dtype())
         if self._flags is None:  # built once: a fresh tensor per call would be a host-to-device copy
             self._flags = torch.tensor([0.0, 1.0], device=self.env.device)
         return self._flags[int(value)]
 
-    def count_nonfinite(self, skipped: bool) -> None:
+    @torch.no_grad()
+    def finish_step(self, skipped: list[torch.Tensor], running: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """After every phase of a step, on the device: if any phase `skipped` its update, put the running
+        statistics back to `running` (the bad batch must not stay in BN statistics, then averaged,
+        EMA-copied, saved), and count the step as skipped."""
+        skipped = functools.reduce(torch.logical_or, skipped)
+        restore_running_stats(running, where=skipped)
+        if self._nonfinite is None:
+            self._nonfinite = torch.zeros(2, dtype=torch.int64, device=self.env.device)
+        s = skipped.to(torch.int64)
+        self._nonfinite[0].add_(s)
+        self._nonfinite[1].add_(1).mul_(s)
+
+    def settle_nonfinite(self) -> None:
+        """Bring the skipped-step counts to the host (one sync; the reporter calls it at log steps, and
+        `state_dict` at checkpoints) and stop the run if too many steps in a row were skipped."""
+        if self._nonfinite is None:
+            return
+        total, run = self._nonfinite.tolist()
+        self._nonfinite[0].zero_()
         s = self.state
-        s.nonfinite += skipped
-        s.nonfinite_run = s.nonfinite_run + 1 if skipped else 0
+        s.nonfinite += total
+        s.nonfinite_run = run
         if s.nonfinite_run >= self.cfg.train.max_nonfinite:
             raise TrainingError(f"{s.nonfinite_run} steps in a row had a non-finite loss or gradient "
                                 f"(up to step {s.step}); lower train.lr_g/lr_d, try precision=fp32 or "
@@ -210,6 +259,7 @@ class TrainerBase:
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, config, data position, and per phase its network(s), optimiser and scaler."""
+        self.settle_nonfinite()
         out = {"version": __version__, "step": self.state.step, "nimg": self.state.nimg,
                "nonfinite": self.state.nonfinite, "world_size": self.env.world_size, "strategy": self.cfg.strategy,
                "config": to_dict(redact(self.cfg)), "data": self.data.state_dict(),

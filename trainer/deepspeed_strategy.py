@@ -165,17 +165,19 @@ class DeepSpeedPhase(Phase):
             self.engine.optimizer.override_loss_scale(self.scaler.scale)  # DeepSpeed scales and unscales
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def apply(self) -> tuple[torch.Tensor, bool]:
+    def apply(self) -> tuple[torch.Tensor, torch.Tensor]:
         """engine.step(): the (unscaled) gradient norm over all ranks, clipping, and the step unless
-        the norm is non-finite (DeepSpeed then skips it and reports an infinite norm)."""
+        the norm is non-finite (DeepSpeed then skips it and reports an infinite norm). DeepSpeed
+        decides on the host, so (norm, skipped) are copied to the device for the statistics."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)  # a Python float (DeepSpeed synced already)
         finite = math.isfinite(norm)
         if isinstance(self.scaler, LossScale):
             self.scaler.update(finite)
-        self.finite = finite
-        return torch.tensor(norm, device=self.engine.device), finite
+        norm_and_skipped = torch.tensor([norm, not finite], device=self.engine.device)
+        self.skipped = norm_and_skipped[1].bool()
+        return norm_and_skipped[0], self.skipped
 
     def clamp_weights(self, bound: float) -> None:
         super().clamp_weights(bound)

@@ -30,5 +30,6 @@ class EMA:
         if len(ema) != len(params):
             raise ValueError(f"EMA holds {len(ema)} parameters, the generator {len(params)}")
         torch._foreach_lerp_(ema, params, 1.0 - beta)  # one fused launch per dtype/device, not one per tensor
-        for b_ema, b in zip(self.model.buffers(), g.buffers(), strict=True):
-            b_ema.copy_(b)
+        buffers = list(self.model.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(g.buffers()))  # one launch per dtype, as the lerp

@@ -42,7 +42,7 @@ from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 from trainer.precision import upcast
 from trainer.preemption import Preempted, StopFlag
 from trainer.redact import redact
-from trainer.running_stats import restore_running_stats, snapshot_running_stats
+from trainer.running_stats import snapshot_running_stats
 from trainer.sampling import generate, latents, save_samples
 from trainer.sync_batchnorm import convert_sync_batchnorm
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
@@ -127,11 +127,11 @@ class Trainer(TrainerBase):
                 self.D.backward(loss / k)
             for key, v in parts.items():
                 terms.setdefault(key, []).append(v)
-        norm, finite = self.D.apply()
-        if cfg.loss.type == "wgan" and finite:
+        norm, skipped = self.D.apply()
+        if cfg.loss.type == "wgan":  # a skipped step left the weights as they were: clamped already
             self.D.clamp_weights(cfg.loss.clip)
         stats = {key: torch.stack(v).mean() for key, v in terms.items()}
-        return stats | {"grad_norm/d": norm, "skipped/d": self.flag(not finite)}
+        return stats | {"grad_norm/d": norm, "skipped/d": self.flag(skipped)}
 
     def g_step(self, z: torch.Tensor | None, labels: torch.Tensor | None = None,
                fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -154,10 +154,10 @@ class Trainer(TrainerBase):
                 loss = g_loss(self.cfg.loss.type, d(g(z[part], y), y))
                 self.G.backward(loss / k)
             losses.append(loss.detach())
-        norm, finite = self.G.apply()
+        norm, skipped = self.G.apply()
         d.requires_grad_(True)
         return {"loss/g": torch.stack(losses).mean(), "grad_norm/g": norm,
-                "skipped/g": self.flag(not finite)}
+                "skipped/g": self.flag(skipped)}
 
     def fake_labels(self, seed: int) -> torch.Tensor | None:
         n = self.cfg.model.num_classes
@@ -172,7 +172,7 @@ class Trainer(TrainerBase):
         self.set_learning_rates(step, {"G": cfg.train.lr_g, "D": cfg.train.lr_d})
         gb, zd = cfg.train.batch_size, cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
-        skipped = False
+        skipped = []
         norm_stats = snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped
         reuse = cfg.train.accumulate == 1  # the last D step's G(z) feeds the G step
         for i in range(cfg.train.n_critic):
@@ -184,7 +184,7 @@ class Trainer(TrainerBase):
             r1 = cfg.loss.r1_gamma > 0 and (step * cfg.train.n_critic + i) % cfg.loss.r1_every == 0
             stats = self.d_step(real, z, eps, real_labels, self.fake_labels(derive_seed(cfg.seed, step, 4, i)), r1,
                                 keep_fake=reuse and i == cfg.train.n_critic - 1)
-            skipped |= not self.D.finite
+            skipped.append(self.D.skipped)
         if reuse:
             fake, labels = self.kept_fake
             self.kept_fake = None
@@ -192,15 +192,12 @@ class Trainer(TrainerBase):
         else:
             stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, 3), (gb, zd), env),
                                  self.fake_labels(derive_seed(cfg.seed, step, 5)))
-        skipped |= not self.G.finite
-        if skipped:  # the bad batch must not stay in BN statistics (then averaged, EMA-copied, saved)
-            restore_running_stats(norm_stats)
+        self.finish_step([*skipped, self.G.skipped], norm_stats)
         average_buffers(self.G.module, env)
         average_buffers(self.D.module, env)
         self.state.step += 1
         self.state.nimg += gb
         self.ema.update(unwrap(self.G.module), gb, self.state.nimg)
-        self.count_nonfinite(skipped)
         return stats
 
     # -- outputs --------------------------------------------------------------------------------
@@ -327,6 +324,7 @@ class Reporter:
         if step % cfg.log.every_steps and step != cfg.train.max_steps:
             return
         values = {k: float(v) for k, v in zip(stats, mean_across(torch.stack(list(stats.values())), t.env).tolist(), strict=True)}
+        t.settle_nonfinite()  # the device's skipped-step counts, now that this step syncs anyway
         values |= {f"lr/{p.name.lower()}": p.opt.param_groups[0]["lr"] for p in t.phases}
         values["train/nonfinite_steps"] = float(t.state.nonfinite)  # skipped steps, same on every rank
         if self.exporter:
@@ -448,7 +446,7 @@ def make_trainer(cfg: Config, env: DistEnv) -> TrainerBase:
 
 def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
     from trainer.checkpoint import CheckpointError, set_aside_newer
-    from trainer.preemption import data_marks, rewind_after_lost_worker
+    from trainer.preemption import LOST_WORKER_ERRORS, data_marks, rewind_after_lost_worker
 
     trainer = make_trainer(cfg, env)
     resumed = pick_checkpoint(cfg, env)
@@ -493,7 +491,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
             marks = data_marks(trainer)
             try:
                 stats = trainer.train_step()
-            except RuntimeError as e:
+            except LOST_WORKER_ERRORS as e:
                 # A loader worker lost during a stop must not cost the checkpoint: if the step had
                 # not started, run it again on fresh workers, then stop at its boundary as usual.
                 if not (flag.requested and redone != trainer.state.step and rewind_after_lost_worker(e, marks)):

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from typing import Any
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a container killed by SIGTERM reports
@@ -61,6 +62,20 @@ def data_marks(trainer: Any) -> list[tuple[Any, dict[str, int]]]:
     return [(c, c.state_dict()) for c in cursors if c is not None]
 
 
+LOST_WORKER_ERRORS = (RuntimeError, ConnectionError, EOFError)
+
+
+def lost_worker(error: BaseException) -> bool:
+    """Whether `error` is how a DataLoader reports a worker that died: its own RuntimeError, or a
+    broken connection while it took a batch from that worker (a batch's shared memory is handed
+    over through a socket the worker holds, so a worker killed mid-delivery resets it)."""
+    if isinstance(error, RuntimeError):
+        return str(error).startswith("DataLoader worker (pid")
+    if isinstance(error, (ConnectionError, EOFError)):
+        return any(frame.name == "_try_get_data" for frame in traceback.extract_tb(error.__traceback__))
+    return False
+
+
 def rewind_after_lost_worker(error: BaseException, marks: list[tuple[Any, dict[str, int]]]) -> bool:
     """Put the cursors back to `marks` when `error` is a loader worker's death before the step took a batch.
 
@@ -70,7 +85,7 @@ def rewind_after_lost_worker(error: BaseException, marks: list[tuple[Any, dict[s
     step has run (every trainer fetches before it updates), so the step can run again on
     fresh workers from the same position, which is one integer, exactly. False otherwise.
     """
-    if not (isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker (pid")):
+    if not lost_worker(error):
         return False
     for cursor, mark in marks:
         now = cursor.state_dict()

@@ -25,7 +25,11 @@ def snapshot_running_stats(*modules: nn.Module) -> list[tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def restore_running_stats(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Put the running statistics back to a snapshot, in place."""
+def restore_running_stats(saved: list[tuple[torch.Tensor, torch.Tensor]], where: torch.Tensor | None = None) -> None:
+    """Put the running statistics back to a snapshot, in place; with `where` (a bool on the
+    device), only if it is true: decided on the device, so the host need not wait for it."""
     for buffer, value in saved:
-        buffer.copy_(value)
+        if where is None:
+            buffer.copy_(value)
+        else:
+            torch.where(where, value, buffer, out=buffer)

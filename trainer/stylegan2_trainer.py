@@ -115,9 +115,9 @@ class StyleGAN2Trainer(TrainerBase):
             fake = self.G.module(**self.g_inputs(GMAIN, self.cfg.train.batch_size))
             loss = F.softplus(-upcast(d(self.augmented(fake, GMAIN, 0)))).mean()
         self.G.backward(loss)
-        norm, finite = self.G.apply()
+        norm, skipped = self.G.apply()
         d.requires_grad_(True)
-        return {"loss/g": loss.detach(), "grad_norm/g": norm, "skipped/g": self.flag(not finite)}
+        return {"loss/g": loss.detach(), "grad_norm/g": norm, "skipped/g": self.flag(skipped)}
 
     def path_length(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(penalty of this rank's rows, the updated running mean): E[(|J_w^T y| - a)^2], y ~ N(0, I) / sqrt(HW).
@@ -143,9 +143,9 @@ class StyleGAN2Trainer(TrainerBase):
         self.G.module.requires_grad_(True)
         penalty, self.pl_mean = self.path_length()
         self.G.backward(penalty * self.cfg.loss.pl_weight * self.cfg.loss.pl_every)
-        norm, finite = self.G.apply()
+        norm, skipped = self.G.apply()
         unwrap(self.D.module).requires_grad_(True)
-        return {"loss/pl": penalty.detach(), "grad_norm/g_reg": norm, "skipped/g": self.flag(not finite)}
+        return {"loss/pl": penalty.detach(), "grad_norm/g_reg": norm, "skipped/g": self.flag(skipped)}
 
     def d_main(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dmain: softplus(D(augment(G(z)))) + softplus(-D(augment(x))); counts sign(D(real)) for ADA."""
@@ -159,10 +159,10 @@ class StyleGAN2Trainer(TrainerBase):
             loss = F.softplus(upcast(fake_out)).mean() + F.softplus(-upcast(real_out)).mean()
         self.ada.observe(real_out)
         self.D.backward(loss)
-        norm, finite = self.D.apply()
+        norm, skipped = self.D.apply()
         g.requires_grad_(True)
         return {"loss/d": loss.detach(), "d/real": upcast(real_out.detach()).mean(),
-                "d/fake": upcast(fake_out.detach()).mean(), "grad_norm/d": norm, "skipped/d": self.flag(not finite)}
+                "d/fake": upcast(fake_out.detach()).mean(), "grad_norm/d": norm, "skipped/d": self.flag(skipped)}
 
     def r1(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(R1 of this rank's rows, D's outputs): E||grad_x D(augment(x))||^2 at the un-augmented reals."""
@@ -177,34 +177,34 @@ class StyleGAN2Trainer(TrainerBase):
         penalty, out = self.r1(real)
         loss = penalty * (self.cfg.loss.r1_gamma / 2) * self.cfg.loss.r1_every + upcast(out).mean() * 0
         self.D.backward(loss)
-        norm, finite = self.D.apply()
+        norm, skipped = self.D.apply()
         unwrap(self.G.module).requires_grad_(True)
-        return {"loss/r1": penalty.detach(), "grad_norm/d_reg": norm, "skipped/d": self.flag(not finite)}
+        return {"loss/r1": penalty.detach(), "grad_norm/d_reg": norm, "skipped/d": self.flag(skipped)}
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
         self.set_learning_rates(step, {"G": cfg.train.lr_g * self.g_ratio, "D": cfg.train.lr_d * self.d_ratio})
         real = to_unit_range(self.data.next()["image"])
         stats = self.g_main()
-        skipped = not self.G.finite
+        skipped = [self.G.skipped]
         if cfg.loss.pl_weight > 0 and step % cfg.loss.pl_every == 0:
             reg = self.g_reg()
             reg.pop("skipped/g")
-            skipped |= not self.G.finite
+            skipped.append(self.G.skipped)
             self.last_reg |= reg
         stats |= self.d_main(real)
-        skipped |= not self.D.finite
+        skipped.append(self.D.skipped)
         if cfg.loss.r1_gamma > 0 and step % cfg.loss.r1_every == 0:
             reg = self.d_reg(real)
             reg.pop("skipped/d")
-            skipped |= not self.D.finite
+            skipped.append(self.D.skipped)
             self.last_reg |= reg
         self.ada.update(step, env)
         average_buffers(self.G.module, env)  # w_avg: the mean over ranks is the mean over the global batch
         self.state.step += 1
         self.state.nimg += cfg.train.batch_size
         self.ema.update(unwrap(self.G.module), cfg.train.batch_size, self.state.nimg)
-        self.count_nonfinite(skipped)
+        self.finish_step(skipped, [])  # no running statistics in StyleGAN2
         return stats | self.last_reg | {"augment/p": self.flag(0) + self.ada.p, "augment/rt": self.flag(0) + self.ada.rt,
                                         "loss/pl_mean": self.pl_mean.detach().clone()}
 

@@ -28,7 +28,7 @@ from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import DistEnv, unwrap
 from trainer.models import build_models
 from trainer.precision import upcast
-from trainer.running_stats import restore_running_stats, snapshot_running_stats
+from trainer.running_stats import snapshot_running_stats
 from trainer.sampling import run_in_chunks, save_grid
 
 VAL_GRID = 8  # held-out examples pictured in each sample grid
@@ -133,12 +133,9 @@ class TranslationTrainer(TrainerBase):
         norm_stats = snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped
         stats, fakes = (self.cycle_g_step if self.cycle else self.pix2pix_g_step)(a, b)
         stats |= self.d_step(a, b, fakes)
-        skipped = not (self.G.finite and self.D.finite)
-        if skipped:
-            restore_running_stats(norm_stats)
+        self.finish_step([self.G.skipped, self.D.skipped], norm_stats)
         self.state.step += 1
         self.state.nimg += cfg.train.batch_size
-        self.count_nonfinite(skipped)
         return stats
 
     def cycle_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
@@ -155,10 +152,10 @@ class TranslationTrainer(TrainerBase):
                 loss = loss + cfg.cycle_weight * cfg.identity_weight * idt
                 stats["loss/identity"] = idt.detach()
         self.G.backward(loss)
-        norm, finite = self.G.apply()
+        norm, skipped = self.G.apply()
         d.requires_grad_(True)
         return stats | {"loss/g": loss.detach(), "grad_norm/g": norm,
-                        "skipped/g": self.flag(not finite)}, (out["fake_a"], out["fake_b"])
+                        "skipped/g": self.flag(skipped)}, (out["fake_a"], out["fake_b"])
 
     def pix2pix_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
         cfg, d = self.cfg.loss, unwrap(self.D.module)
@@ -169,10 +166,10 @@ class TranslationTrainer(TrainerBase):
             l1 = F.l1_loss(upcast(fake), b)
             loss = adv + cfg.l1_weight * l1
         self.G.backward(loss)
-        norm, finite = self.G.apply()
+        norm, skipped = self.G.apply()
         d.requires_grad_(True)
         return {"loss/g": loss.detach(), "loss/g_adv": adv.detach(), "loss/l1": l1.detach(), "grad_norm/g": norm,
-                "skipped/g": self.flag(not finite)}, (fake,)
+                "skipped/g": self.flag(skipped)}, (fake,)
 
     def d_step(self, a: torch.Tensor, b: torch.Tensor, fakes: tuple) -> dict[str, torch.Tensor]:
         kind, env, step = self.cfg.loss.type, self.env, self.state.step
@@ -192,8 +189,8 @@ class TranslationTrainer(TrainerBase):
                 loss = 0.5 * (adversarial(kind, real_out, True) + adversarial(kind, fake_out, False))
                 stats = {"d/real": upcast(real_out.detach()).mean(), "d/fake": upcast(fake_out.detach()).mean()}
         self.D.backward(loss)
-        norm, finite = self.D.apply()
-        return stats | {"loss/d": loss.detach(), "grad_norm/d": norm, "skipped/d": self.flag(not finite)}
+        norm, skipped = self.D.apply()
+        return stats | {"loss/d": loss.detach(), "grad_norm/d": norm, "skipped/d": self.flag(skipped)}
 
     # -- outputs --------------------------------------------------------------------------------
     @torch.no_grad()
