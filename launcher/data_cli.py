@@ -8,7 +8,7 @@ import sys
 from collections import Counter
 
 from data_pipeline import DataError, load_index
-from data_pipeline.planner import epoch_order, plan_epoch
+from data_pipeline.planner import epoch_order, plan_epoch, rank_slots
 
 MAX_LABEL_LINES = 50  # more classes than this (Stacked MNIST has 1,000) are summarised in one line
 
@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start", type=int, default=0, help="samples of the epoch already consumed")
     p.add_argument("--no-pad", action="store_true", help="drop the tail instead of padding ranks to equal counts")
     p.add_argument("--shuffle-block-shards", type=int, default=0)
+    p.add_argument("--partition-nodes", type=int, default=0, help="data.partition_nodes: node streams of the order")
+    p.add_argument("--ranks-per-node", type=int, default=0,
+                   help="ranks of one node (with --partition-nodes: a node's ranks read its own streams)")
     p.set_defaults(func=plan)
 
 
@@ -161,9 +164,14 @@ def plan(args: argparse.Namespace) -> int:
         raise DataError(f"--world-size must be >= 1, got {args.world_size}")
     if not 0 <= args.start <= index.num_samples:
         raise DataError(f"--start must be in 0..{index.num_samples}, got {args.start}")
-    order = epoch_order([s.num_samples for s in index.shards], args.seed, args.epoch, args.shuffle_block_shards)
+    for flag in ("shuffle_block_shards", "partition_nodes", "ranks_per_node"):
+        if getattr(args, flag) < 0:
+            raise DataError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    groups = max(1, args.partition_nodes)
+    order = epoch_order([s.num_samples for s in index.shards], args.seed, args.epoch, args.shuffle_block_shards, groups)
+    slots = rank_slots(args.world_size, groups, args.ranks_per_node, args.start)
     keys = index.keys()
     out = sys.stdout
-    for e in plan_epoch(order, args.world_size, args.start, pad=not args.no_pad):
+    for e in plan_epoch(order, args.world_size, args.start, pad=not args.no_pad, slots=slots):
         out.write(json.dumps({"rank": e.rank, "index": e.index, "global": e.global_pos, "key": keys[e.sample]}) + "\n")
     return 0

@@ -231,3 +231,22 @@ def test_a_negative_data_setting_is_a_config_error_naming_the_key(key, tmp_path)
 
     with pytest.raises(ConfigError, match=rf"config error: data\.{key}: must be >= 0; got -1"):
         load_config("configs/dcgan_digits.yaml", [f"data.{key}=-1", f"run.dir={tmp_path}"])
+
+
+def test_data_plan_prints_the_node_stream_plan_the_loader_reads(digits_dir):
+    import json
+
+    from tests.conftest import run_cli
+
+    r = run_cli("data", "plan", digits_dir, "--world-size", "4", "--seed", "2", "--shuffle-block-shards", "2",
+                "--partition-nodes", "2", "--ranks-per-node", "2", "--start", "64")
+    assert r.returncode == 0, r.stderr
+    printed = [json.loads(line) for line in r.stdout.splitlines()]
+    stream = ShardStream(digits_dir, StreamSpec(seed=2, rank=1, world_size=4, batch_size=16, drop_last=False,
+                                                block_shards=2, groups=2, ranks_per_node=2))
+    stream.set_position(0, 64)
+    read = [int(g) for b in make_loader(stream) for g in b["position"]]
+    assert read == [p["global"] for p in printed if p["rank"] == 1]  # slot 2 of each window: node 0 reads stream 0
+    order = epoch_order([s.num_samples for s in stream.index.shards], 2, 0, 2, 2)
+    keys = stream.index.keys()
+    assert all(keys[order[p["global"]]] == p["key"] for p in printed if p["global"] < len(order))
