@@ -58,14 +58,14 @@ class ShardCache:
     def hold(self, shard: ShardRecord) -> HeldShard:
         """`shard` on local disk, downloaded first if no process of this node has done it."""
         path = os.path.join(self.root, shard.name)
-        held = _open_held(path)
+        held = _open_held(path, shard.bytes)
         if held is None:
             with _locked(os.path.join(self.root, LOCKS, shard.name)):
-                held = _open_held(path)  # another process may have finished it meanwhile
+                held = _open_held(path, shard.bytes)  # another process may have finished it meanwhile
                 if held is None:
                     self._download(shard, path)
                     self.stats.add(cache_misses=1)
-                    held = _open_held(path)
+                    held = _open_held(path, shard.bytes)
                 else:
                     self.stats.add(cache_hits=1)
             self.evict()
@@ -185,14 +185,15 @@ def _mismatch(f, shard: ShardRecord) -> str:
     return "" if digest == shard.sha256 else f"sha256 {digest[:12]}…, the index says {shard.sha256[:12]}…"
 
 
-def _open_held(path: str) -> HeldShard | None:
-    """The complete shard at `path` under a shared lock, or None if it is not there."""
+def _open_held(path: str, size: int) -> HeldShard | None:
+    """The complete shard at `path` under a shared lock; None if it is not there or not `size` bytes long."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     fcntl.flock(fd, fcntl.LOCK_SH)
-    if os.fstat(fd).st_nlink == 0:  # evicted between open and lock
+    st = os.fstat(fd)
+    if st.st_nlink == 0 or st.st_size != size:  # evicted between open and lock, or damaged since
         os.close(fd)
         return None
     return HeldShard(path, fd)

@@ -22,9 +22,9 @@ import urllib3
 from data_pipeline.errors import DataError
 from data_pipeline.redact import redact_url
 
-ATTEMPTS = 6  # first try plus five retries
+ATTEMPTS = 8  # first try plus seven retries
 BACKOFF_S = 0.2  # doubled after each failed attempt ...
-BACKOFF_MAX_S = 4.0  # ... up to this: about 12 s of waiting before a DataError
+BACKOFF_MAX_S = 4.0  # ... up to this: 14.2 s of waiting in all before a DataError
 TIMEOUT_S = 60.0  # connect, and between two reads of a body
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 CHUNK = 1 << 20

@@ -17,7 +17,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.index import load_index
 from data_pipeline.loader import FETCH_FIELDS, ShardStream, StreamSpec, make_loader
 from data_pipeline.planner import epoch_order, plan_epoch, rank_slots
-from data_pipeline.remote import RemoteClient
+from data_pipeline.remote import ATTEMPTS, RemoteClient
 
 
 @pytest.fixture()
@@ -78,7 +78,7 @@ def test_a_stalled_body_times_out_and_is_retried(served, tmp_path):
 
 
 def test_a_shard_that_keeps_failing_is_a_data_error_naming_shard_and_url_without_credentials(served, tmp_path):
-    served.fail("000002.tar", *["503"] * 6)
+    served.fail("000002.tar", *["503"] * ATTEMPTS)
     index = load_index(served.url.replace("http://", "http://reader:s3cret-pass@"))
     client = RemoteClient(backoff_s=0.01)
     with pytest.raises(DataError) as e:
@@ -86,7 +86,7 @@ def test_a_shard_that_keeps_failing_is_a_data_error_naming_shard_and_url_without
     message = str(e.value)
     assert "000002.tar" in message and "127.0.0.1" in message and "HTTP 503" in message
     assert "s3cret-pass" not in message
-    assert client.stats.retries == 5 and served.requests["000002.tar"] == 6
+    assert client.stats.retries == ATTEMPTS - 1 and served.requests["000002.tar"] == ATTEMPTS
 
 
 def test_a_missing_shard_fails_at_once(served, tmp_path):
@@ -250,3 +250,15 @@ def test_data_plan_prints_the_node_stream_plan_the_loader_reads(digits_dir):
     order = epoch_order([s.num_samples for s in stream.index.shards], 2, 0, 2, 2)
     keys = stream.index.keys()
     assert all(keys[order[p["global"]]] == p["key"] for p in printed if p["global"] < len(order))
+
+
+def test_a_cached_shard_cut_short_on_disk_is_downloaded_again(served, tmp_path):
+    index = load_index(served.url)
+    cache = ShardCache(str(tmp_path / "cache"), 0, index, RemoteClient())
+    held = cache.hold(index.shards[6])
+    held.release()
+    os.truncate(held.path, 1000)
+    again = cache.hold(index.shards[6])
+    assert os.path.getsize(again.path) == index.shards[6].bytes
+    assert served.requests["000006.tar"] == 2
+    again.release()
