@@ -64,6 +64,14 @@ def _interleave(streams: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def streams_fit_nodes(world_size: int, groups: int, ranks_per_node: int) -> bool:
+    """Whether each node of this layout can read only its own streams of a `groups`-stream order."""
+    if groups <= 1 or ranks_per_node <= 0 or world_size % ranks_per_node:
+        return False
+    nodes = world_size // ranks_per_node
+    return nodes > 1 and groups % nodes == 0 and world_size % groups == 0
+
+
 def rank_slots(world_size: int, groups: int = 1, ranks_per_node: int = 0, start: int = 0) -> list[int]:
     """Which position of each step's window of `world_size` positions each rank reads.
 
@@ -74,11 +82,9 @@ def rank_slots(world_size: int, groups: int = 1, ranks_per_node: int = 0, start:
     world size); otherwise rank r reads position r of the window.
     """
     slots = list(range(world_size))
-    if groups <= 1 or ranks_per_node <= 0 or world_size % ranks_per_node:
+    if not streams_fit_nodes(world_size, groups, ranks_per_node):
         return slots
     nodes = world_size // ranks_per_node
-    if nodes <= 1 or groups % nodes or world_size % groups:
-        return slots
     owner = [((start + o) % groups) // (groups // nodes) for o in range(world_size)]
     by_node = [[o for o in range(world_size) if owner[o] == n] for n in range(nodes)]
     return [by_node[r // ranks_per_node][r % ranks_per_node] for r in range(world_size)]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from data_pipeline import DataError
 from data_pipeline.loader import FETCH_FIELDS, ShardStream, StreamSpec, make_loader
+from data_pipeline.planner import streams_fit_nodes
 from trainer.config import Config
 from trainer.distributed import DistEnv
 
@@ -29,6 +31,8 @@ class DataCursor:
             raise DataError(f"{location}: {self.stream.index.num_samples} samples, fewer than one "
                             f"global batch ({self.global_batch})")
         self.loader = make_loader(self.stream, cfg.data.num_workers, pin_memory=env.device.type == "cuda")
+        if env.is_main:
+            warn_about_remote_reads(self.stream, cfg, spec)
         self.device, self.world_size = env.device, env.world_size
         self.counting = cfg.data.on_error == "skip"  # nothing is ever skipped otherwise
         self.max_skip_fraction = cfg.data.max_skip_fraction
@@ -92,6 +96,19 @@ class DataCursor:
         if self.skipped > self.max_skip_fraction * max(read, size):
             raise DataError(f"{self.skipped} bad samples skipped out of {read} read ({self.skipped / read:.2%}), "
                             f"more than data.max_skip_fraction={self.max_skip_fraction:g}; repair the shards (`ganforge data verify`) or raise the bound")
+
+
+def warn_about_remote_reads(stream: ShardStream, cfg: Config, spec: StreamSpec) -> None:
+    """One line each for settings that make remote data travel more than once per node and epoch."""
+    if stream.remote and not cfg.data.cache_dir:
+        print("ganforge: warning: remote shards without data.cache_dir: every loader worker downloads each "
+              "shard it reads, into memory; set data.cache_dir to share one download per node",
+              file=sys.stderr, flush=True)
+    nodes = spec.world_size // spec.ranks_per_node if spec.ranks_per_node else 0
+    if cfg.data.partition_nodes > 1 and nodes > 1 and not streams_fit_nodes(spec.world_size, spec.groups, spec.ranks_per_node):
+        print(f"ganforge: warning: data.partition_nodes={cfg.data.partition_nodes} does not fit {nodes} nodes of "
+              f"{spec.ranks_per_node} ranks (the node count must divide it, and it the world size): every node "
+              "reads from every node stream", file=sys.stderr, flush=True)
 
 
 def local_world_size() -> int:
