@@ -279,3 +279,24 @@ def test_settings_that_multiply_downloads_are_named_in_one_warning_line_each(ser
     cfg.data.cache_dir, cfg.data.partition_nodes = str(tmp_path / "c"), 3
     DataCursor(cfg.data.train, cfg, DistEnv(0, 3, 0, torch.device("cpu")))
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_remote_epoch_resumed_on_another_layout_reads_every_remaining_sample_once(served, tmp_path):
+    """2 nodes x 2 ranks read 12 steps of 4 x 16 samples; then 1 node x 3 ranks reads the rest of the epoch."""
+    def ranks(world: int, per_node: int, start: int, steps: int | None) -> list[int]:
+        out = []
+        for rank in range(world):
+            spec = StreamSpec(seed=4, rank=rank, world_size=world, batch_size=16, block_shards=2, groups=2,
+                              ranks_per_node=per_node, cache_dir=str(tmp_path / f"node{rank // per_node}"))
+            stream = ShardStream(served.url, spec)
+            stream.set_position(0, start)
+            batches = list(make_loader(stream))
+            out += [int(p) for b in batches[:steps] for p in b["position"]]
+        return out
+
+    total, start = 1797, 12 * 4 * 16
+    before = ranks(4, 2, 0, 12)
+    after = ranks(3, 3, start, None)
+    assert sorted(before) == list(range(start))
+    assert sorted(p for p in after if p < total) == list(range(start, total - (total - start) % (3 * 16)))
+    assert not set(before) & set(after)
