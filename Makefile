@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ganforge-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast bench gpu-check lint freeze clean
+.PHONY: install demo test test-slow test-all bench gpu-check lint freeze clean
 
 install: $(STAMP)
 
@@ -19,11 +19,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/ganforge demo
 
+# make test: everything but the multi-process and end-to-end tests marked `slow` (under 25 minutes
+# on a 2-core machine); make test-slow: those; make test-all: both. CI (.ci/run) runs both.
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
-
-test-fast: install
 	$(BIN)/python -m pytest -m 'not slow' $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/loader.py
