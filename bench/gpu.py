@@ -73,10 +73,16 @@ def profile(step, steps: int, device: torch.device, path: str) -> dict:
     events = prof.key_averages()
     with open(path, "w") as f:
         f.write(events.table(sort_by="self_cpu_time_total", row_limit=40))
+        if device.type == "cuda":
+            f.write("\n" + events.table(sort_by="self_device_time_total", row_limit=40))
     count = lambda names: sum(e.count for e in events if e.key in names) / (steps + 0.0)  # noqa: E731
+    kernels = sorted(((e.self_device_time_total / steps / 1000, e.key) for e in events
+                      if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0), reverse=True)
     # the window's own synchronize before and after is one cudaDeviceSynchronize each: not the step's
     return {"syncs_per_step": round(count(SYNCS) - 2 / steps * (device.type == "cuda"), 2),
-            "launches_per_step": round(count(LAUNCHES), 1)}
+            "launches_per_step": round(count(LAUNCHES), 1),
+            "gpu_busy_ms_per_step": round(sum(ms for ms, _ in kernels), 3),
+            "top_kernels_ms_per_step": [[name[:90], round(ms, 3)] for ms, name in kernels[:20]]}
 
 
 def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: bool, compile_: bool):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,12 @@ from trainer.config import Config, to_dict
 from trainer.distributed import DistEnv, unwrap, wrap
 from trainer.precision import default_dtype, resolve_precision
 from trainer.redact import redact
-from trainer.running_stats import restore_running_stats
+from trainer.running_stats import (
+    Snapshot,
+    restore_running_stats,
+    running_stats,
+    snapshot_running_stats,
+)
 
 
 def derive_seed(*parts: int) -> int:
@@ -62,6 +67,7 @@ class Phase:
     scaler: torch.amp.GradScaler
     grad_clip: float = 0.0
     skipped: torch.Tensor | None = None  # whether the last apply() skipped its step: a bool on the device
+    params: list[torch.Tensor] | None = field(default=None, repr=False)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of (the scaled) `loss` into this phase's network."""
@@ -81,7 +87,9 @@ class Phase:
         so the host does not wait for the GPU (see `step_unless`).
         """
         self.scaler.unscale_(self.opt)
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.params is None:  # the same tensors every step: found once
+            self.params = list(self.module.parameters())
+        params = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.scaler._device)
         skipped = torch.isfinite(norm).logical_not()
@@ -168,6 +176,8 @@ class TrainerBase:
             torch.backends.cudnn.benchmark = False
         self.state = TrainState()
         self._flags: torch.Tensor | None = None
+        self._running: list[torch.Tensor] | None = None
+        self._trainable: dict[nn.Module, list[nn.Parameter]] = {}
         self._nonfinite: torch.Tensor | None = None  # [skipped since last settled, skipped in a row]
 
     def make_phase(self, name: str, module: nn.Module, lr: float) -> Phase:
@@ -223,8 +233,24 @@ class TrainerBase:
             self._flags = torch.tensor([0.0, 1.0], device=self.env.device)
         return self._flags[int(value)]
 
+    def trainable(self, module: nn.Module, flag: bool) -> None:
+        """`module.requires_grad_(flag)` over a parameter list found once (it runs several times a
+        step; walking the module tree each time costs the host more than the toggles)."""
+        params = self._trainable.get(module)
+        if params is None:
+            params = self._trainable[module] = list(module.parameters())
+        for p in params:
+            p.requires_grad_(flag)
+
+    def snapshot_running_stats(self, *modules: nn.Module) -> Snapshot:
+        """A copy of the running statistics of `modules` (the same modules every step: their buffer
+        list is found once), for `finish_step` to put back if the step is skipped."""
+        if self._running is None:
+            self._running = running_stats(*modules)
+        return snapshot_running_stats(self._running)
+
     @torch.no_grad()
-    def finish_step(self, skipped: list[torch.Tensor], running: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def finish_step(self, skipped: list[torch.Tensor], running: Snapshot) -> None:
         """After every phase of a step, on the device: if any phase `skipped` its update, put the running
         statistics back to `running` (the bad batch must not stay in BN statistics, then averaged,
         EMA-copied, saved), and count the step as skipped."""

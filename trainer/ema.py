@@ -22,14 +22,17 @@ class EMA:
     def __init__(self, g: nn.Module, ema_kimg: float, rampup: float):
         self.model = copy.deepcopy(g).eval().requires_grad_(False)
         self.ema_kimg, self.rampup = ema_kimg, rampup
+        self.pairs: tuple | None = None
 
     @torch.no_grad()
     def update(self, g: nn.Module, batch: int, nimg: int) -> None:
         beta = ema_beta(batch, nimg, self.ema_kimg, self.rampup) if self.ema_kimg > 0 else 0.0
-        ema, params = list(self.model.parameters()), [p.detach() for p in g.parameters()]
-        if len(ema) != len(params):
-            raise ValueError(f"EMA holds {len(ema)} parameters, the generator {len(params)}")
+        if self.pairs is None or self.pairs[0] is not g:  # the same generator every step: its tensors found once
+            ema, params = list(self.model.parameters()), list(g.parameters())
+            if len(ema) != len(params):
+                raise ValueError(f"EMA holds {len(ema)} parameters, the generator {len(params)}")
+            self.pairs = (g, ema, params, list(self.model.buffers()), list(g.buffers()))
+        _, ema, params, ema_buffers, buffers = self.pairs
         torch._foreach_lerp_(ema, params, 1.0 - beta)  # one fused launch per dtype/device, not one per tensor
-        buffers = list(self.model.buffers())
         if buffers:
-            torch._foreach_copy_(buffers, list(g.buffers()))  # one launch per dtype, as the lerp
+            torch._foreach_copy_(ema_buffers, buffers)  # likewise

@@ -42,7 +42,6 @@ from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 from trainer.precision import upcast
 from trainer.preemption import Preempted, StopFlag
 from trainer.redact import redact
-from trainer.running_stats import snapshot_running_stats
 from trainer.sampling import generate, latents, save_samples
 from trainer.sync_batchnorm import convert_sync_batchnorm
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
@@ -90,8 +89,8 @@ class Trainer(TrainerBase):
         step that follows, which then needs no second G forward (as in pytorch/examples dcgan).
         """
         cfg, g, d = self.cfg, unwrap(self.G.module), self.D.module
-        g.requires_grad_(keep_fake)
-        d.requires_grad_(True)
+        self.trainable(g, keep_fake)
+        self.trainable(d, True)
         k = cfg.train.accumulate
         if keep_fake and k != 1:
             raise ValueError("keep_fake needs train.accumulate=1")
@@ -124,7 +123,7 @@ class Trainer(TrainerBase):
                     # Lazy regularisation: applied every r1_every steps, so scaled by r1_every.
                     loss = loss + cfg.loss.r1_gamma / 2 * penalty * cfg.loss.r1_every
                     parts["loss/r1"] = penalty.detach()
-                self.D.backward(loss / k)
+                self.D.backward(loss / k if k > 1 else loss)
             for key, v in parts.items():
                 terms.setdefault(key, []).append(v)
         norm, skipped = self.D.apply()
@@ -138,8 +137,8 @@ class Trainer(TrainerBase):
         """One G update on G(z), or on a `fake` kept from the D step: D frozen and unwrapped,
         so DDP reduces only G's gradients."""
         g, d = self.G.module, unwrap(self.D.module)
-        d.requires_grad_(False)
-        g.requires_grad_(True)
+        self.trainable(d, False)
+        self.trainable(g, True)
         k = self.cfg.train.accumulate
         losses = []
         if fake is not None:
@@ -152,10 +151,10 @@ class Trainer(TrainerBase):
             y = labels[part] if labels is not None else None
             with self.G.accumulating(last=i == k - 1), self.autocast():
                 loss = g_loss(self.cfg.loss.type, d(g(z[part], y), y))
-                self.G.backward(loss / k)
+                self.G.backward(loss / k if k > 1 else loss)
             losses.append(loss.detach())
         norm, skipped = self.G.apply()
-        d.requires_grad_(True)
+        self.trainable(d, True)
         return {"loss/g": torch.stack(losses).mean(), "grad_norm/g": norm,
                 "skipped/g": self.flag(skipped)}
 
@@ -173,7 +172,7 @@ class Trainer(TrainerBase):
         gb, zd = cfg.train.batch_size, cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
         skipped = []
-        norm_stats = snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped
+        norm_stats = self.snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped
         reuse = cfg.train.accumulate == 1  # the last D step's G(z) feeds the G step
         for i in range(cfg.train.n_critic):
             real, real_labels = self.real_batch()

@@ -19,17 +19,28 @@ def running_stats(*modules: nn.Module) -> list[torch.Tensor]:
     return [b for m in modules for name, b in m.named_buffers() if name.rsplit(".", 1)[-1] in NAMES]
 
 
-def snapshot_running_stats(*modules: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(buffer, copy of its value) for every running statistic of `modules`."""
-    return [(b, b.detach().clone()) for b in running_stats(*modules)]
+Snapshot = list[tuple[list[torch.Tensor], torch.Tensor]]
+
+
+def snapshot_running_stats(buffers: list[torch.Tensor]) -> Snapshot:
+    """Per dtype, (the buffers, one flat copy of their values): a copy in a few kernel launches
+    however many buffers there are (this runs every step)."""
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in buffers:
+        groups.setdefault(b.dtype, []).append(b)
+    return [(group, flat(group)) for group in groups.values()]
+
+
+def flat(buffers: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([b.detach().reshape(-1) for b in buffers])
 
 
 @torch.no_grad()
-def restore_running_stats(saved: list[tuple[torch.Tensor, torch.Tensor]], where: torch.Tensor | None = None) -> None:
+def restore_running_stats(saved: Snapshot, where: torch.Tensor | None = None) -> None:
     """Put the running statistics back to a snapshot, in place; with `where` (a bool on the
     device), only if it is true: decided on the device, so the host need not wait for it."""
-    for buffer, value in saved:
-        if where is None:
-            buffer.copy_(value)
-        else:
-            torch.where(where, value, buffer, out=buffer)
+    for buffers, values in saved:
+        if where is not None:
+            values = torch.where(where, values, flat(buffers))
+        parts = values.split([b.numel() for b in buffers])
+        torch._foreach_copy_(buffers, [v.view_as(b) for v, b in zip(parts, buffers, strict=True)])

@@ -28,7 +28,6 @@ from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import DistEnv, unwrap
 from trainer.models import build_models
 from trainer.precision import upcast
-from trainer.running_stats import snapshot_running_stats
 from trainer.sampling import run_in_chunks, save_grid
 
 VAL_GRID = 8  # held-out examples pictured in each sample grid
@@ -130,7 +129,7 @@ class TranslationTrainer(TrainerBase):
         self.set_learning_rates(step, {"G": cfg.train.lr_g, "D": cfg.train.lr_d})
         torch.manual_seed(derive_seed(cfg.seed, step, 8, env.rank))  # dropout: fixed by (seed, step, rank)
         a, b = self.real_batch()
-        norm_stats = snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped
+        norm_stats = self.snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped
         stats, fakes = (self.cycle_g_step if self.cycle else self.pix2pix_g_step)(a, b)
         stats |= self.d_step(a, b, fakes)
         self.finish_step([self.G.skipped, self.D.skipped], norm_stats)
