@@ -89,6 +89,9 @@ def test_launch_trains_an_epoch_fetching_each_shard_once_and_a_sigkilled_run_res
     assert len(tars) == 8 and set(tars.values()) == {1}, f"each shard fetched once per epoch: {tars}"
     metrics = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
     assert max(m["data/epoch"] for m in metrics) == 0 and metrics[-1]["step"] == EPOCH
+    # the metrics log carries the job's remote reads: both ranks' (and their workers') sums
+    assert metrics[-1]["data/bytes_fetched"] == served.total_bytes()
+    assert metrics[-1]["data/cache_misses"] == 8 and metrics[-1]["data/cache_bytes"] > 0
 
     run = str(tmp_path / "run")
     cmd = launch(served.url, run, str(tmp_path / "cache"))

@@ -316,6 +316,21 @@ class Reporter:
                 self.exporter.checkpoint_saved(self.checkpoints.last_write_s, done)
         self.iter_mark, self.data_wait, self.images_read = now, 0.0, 0
 
+    def fetch_totals(self) -> dict[str, float]:
+        """Every rank at a log step, for remote data: its own remote reads to /metrics, and for the
+        metrics log the job's totals (summed over ranks, in float64 so byte counts stay exact)
+        with this node's cache size. Empty for local data, on every rank alike."""
+        t = self.t
+        mine = t.data.fetch_metrics()
+        if not mine:
+            return {}
+        if self.exporter:
+            self.exporter.data_fetched(mine)
+        counters = [k for k in mine if k != "data/cache_bytes"]
+        sums = mean_across(torch.tensor([mine[k] for k in counters], dtype=torch.float64, device=t.env.device), t.env)
+        totals = dict(zip(counters, (sums * t.env.world_size).tolist(), strict=True))
+        return totals | {"data/cache_bytes": mine["data/cache_bytes"]}
+
     def log(self, stats: dict[str, torch.Tensor]) -> None:
         t = self.t
         step, cfg = t.state.step, t.cfg
@@ -329,6 +344,7 @@ class Reporter:
         if self.exporter:
             self.exporter.report(values, int(values["train/nonfinite_steps"]), t.env.device, t.data.epoch,
                                  skipped_samples=t.data.skipped)
+        values |= self.fetch_totals()
         if not self.active:
             return
         now = time.perf_counter()
