@@ -32,6 +32,10 @@ MLFLOW_URI = "http://mlflow:5000"  # the Service of k8s/mlflow, same namespace
 MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow:v3.17.2"  # the mlflow pinned in constraints.txt
 MONITORING_NAMESPACE = "monitoring"  # where Prometheus runs: the only namespace let in to /metrics
 FLAVORS = ("job", "pytorchjob", "jobset")
+MONITOR_LABEL = "release=kube-prometheus-stack"  # the Helm chart's default podMonitorSelector
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = re.compile(rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}")
+LABEL_VALUE = re.compile(rf"({_NAME})?")
 
 
 class RenderError(Exception):
@@ -52,6 +56,7 @@ class RenderOptions:
     data_storage: str = "200Gi"
     mlflow_uri: str = MLFLOW_URI
     namespace: str | None = None
+    monitor_label: str = MONITOR_LABEL  # key=value the Prometheus Operator selects PodMonitors by
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -75,6 +80,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-class", help="StorageClass of the ReadWriteMany volumes (default: the cluster's)")
     p.add_argument("--mlflow-uri", default=MLFLOW_URI, help="tracking server seen from the pods ('none' disables)")
     p.add_argument("--namespace", help="namespace for every object (default: kubectl's current one)")
+    p.add_argument("--monitor-label", default=MONITOR_LABEL, metavar="KEY=VALUE",
+                   help=f"label on the PodMonitor that your Prometheus selects (default {MONITOR_LABEL}, "
+                        "kube-prometheus-stack's default podMonitorSelector)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides for the run")
     p.set_defaults(func=render_cli)
 
@@ -82,8 +90,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def render_cli(args: argparse.Namespace) -> int:
     opts = RenderOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, flavor=args.flavor,
                          min_nodes=args.min_nodes, data_dir=args.data_dir, shutdown_seconds=args.shutdown_seconds,
-                         storage_class=args.storage_class, mlflow_uri=args.mlflow_uri, namespace=args.namespace)
+                         storage_class=args.storage_class, mlflow_uri=args.mlflow_uri, namespace=args.namespace,
+                         monitor_label=args.monitor_label)
     try:
+        monitor_label(opts)
         cfg, text = run_config(args.config, args.overrides, opts)
         files = kustomize_tree(cfg, text, opts) if args.kustomize else manifest_files(cfg, text, opts)
         written = write_tree(files, args.out, args.force)
@@ -190,10 +200,24 @@ def headless_service(name: str, opts: RenderOptions) -> dict[str, Any]:
                      "ports": [{"name": "rdzv", "port": RDZV_PORT, "targetPort": RDZV_PORT}]}}
 
 
+def monitor_label(opts: RenderOptions) -> tuple[str, str]:
+    """--monitor-label as (key, value); a RenderError naming it when it is not KEY=VALUE."""
+    key, sep, value = opts.monitor_label.partition("=")
+    if not (sep and LABEL_KEY.fullmatch(key) and LABEL_VALUE.fullmatch(value)):
+        raise RenderError(f"--monitor-label must be KEY=VALUE with a valid Kubernetes label key and value; "
+                          f"got {opts.monitor_label!r}")
+    return key, value
+
+
 def pod_monitor(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
-    endpoints = [{"port": f"metrics-{r}", "path": "/metrics", "interval": "15s"}
+    """Scrapes every local rank's port. honorLabels keeps the exporter's own `job` label (the
+    dashboard and alerts group by it) instead of renaming it `exported_job`."""
+    endpoints = [{"port": f"metrics-{r}", "path": "/metrics", "interval": "15s", "honorLabels": True}
                  for r in range(max(1, opts.gpus_per_node))]
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": meta(name, opts),
+    m = meta(name, opts)
+    key, value = monitor_label(opts)
+    m["labels"] = m["labels"] | {key: value}
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": m,
             "spec": {"selector": {"matchLabels": {"ganforge.io/run": name}}, "podMetricsEndpoints": endpoints}}
 
 

@@ -102,6 +102,9 @@ def test_pods_are_unprivileged_gpu_pods_with_tracking_and_metrics(rendered, tmp_
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     scraped = [e["port"] for e in objs["PodMonitor"]["spec"]["podMetricsEndpoints"]]
     assert sorted(scraped) == sorted(f"metrics-{r}" for r in range(8)) and set(scraped) <= set(ports)
+    # ... keeping the exporter's `job` label, and selected by kube-prometheus-stack's default selector
+    assert all(e["honorLabels"] is True for e in objs["PodMonitor"]["spec"]["podMetricsEndpoints"])
+    assert objs["PodMonitor"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     from trainer.config import load_config
 
     path = tmp_path / "config.yaml"
@@ -139,11 +142,20 @@ def test_render_writes_nothing_over_existing_output_or_for_a_bad_config(tmp_path
     fresh = tmp_path / "fresh"
     r = render(fresh, "train.batch_size=12")  # 4 nodes x 8 GPUs do not divide 12
     assert r.returncode == 2 and "train.batch_size" in r.stderr and not fresh.exists()
+    r = render(fresh, "--monitor-label", "release")
+    assert r.returncode == 2 and "--monitor-label" in r.stderr and not fresh.exists()
     r = render(fresh, "--min-nodes", "2")
     assert r.returncode == 2 and "pytorchjob" in r.stderr and not fresh.exists()
     r = render(out, "--force", "--flavor", "jobset")
     assert r.returncode == 0 and not (out / "keep.yaml").exists()
     assert "JobSet" in {o["kind"] for o in load_dir(out)}
+
+
+def test_the_podmonitor_carries_the_label_your_prometheus_selects(tmp_path):
+    r = render(tmp_path / "out", "--monitor-label", "prometheus=main")
+    assert r.returncode == 0, r.stderr
+    labels = by_kind(load_dir(tmp_path / "out"))["PodMonitor"]["metadata"]["labels"]
+    assert labels["prometheus"] == "main" and "release" not in labels
 
 
 def test_committed_k8s_tree_is_what_render_writes(tmp_path):
