@@ -91,6 +91,7 @@ def exercise(e) -> None:
               "lr/g": 2e-4, "lr/d": 1e-3, "grad_norm/g": 3.0}, 1, torch.device("cpu"), 0)
     e.checkpoint_saved(1.5, 1_700_000_000.0)
     e.restarted(1)
+    e.evaluated({"eval/fid": 12.5, "eval/kid": 0.03}, "digits", 2)
 
 
 def test_exporter_output_passes_promtool_and_carries_only_rank_node_job_labels(exporter):
@@ -104,11 +105,13 @@ def test_exporter_output_passes_promtool_and_carries_only_rank_node_job_labels(e
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples if s.name.startswith("ganforge_")}
     base = (("job", "digits"), ("node", "node-a"), ("rank", "1"))
-    allowed_extra = {"network", "term", "input", "le", "version", "commit"}
+    allowed_extra = {"network", "term", "input", "le", "version", "commit", "metric", "features"}
     for name, labels in samples:
         keys = {k for k, _ in labels}
         assert {"rank", "node", "job"} <= keys and keys - {"rank", "node", "job"} <= allowed_extra, (name, labels)
     assert samples[("ganforge_steps_total", base)] == 2
+    fid = tuple(sorted((*base, ("metric", "fid"), ("features", "digits"))))
+    assert samples[("ganforge_eval", fid)] == 12.5 and samples[("ganforge_eval_step", base)] == 2
     assert samples[("ganforge_step", base)] == 2
     assert samples[("ganforge_images_total", base)] == 16
     assert samples[("ganforge_data_wait_seconds_total", base)] == pytest.approx(0.15)
@@ -273,7 +276,8 @@ def test_real_prometheus_scrapes_both_ranks_of_a_two_process_run(digits_dir, tmp
            "--dynamo_backend", "no", "--main_process_port", str(free_port()), "--multi_gpu", "--num_processes", "2",
            "trainer/main.py", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={tmp_path}/run",
            "run.name=scraped", *TINY, "log.mlflow_uri=none", f"log.prometheus_port={base_port}",
-           "train.max_steps=100000", "train.max_minutes=4", "checkpoint.every_steps=20", "log.every_steps=10"]
+           "train.max_steps=100000", "train.max_minutes=4", "checkpoint.every_steps=20", "log.every_steps=10",
+           "eval.every_steps=20", "eval.n=128", "eval.metrics=fid"]  # for the evaluation panel
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", GANFORGE_METRICS_ADDR="127.0.0.1")
     train = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(tmp_path / "train.log", "w"),
                              stderr=subprocess.STDOUT, start_new_session=True)

@@ -397,6 +397,8 @@ class Reporter:
                           cache_dir=cfg.eval.cache_dir or None, env=t.env, log=lambda *_: None)
         values = {f"eval/{k}": float(v) for k, v in result.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "n_real", "world_size")}
+        if self.exporter:
+            self.exporter.evaluated(values, str(result.get("features", cfg.eval.features)), t.state.step)
         if self.active:
             step = t.state.step
             shown = "  ".join(f"{k[5:]}={v:.4g}" for k, v in values.items())

@@ -126,6 +126,9 @@ class PrometheusExporter:
         self._fetch = {key: counter(name, doc) for key, (name, doc) in FETCH_COUNTERS.items()}
         self._fetch_seen: dict[str, float] = {}
         self.cache_bytes = gauge("ganforge_data_cache_bytes", "Bytes of shards in this node's data.cache_dir.")
+        self._eval = Gauge("ganforge_eval", "Latest in-training evaluation result (eval.every_steps) per metric "
+                           "(fid, kid, ...) and feature extractor.", (*BASE_LABELS, "metric", "features"), registry=reg)
+        self.eval_step = gauge("ganforge_eval_step", "Global step of the latest in-training evaluation.")
         self.checkpoint_seconds = Histogram("ganforge_checkpoint_seconds", "Time to write one checkpoint.",
                                             BASE_LABELS, registry=reg, buckets=CHECKPOINT_BUCKETS).labels(**base)
         self.last_checkpoint = gauge("ganforge_last_checkpoint_timestamp_seconds",
@@ -205,6 +208,13 @@ class PrometheusExporter:
                 self._fetch_seen[key] = value
         if "data/cache_bytes" in metrics:
             self.cache_bytes.set(metrics["data/cache_bytes"])
+
+    @_guarded
+    def evaluated(self, values: dict[str, float], features: str, step: int) -> None:
+        """After an in-training evaluation: `values` as eval/<metric> -> number."""
+        for key, value in values.items():
+            self._eval.labels(**self.labels, metric=key.removeprefix("eval/"), features=features).set(value)
+        self.eval_step.set(step)
 
     @_guarded
     def checkpoint_saved(self, seconds: float | None, timestamp: float) -> None:
