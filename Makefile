@@ -32,6 +32,7 @@ test-all: install
 
 bench: install
 	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/remote.py
 	$(BIN)/python bench/checkpoint.py
 	$(BIN)/python bench/faults.py
 	$(BIN)/python bench/overhead.py

@@ -11,9 +11,12 @@ own node cache, like separate machines) x --ranks ranks x --workers loader worke
   streamed once each, in order) with the same decoder (torchvision's decode_image).
 
 The server counts the requests and body bytes. img/s is the epoch's images over the slowest
-rank's reading time (process start-up excluded for both). Last stdout line: JSON with
-fetched_ratio (bytes sent / dataset bytes), requests, peak_rss_mb (largest process, a main
-process or a loader worker), img_s, and the same for webdataset; ratio = ganforge / webdataset img/s.
+rank's reading time (process start-up excluded for both). The two readers alternate for
+--repeats epochs each (a fresh server and fresh caches every time). Last stdout line: JSON with
+fetched_ratio (bytes sent / dataset bytes, the largest of the repeats), requests, peak_rss_mb
+(largest process, a main process or a loader worker), img_s (median) with img_s_spread
+(min, max), the same for webdataset, and ratio = the median of the repeats' ganforge /
+webdataset img/s with ratio_spread.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,6 +109,27 @@ def summarise(name: str, ranks: list[dict], server, dataset_bytes: int, expected
             "img_s": round(images / max(r["seconds"] for r in ranks), 1)}
 
 
+def read_epoch(name: str, args: argparse.Namespace, shards: str, dataset_bytes: int) -> dict:
+    """One epoch read by `name` from a fresh server (and fresh node caches)."""
+    from bench.shard_server import ShardServer
+
+    server = ShardServer(shards, latency_ms=args.latency_ms)
+    scratch = tempfile.mkdtemp(prefix=f"bench-remote-{name}-")
+    try:
+        if name == "ganforge":
+            script = ["tests/remote_probe.py", server.url, os.path.join(scratch, "cache{node}"), scratch,
+                      f"workers={args.workers}", f"batch_size={args.batch}", f"block_shards={args.block_shards}",
+                      f"groups={args.nodes if args.partition_nodes < 0 else max(1, args.partition_nodes)}",
+                      f"prefetch_shards={args.prefetch}"]
+        else:
+            script = ["bench/remote.py", "--workers", str(args.workers), "--batch", str(args.batch),
+                      "--webdataset-rank", server.url, scratch]
+        return summarise(name, run_nodes(args, script, scratch), server, dataset_bytes, args.n)
+    finally:
+        server.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=20_000, help="images")
@@ -117,13 +142,13 @@ def main() -> None:
     p.add_argument("--block-shards", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=4)
     p.add_argument("--partition-nodes", type=int, default=-1, help="data.partition_nodes (default: --nodes)")
+    p.add_argument("--repeats", type=int, default=3, help="alternating epochs per reader")
     p.add_argument("--workdir", default=os.path.join("runs", "bench-remote"))
     p.add_argument("--webdataset-rank", nargs=2, metavar=("URL", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.webdataset_rank:
         webdataset_rank(*args.webdataset_rank, args.workers, args.batch)
         return
-    from bench.shard_server import ShardServer
     from data_pipeline import load_index
 
     print(f"preparing {args.n} JPEGs in {args.shards} shards under {args.workdir} ...", flush=True)
@@ -133,26 +158,21 @@ def main() -> None:
     result: dict = {"images": args.n, "shards": args.shards, "dataset_mb": round(dataset_bytes / 2**20, 1),
                     "nodes": args.nodes, "ranks": args.ranks, "workers": args.workers, "latency_ms": args.latency_ms,
                     "block_shards": args.block_shards, "partition_nodes": args.nodes if args.partition_nodes < 0 else args.partition_nodes}
-    for name in ("ganforge", "webdataset"):
-        server = ShardServer(shards, latency_ms=args.latency_ms)
-        scratch = tempfile.mkdtemp(prefix=f"bench-remote-{name}-")
-        try:
-            if name == "ganforge":
-                script = ["tests/remote_probe.py", server.url, os.path.join(scratch, "cache{node}"), scratch,
-                          f"workers={args.workers}", f"batch_size={args.batch}", f"block_shards={args.block_shards}",
-                          f"groups={args.nodes if args.partition_nodes < 0 else max(1, args.partition_nodes)}",
-                          f"prefetch_shards={args.prefetch}"]
-            else:
-                script = ["bench/remote.py", "--workers", str(args.workers), "--batch", str(args.batch),
-                          "--webdataset-rank", server.url, scratch]
-            ranks = run_nodes(args, script, scratch)
-            result[name] = summarise(name, ranks, server, dataset_bytes, args.n)
-        finally:
-            server.close()
-            shutil.rmtree(scratch, ignore_errors=True)
-        print(f"{name:>10}: {result[name]}", flush=True)
+    runs: dict[str, list[dict]] = {"ganforge": [], "webdataset": []}
+    for _ in range(args.repeats):
+        for name in runs:
+            runs[name].append(read_epoch(name, args, shards, dataset_bytes))
+            print(f"{name:>10}: {runs[name][-1]}", flush=True)
+    for name, rs in runs.items():
+        rates = sorted(r["img_s"] for r in rs)
+        result[name] = {"fetched_ratio": max(r["fetched_ratio"] for r in rs),
+                        "requests": max(r["requests"] for r in rs),
+                        "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                        "img_s": statistics.median(rates), "img_s_spread": [rates[0], rates[-1]]}
     result |= result.pop("ganforge")
-    result["ratio"] = round(result["img_s"] / result["webdataset"]["img_s"], 3)
+    ratios = sorted(g["img_s"] / w["img_s"] for g, w in zip(runs["ganforge"], runs["webdataset"], strict=True))
+    result["ratio"] = round(statistics.median(ratios), 3)
+    result["ratio_spread"] = [round(ratios[0], 3), round(ratios[-1], 3)]
     print(json.dumps(result))
 
 
