@@ -148,6 +148,7 @@ class LogConfig:
     every_steps: int = 50  # progress line, metrics.jsonl, MLflow and /metrics losses every k steps
     sample_every_steps: int = 500  # sample grids of the fixed latents every k steps
     sample_count: int = 64  # images in each sample grid
+    register_model: str = ""  # register the final EMA generator under this MLflow model name; empty: not registered
 
 
 @dataclass
@@ -472,6 +473,51 @@ def to_flat(cfg: Config) -> dict[str, Any]:
 
     walk(to_dict(cfg), "")
     return out
+
+
+# Which run a key means something to: key (or "prefix.") -> (the key that decides, its values).
+# A key not named here applies to every run. MLflow logs only a run's applicable keys.
+STYLEGAN2, CYCLEGAN, PIX2PIX = ("stylegan2",), ("cyclegan",), ("pix2pix",)
+APPLIES_WHEN: dict[str, tuple[str, tuple[str, ...]]] = {
+    "deepspeed.": ("strategy", ("deepspeed",)),
+    "loss.gp_weight": ("loss.type", ("wgan_gp",)),
+    "loss.clip": ("loss.type", ("wgan",)),
+    "model.z_dim": ("model.arch", ("dcgan", "mlp", "stylegan2")),
+    "model.depth": ("model.arch", ("mlp",)),
+    "model.point_scale": ("model.arch", ("mlp",)),
+    "model.w_dim": ("model.arch", STYLEGAN2),
+    "model.map_layers": ("model.arch", STYLEGAN2),
+    "model.style_mixing": ("model.arch", STYLEGAN2),
+    "model.channel_base": ("model.arch", STYLEGAN2),
+    "model.mbstd_group": ("model.arch", STYLEGAN2),
+    "loss.pl_": ("model.arch", STYLEGAN2),
+    "train.augment": ("model.arch", STYLEGAN2),
+    "train.augment_p": ("model.arch", STYLEGAN2),
+    "train.ada_": ("model.arch", STYLEGAN2),
+    "model.n_blocks": ("model.arch", CYCLEGAN),
+    "data.train_b": ("model.arch", CYCLEGAN),
+    "data.val_b": ("model.arch", CYCLEGAN),
+    "loss.cycle_weight": ("model.arch", CYCLEGAN),
+    "loss.identity_weight": ("model.arch", CYCLEGAN),
+    "train.pool_size": ("model.arch", CYCLEGAN),
+    "model.d_layers": ("model.arch", TRANSLATION_ARCHS),
+    "model.dropout": ("model.arch", PIX2PIX),
+    "model.direction": ("model.arch", PIX2PIX),
+    "loss.l1_weight": ("model.arch", PIX2PIX),
+}
+
+
+def applicable_params(cfg: Config) -> dict[str, Any]:
+    """to_flat(cfg) less the keys APPLIES_WHEN rules out for this run's family, loss and strategy."""
+    flat = to_flat(cfg)
+
+    def applies(key: str) -> bool:
+        for name, (decider, values) in APPLIES_WHEN.items():
+            if key == name or (name.endswith((".", "_")) and key.startswith(name)):
+                return flat[decider] in values
+        return True
+
+    return {k: v for k, v in flat.items() if applies(k)}
 
 
 def from_dict(values: dict[str, Any]) -> Config:

@@ -11,10 +11,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from trainer import __version__
 from trainer.checkpoint import CheckpointManager, load_latest, read_checkpoint
-from trainer.config import Config, dump_yaml, to_dict, to_flat
+from trainer.config import Config, applicable_params, dump_yaml, to_dict
 from trainer.core import (  # noqa: F401  (re-exported: the loop's public names)
     Phase,
     TrainerBase,
@@ -37,12 +38,12 @@ from trainer.distributed import (
     unwrap,
 )
 from trainer.ema import EMA
-from trainer.models import build_models
+from trainer.models import TRANSLATION_ARCHS, build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 from trainer.precision import upcast
 from trainer.preemption import Preempted, StopFlag
 from trainer.redact import redact
-from trainer.sampling import generate, latents, save_samples
+from trainer.sampling import ServedGenerator, class_cycle, generate, latents, save_samples
 from trainer.sync_batchnorm import convert_sync_batchnorm
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
 from trainer.telemetry.prometheus import PrometheusExporter, restart_count
@@ -279,9 +280,14 @@ class Reporter:
             tags = {"ganforge.version": __version__, "git.commit": build["commit"],
                     "world_size": str(env.world_size), "device": env.device.type,
                     "device_count": str(torch.cuda.device_count() if env.device.type == "cuda" else 1),
-                    "precision": trainer.precision, "mlflow.runName": cfg.run.name}
+                    "precision": trainer.precision, "mlflow.runName": cfg.run.name,
+                    "mlflow.source.git.commit": build["commit"], "mlflow.source.name": "ganforge train",
+                    "mlflow.source.type": "LOCAL"}
             self.tracker = MlflowTracker(uri, cfg.log.experiment, cfg.run.name, trainer.state.mlflow_run_id,
-                                         to_flat(redact(cfg)), tags, resume_step=resumed_step)
+                                         applicable_params(redact(cfg)), tags, resume_step=resumed_step)
+            self.tracker.log_datasets([{"location": redact(data.stream.index.root), "name": os.path.basename(
+                redact(data.stream.index.root).rstrip("/")) or "shards", "digest": data.stream.index.fingerprint()}
+                for data in (trainer.data, getattr(trainer, "data_b", None)) if data is not None])
             self.uri = uri
 
     def _time_data(self, data: DataCursor) -> None:
@@ -380,7 +386,7 @@ class Reporter:
             with open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tracker:
-            self.tracker.log_artifact(path, "samples")
+            self.tracker.log_image(path, step)
             if values:
                 self.tracker.log_metrics(values, step)
         return path
@@ -415,9 +421,26 @@ class Reporter:
             self.tracker.log_artifact(os.path.join(self.t.cfg.run.dir, "config.yaml"))
             if status == "FINISHED":
                 self.tracker.log_artifact(self.save_generator(), "model")
+                self.tracker.log_model(*self.served_generator(), self.t.cfg.log.register_model)
             self.tracker.close(status)
         if self.exporter:
             self.exporter.close()
+
+    def served_generator(self) -> tuple[nn.Module, torch.Tensor]:
+        """A CPU copy of the final generator taking one tensor (ServedGenerator), and an input example."""
+        t, model = self.t, self.t.cfg.model
+        state = next(iter(t.export().values()))
+        g, _ = build_models(model)
+        if model.arch in TRANSLATION_ARCHS:
+            g = g.g_ab if hasattr(g, "g_ab") else g  # CycleGAN: the A-to-B generator
+            example = torch.rand(2, model.channels, model.resolution, model.resolution) * 2 - 1
+            state = {k.removeprefix("g_ab."): v for k, v in state.items() if not k.startswith("g_ba.")}
+        else:
+            example = latents(0, 2, model.z_dim)
+            if model.num_classes:
+                example = torch.cat([example, class_cycle(2, model.num_classes).float()[:, None]], dim=1)
+        g.load_state_dict({k: v.detach().float().cpu() for k, v in state.items()})
+        return ServedGenerator(g.eval(), bool(model.num_classes)), example
 
     def save_generator(self) -> str:
         """run.dir/generator_ema.pt: the final generator(s) alone, loadable by `ganforge sample --checkpoint`."""

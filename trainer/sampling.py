@@ -78,3 +78,17 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> str:
     save_image(images.clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=nrow, padding=2, pad_value=1.0)
     os.replace(tmp, path)
     return path
+
+
+class ServedGenerator(nn.Module):
+    """G with one input tensor, as model servers pass it: latents (N, z_dim), or for a conditional
+    G latents with the class label as one more column (N, z_dim + 1); a translation G takes images."""
+
+    def __init__(self, g: nn.Module, conditional: bool):
+        super().__init__()
+        self.g, self.conditional = g, conditional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conditional:
+            return self.g(x[:, :-1], x[:, -1].long())
+        return self.g(x)

@@ -9,6 +9,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 from typing import Any
 
 from trainer.redact import redact
@@ -54,6 +55,29 @@ def resolve_tracking_uri(configured: str, run_dir: str) -> str | None:
     return None if uri.lower() == "none" else uri
 
 
+def dataset_input(dataset: dict[str, Any]):
+    """An MLflow DatasetInput (context `training`) for a shard directory: its location, name and digest."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    with warnings.catch_warnings():  # a local path matches MLflow's two local sources; either is right
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(dataset["location"])
+    meta = MetaDataset(source, name=dataset["name"], digest=dataset["digest"][:36])
+    return DatasetInput(meta._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+
+
+def log_evaluation(uri: str, run_id: str, values: dict[str, float], step: int, features: str) -> None:
+    """`ganforge eval` results into the training run: metrics at `step`, the extractor as a tag."""
+    from mlflow.entities import Metric, RunTag
+
+    client = open_client(uri)
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()],
+                     tags=[RunTag("eval.features", features)])
+
+
 class MlflowTracker:
     """Queue-fed MLflow client. Calls return at once; the worker thread retries on errors."""
 
@@ -77,6 +101,18 @@ class MlflowTracker:
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._queue.put(("artifact", path, artifact_path, 0))
+
+    def log_image(self, path: str, step: int) -> None:
+        """A sample grid (PNG) as the run's `samples` image at `step`."""
+        self._queue.put(("image", path, step, 0))
+
+    def log_datasets(self, datasets: list[dict[str, Any]]) -> None:
+        """Shard directories as the run's training inputs: dicts with location, name and digest."""
+        self._queue.put(("datasets", datasets, None, 0))
+
+    def log_model(self, generator: Any, example: Any, registered_name: str = "") -> None:
+        """The generator (on CPU, in eval mode) as an MLflow PyTorch model named `generator`."""
+        self._queue.put(("model", generator, (example, registered_name), 0))
 
     def wait_ready(self, timeout: float = 60.0) -> str | None:
         """The run id once the run exists (None if the store could not be reached in time)."""
@@ -132,6 +168,29 @@ class MlflowTracker:
             client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in redact(tags).items() if k != "mlflow.runName"])
         return client
 
+    def _log_image(self, client, path: str, step: int) -> None:
+        from PIL import Image
+
+        with Image.open(path) as img:
+            client.log_image(self.run_id, img.convert("RGB"), key="samples", step=step)
+
+    def _log_model(self, generator: Any, example: Any, registered_name: str) -> None:
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        from trainer import __version__
+
+        with torch.no_grad():
+            output = generator(example).numpy()
+        mlflow.set_tracking_uri(self.uri)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary names the run
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(
+                generator, name="generator", signature=infer_signature(example.numpy(), output),
+                input_example=example.numpy(), registered_model_name=registered_name or None,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"ganforge=={__version__}"])
+
     def _work(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         client = self._retry(self._open, experiment, run_name, params, tags, attempts=8)
         self._ready.set()
@@ -150,6 +209,12 @@ class MlflowTracker:
                 self._retry(lambda m=metrics: client.log_batch(self.run_id, metrics=m))
             elif kind == "artifact":
                 self._retry(client.log_artifact, self.run_id, a, b)
+            elif kind == "image":
+                self._retry(self._log_image, client, a, b)
+            elif kind == "datasets":
+                self._retry(client.log_inputs, self.run_id, [dataset_input(d) for d in a])
+            elif kind == "model":
+                self._retry(self._log_model, a, *b, attempts=2)
             elif kind == "end":
                 self._retry(client.set_terminated, self.run_id, a)
                 return
