@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inception-weights", help="Inception-v3 state dict (eval.inception_weights); see docs/evaluation.md")
     p.add_argument("--cache-dir", help="classifier and real-feature cache (default: <parent of run>/eval_cache)")
     p.add_argument("--nproc", type=int, default=1, help="evaluate with this many processes (torchrun, gloo on CPU)")
+    p.add_argument("--tracking-uri", help="MLflow store of the run's MLflow run (default: its log.mlflow_uri, "
+                                          "else $MLFLOW_TRACKING_URI, else the sqlite default); none: do not log")
     p.set_defaults(func=run_eval)
 
 
@@ -50,7 +52,30 @@ def run_eval(args: argparse.Namespace) -> int:
         shutdown()
     if env.rank == 0:
         print(json.dumps(result) if args.json else format_result(result), flush=True)
+        log_to_run(args, result)
     return 0
+
+
+def log_to_run(args: argparse.Namespace, result: dict) -> None:
+    """The metrics as eval/<name> of the checkpoint's MLflow run, at the checkpoint's step."""
+    from trainer.generate import load_checkpoint_state
+    from trainer.redact import redact
+    from trainer.telemetry.mlflow import log_evaluation, resolve_tracking_uri
+
+    _, state, cfg = load_checkpoint_state(args.run, result.get("checkpoint") or args.checkpoint)
+    run_id = state.get("mlflow_run_id")
+    uri = resolve_tracking_uri(args.tracking_uri or cfg.log.mlflow_uri, args.run)
+    if not run_id or not uri:
+        return
+    values = {f"eval/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))
+              and not isinstance(v, bool) and k not in ("n", "n_real", "world_size", "step")}
+    try:
+        log_evaluation(uri, run_id, values, int(state["step"]), str(result.get("features", "")))
+    except Exception as e:  # noqa: BLE001 - the metrics are printed already; the store is optional
+        print(f"ganforge: warning: MLflow: could not log to run {run_id} at {redact(uri)}: "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)
+        return
+    print(f"logged to MLflow run {run_id} at step {int(state['step'])}", file=sys.stderr, flush=True)
 
 
 def _relaunch(args: argparse.Namespace) -> int:
@@ -58,7 +83,8 @@ def _relaunch(args: argparse.Namespace) -> int:
     argv = ["eval", "--run", args.run, "--metrics", args.metrics, "--seed", str(args.seed),
             "--features", args.features]
     for flag, value in (("--n", args.n), ("--checkpoint", args.checkpoint), ("--data", args.data),
-                        ("--inception-weights", args.inception_weights), ("--cache-dir", args.cache_dir)):
+                        ("--inception-weights", args.inception_weights), ("--cache-dir", args.cache_dir),
+                        ("--tracking-uri", args.tracking_uri)):
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--json"] * args.json + ["--no-ema"] * args.no_ema

@@ -433,7 +433,8 @@ class Reporter:
         g, _ = build_models(model)
         if model.arch in TRANSLATION_ARCHS:
             g = g.g_ab if hasattr(g, "g_ab") else g  # CycleGAN: the A-to-B generator
-            example = torch.rand(2, model.channels, model.resolution, model.resolution) * 2 - 1
+            example = torch.rand(2, model.channels, model.resolution, model.resolution,
+                                 generator=torch.Generator().manual_seed(0)) * 2 - 1
             state = {k.removeprefix("g_ab."): v for k, v in state.items() if not k.startswith("g_ba.")}
         else:
             example = latents(0, 2, model.z_dim)
