@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher import config_cli, data_cli, eval_cli, k8s, launch, runs_cli
+from launcher import config_cli, data_cli, eval_cli, export_cli, k8s, launch, runs_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs_cli.add_parser(sub)
     eval_cli.add_parser(sub)
     config_cli.add_parser(sub)
+    export_cli.add_parser(sub)
 
     t = sub.add_parser("train", help="train in this process (use `ganforge launch` for several)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -90,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     from data_pipeline import DataError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
+    from trainer.export import ExportError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"ganforge: {e}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, ExportError) as e:
         print(f"ganforge: error: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -258,8 +258,10 @@ class TranslationTrainer(TrainerBase):
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def load_translator(run_dir: str, direction: str, checkpoint: str | None = None):
-    """(network for `direction` in eval mode, config) from a CycleGAN or pix2pix run."""
+def load_translator(run_dir: str, direction: str | None, checkpoint: str | None = None):
+    """(network for `direction` in eval mode, config) from a CycleGAN or pix2pix run.
+
+    `direction` None gives the whole generator: CycleGAN's pair (g_ab, g_ba), or pix2pix's one net."""
     from trainer.checkpoint import CheckpointError
     from trainer.generate import load_checkpoint_state
     from trainer.models import TRANSLATION_ARCHS
@@ -271,12 +273,12 @@ def load_translator(run_dir: str, direction: str, checkpoint: str | None = None)
     g, _ = build_models(cfg.model)
     g.load_state_dict(state["G"])
     if cfg.model.arch == "pix2pix":
-        if direction != "AtoB":
+        if direction not in ("AtoB", None):
             raise CheckpointError(f"{path}: pix2pix translates one way only (its input to its target); "
                                   f"use --direction AtoB, not {direction}")
         net = g
     else:
-        net = g.g_ab if direction == "AtoB" else g.g_ba
+        net = {"AtoB": g.g_ab, "BtoA": g.g_ba, None: g}[direction]
     return net.eval(), cfg
 
 

@@ -92,15 +92,22 @@ class EqualConv2d(nn.Module):
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True,
-                     padding: int = 1) -> torch.Tensor:
+                     padding: int = 1, fused: bool = True) -> torch.Tensor:
     """Per-sample weights w'[b] = weight * styles[b] (over input maps), divided by their norm per
     output map when demodulating, applied as one grouped convolution over the whole batch.
 
+    `fused` False gives the same result with one shared convolution between input and output
+    scalings: no batch-sized `groups`, so exported graphs keep a free batch size.
     x: (B, I, H, W); weight: (O, I, k, k); styles: (B, I).
     """
     b, i, h, w = x.shape
     o, _, kh, kw = weight.shape
     wb = weight.unsqueeze(0) * styles.reshape(b, 1, i, 1, 1)
+    if not fused:
+        out = F.conv2d(x * styles.reshape(b, i, 1, 1), weight, padding=padding)
+        if demodulate:
+            out = out * (wb.square().sum(dim=(2, 3, 4)) + 1e-8).rsqrt().reshape(b, o, 1, 1)
+        return out
     if demodulate:
         wb = wb * (wb.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8).rsqrt()
     out = F.conv2d(x.reshape(1, b * i, h, w), wb.reshape(b * o, i, kh, kw), padding=padding, groups=b)
@@ -119,11 +126,12 @@ class SynthesisLayer(nn.Module):
         self.register_buffer("noise_const", torch.randn(1, 1, res, res))
         self.weight_gain = 1 / math.sqrt(in_ch * 9)
         self.up, self.res = up, res
+        self.fused_modconv = True  # see modulated_conv2d
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         if self.up:
             x = upsample2(x)
-        x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w))
+        x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w), fused=self.fused_modconv)
         if noise is None:
             noise = self.noise_const if not self.training else torch.randn(len(x), 1, self.res, self.res,
                                                                            device=x.device, dtype=x.dtype)
@@ -140,10 +148,12 @@ class ToRGB(nn.Module):
         self.weight = nn.Parameter(torch.randn(img_ch, in_ch, 1, 1))
         self.bias = nn.Parameter(torch.zeros(img_ch))
         self.weight_gain = 1 / math.sqrt(in_ch)
+        self.fused_modconv = True
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain
-        return modulated_conv2d(x, self.weight, styles, demodulate=False, padding=0) + self.bias.reshape(1, -1, 1, 1)
+        out = modulated_conv2d(x, self.weight, styles, demodulate=False, padding=0, fused=self.fused_modconv)
+        return out + self.bias.reshape(1, -1, 1, 1)
 
 
 class SynthesisBlock(nn.Module):
@@ -163,7 +173,7 @@ class SynthesisBlock(nn.Module):
     def forward(self, x: torch.Tensor | None, img: torch.Tensor | None, ws: torch.Tensor,
                 noise: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.first:
-            x = self.const.unsqueeze(0).expand(len(ws), -1, -1, -1)
+            x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
             x = self.conv1(x, ws[:, 0], noise[0])
         else:
             x = self.conv0(x, ws[:, 0], noise[0])
