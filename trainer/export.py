@@ -19,7 +19,10 @@ from trainer.models import TRANSLATION_ARCHS, build_models
 from trainer.sampling import class_cycle, latents
 
 FORMATS = ("safetensors", "torchscript", "onnx", "exported")
-TOLERANCE = 1e-5  # max |exported - original| on the check inputs, outputs in about [-1, 1]
+# max |exported - original| on the check inputs, per unit of output scale: 1e-5 for outputs in [-1, 1].
+# StyleGAN2's outputs are not clamped and its unfused export sums in another order: at 256x256 (random
+# init, outputs up to 7.9) the two differ by 4.3e-5, at 32x32 by 3.8e-6 (docs/export.md).
+TOLERANCE = 1e-5
 CHECK_ROWS = 4
 CHECK_SEED = 0
 
@@ -122,9 +125,10 @@ def export_generator(run_dir: str, fmt: str, out: str, checkpoint: str | None = 
         WRITERS[fmt](ex, partial)
         got = as_tuple(RUNNERS[fmt](ex, partial))
         diff = max(float((g.float() - e.float()).abs().max()) for g, e in zip(got, expected, strict=True))
-        if not diff <= TOLERANCE:
+        tolerance = TOLERANCE * max(1.0, *(float(e.abs().max()) for e in expected))
+        if not diff <= tolerance:
             raise ExportError(f"{out}: the {fmt} export differs from the generator by {diff:.3g} "
-                              f"(more than {TOLERANCE:g}) on the check inputs; nothing was written")
+                              f"(more than {tolerance:.3g}) on the check inputs; nothing was written")
         os.replace(partial, out)
         return diff
     finally:
