@@ -58,6 +58,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def log_to_run(args: argparse.Namespace, result: dict) -> None:
     """The metrics as eval/<name> of the checkpoint's MLflow run, at the checkpoint's step."""
+    from trainer.evaluation.evaluator import as_metrics
     from trainer.generate import load_checkpoint_state
     from trainer.redact import redact
     from trainer.telemetry.mlflow import log_evaluation, resolve_tracking_uri
@@ -67,10 +68,8 @@ def log_to_run(args: argparse.Namespace, result: dict) -> None:
     uri = resolve_tracking_uri(args.tracking_uri or cfg.log.mlflow_uri, args.run)
     if not run_id or not uri:
         return
-    values = {f"eval/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))
-              and not isinstance(v, bool) and k not in ("n", "n_real", "world_size", "step")}
     try:
-        log_evaluation(uri, run_id, values, int(state["step"]), str(result.get("features", "")))
+        log_evaluation(uri, run_id, as_metrics(result), int(state["step"]), str(result.get("features", "")))
     except Exception as e:  # noqa: BLE001 - the metrics are printed already; the store is optional
         print(f"ganforge: warning: MLflow: could not log to run {run_id} at {redact(uri)}: "
               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)

@@ -393,7 +393,7 @@ class Reporter:
 
     def evaluate(self) -> dict[str, Any]:
         """Every rank: quality metrics of the EMA generator (eval.*); rank 0 logs them as eval/<name>."""
-        from trainer.evaluation.evaluator import evaluate
+        from trainer.evaluation.evaluator import as_metrics, evaluate
 
         t, cfg = self.t, self.t.cfg
         started = time.perf_counter()
@@ -401,8 +401,7 @@ class Reporter:
                           cfg.eval.n, cfg=cfg, features=cfg.eval.features,
                           inception_weights=cfg.eval.inception_weights or None,
                           cache_dir=cfg.eval.cache_dir or None, env=t.env, log=lambda *_: None)
-        values = {f"eval/{k}": float(v) for k, v in result.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("n", "n_real", "world_size")}
+        values = as_metrics(result)
         if self.exporter:
             self.exporter.evaluated(values, str(result.get("features", cfg.eval.features)), t.state.step)
         if self.active:

@@ -134,6 +134,12 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
     return on_main_first(compute, env, share=True)
 
 
+def as_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The measured numbers of an `evaluate` result as eval/<name> (counts and the step left out)."""
+    return {f"eval/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float))
+            and not isinstance(v, bool) and k not in ("n", "n_real", "world_size", "step")}
+
+
 def on_main_first(fn, env: DistEnv, share: bool = False) -> Any:
     """Run `fn` on rank 0 while the others wait; its error (or, with `share`, its result) reaches every rank.
 

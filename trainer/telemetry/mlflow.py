@@ -72,6 +72,9 @@ def log_evaluation(uri: str, run_id: str, values: dict[str, float], step: int, f
     """`ganforge eval` results into the training run: metrics at `step`, the extractor as a tag."""
     from mlflow.entities import Metric, RunTag
 
+    # The results are printed already: a server that is down costs seconds, not MLflow's minutes of retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     client = open_client(uri)
     ts = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in values.items()],
