@@ -12,6 +12,8 @@ import torch
 from tests.conftest import REPO, run_cli
 from trainer.export import FORMATS, TOLERANCE, export_generator
 
+pytestmark = pytest.mark.slow  # end to end: five `ganforge train` runs, then every family in every format
+
 TINY = ["train.max_steps=2", "model.g_width=8", "model.d_width=8", "log.mlflow_uri=none", "train.threads=1"]
 TRANSLATION = ["model.resolution=32", "model.n_blocks=1", "model.d_layers=2", "data.build="]
 RECIPES = {
