@@ -3,7 +3,8 @@
 All three train the same DCGAN (configs/dcgan_digits.yaml: 32x32, batch 64, fp32, one CPU
 process) on the same in-memory uint8 batches, so only the loops differ:
 - `tight`: the tightest hand-written loop (one D backward, the D step's fake reused, D frozen
-  and unwrapped in the G step so only G's gradients flow and are reduced);
+  and unwrapped in the G step so only G's gradients flow and are reduced, fused Adam as ganforge
+  uses it);
 - `examples`: pytorch/examples dcgan/main.py's loop as users write it;
 - `ganforge`: the real loop (`trainer.loop._run`) with everything at its default cadence:
   MLflow (sqlite), progress lines, metrics.jsonl, EMA, sample grids and background checkpoints;
@@ -45,8 +46,9 @@ def in_memory_batches(data_dir: str, batch: int, n: int, rank: int = 0, world: i
     return list(itertools.islice(make_loader(stream), n))
 
 
-def hand_written_setup(cfg, ddp: bool):
-    """(G, D, D unwrapped, Adam for G, Adam for D) from the recipe's seed-0 networks, in DDP if asked."""
+def hand_written_setup(cfg, ddp: bool, fused: bool = False):
+    """(G, D, D unwrapped, Adam for G, Adam for D) from the recipe's seed-0 networks, in DDP if asked;
+    fused: Adam's one-kernel form, as ganforge uses it."""
     from trainer.models import build_models
 
     torch.manual_seed(0)
@@ -57,8 +59,8 @@ def hand_written_setup(cfg, ddp: bool):
 
         g, d = DistributedDataParallel(g), DistributedDataParallel(d)
     betas = (cfg.train.beta1, cfg.train.beta2)
-    return (g, d, d_plain, torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas),
-            torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas))
+    return (g, d, d_plain, torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas, fused=fused or None),
+            torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=fused or None))
 
 
 def examples_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
@@ -88,8 +90,8 @@ def examples_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> f
 def tight_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
     """The tightest hand-written loop: one D backward over the real and fake terms, the D step's
     fake reused, D frozen (and, under DDP, unwrapped) in the G step so only G's gradients are
-    computed and reduced, gradients set to None."""
-    g, d, d_plain, opt_g, opt_d = hand_written_setup(cfg, ddp)
+    computed and reduced, gradients set to None, fused Adam."""
+    g, d, d_plain, opt_g, opt_d = hand_written_setup(cfg, ddp, fused=True)
     bce = F.binary_cross_entropy_with_logits
     t0 = 0.0
     for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
