@@ -92,7 +92,7 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_finished_run_in_mlflow_has_source_tags_its_params_a_loadable_model_and_eval_metrics(
-        mlflow_server, digits_dir, tmp_path):
+        mlflow_server, digits_dir, tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -132,6 +132,9 @@ def test_a_finished_run_in_mlflow_has_source_tags_its_params_a_loadable_model_an
     assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/generator_ema.pt"]
 
     # The EMA generator as an MLflow PyTorch model: found, loaded, and equal to generator_ema.pt.
+    # set_tracking_uri also sets $MLFLOW_TRACKING_URI: undone after this test, or every later test's
+    # `ganforge train` subprocess would log to this (then stopped) server instead of its own store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
     (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert logged.source_run_id == run_id and logged.name == "generator"
