@@ -66,6 +66,7 @@ class ModelConfig:
     d_norm: str = ""  # batch | none for D; empty: same as norm
     spectral_norm: bool = False  # spectral normalisation of D's weights (SNGAN)
     num_classes: int = 0  # > 0: class-conditional G and projection D, trained on the data's labels
+    pack: int = 1  # PacGAN: D judges this many samples jointly (images along channels, points along features); dcgan, mlp
     n_blocks: int = 9  # cyclegan: residual blocks of the ResNet generators
     d_layers: int = 3  # PatchGAN strided layers (3: 70x70 patches)
     dropout: bool = True  # pix2pix: dropout in the U-Net decoder
@@ -332,6 +333,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if (cfg.train.batch_size // world_size) % cfg.train.accumulate:
         raise ConfigError("train.accumulate", f"per-rank batch {cfg.train.batch_size // world_size} is not "
                                               f"divisible into {cfg.train.accumulate} micro-batches")
+    validate_pack(cfg, world_size)
     if cfg.loss.type == "wgan_gp" and (cfg.model.d_norm or cfg.model.norm) == "batch" and not cfg.model.arch == "mlp":
         raise ConfigError("model.norm", "wgan_gp penalises per-sample gradients; batch norm in D breaks "
                                         "that (set model.norm=none or model.d_norm=none)")
@@ -383,6 +385,20 @@ def validate_eval(cfg: Config) -> None:
         raise ConfigError("eval.metrics", f"{e.metrics!r}: choose from {', '.join(EVAL_METRICS)}")
     if e.every_steps and e.inception_weights and not os.path.isfile(e.inception_weights):
         raise ConfigError("eval.inception_weights", f"no such file {e.inception_weights!r}")
+
+
+def validate_pack(cfg: Config, world_size: int) -> None:
+    """model.pack: the GAN trainer's D (dcgan, mlp) packs each rank's micro-batch (trainer/packing.py)."""
+    k = cfg.model.pack
+    if k < 1:
+        raise ConfigError("model.pack", f"must be >= 1 (1: no packing); got {k}")
+    if k > 1 and cfg.model.arch not in ("dcgan", "mlp"):
+        raise ConfigError("model.pack", f"packing is implemented for the dcgan and mlp discriminators, not "
+                                        f"{cfg.model.arch}; set model.pack=1")
+    micro = cfg.train.batch_size // world_size // cfg.train.accumulate
+    if micro % k:
+        raise ConfigError("model.pack", f"the per-rank batch of {micro} samples (train.batch_size / world size / "
+                                        f"train.accumulate) is not divisible into packs of {k}")
 
 
 def validate_deepspeed(cfg: Config) -> None:
@@ -485,6 +501,7 @@ APPLIES_WHEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.z_dim": ("model.arch", ("dcgan", "mlp", "stylegan2")),
     "model.depth": ("model.arch", ("mlp",)),
     "model.point_scale": ("model.arch", ("mlp",)),
+    "model.pack": ("model.arch", ("dcgan", "mlp")),
     "model.w_dim": ("model.arch", STYLEGAN2),
     "model.map_layers": ("model.arch", STYLEGAN2),
     "model.style_mixing": ("model.arch", STYLEGAN2),

@@ -310,8 +310,10 @@ class TrainerBase:
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
     """A checkpoint must come from the same architecture and objective; name what differs."""
     diffs = []
+    defaults = to_dict(Config())
     for section in ("model",):
-        a, b = saved.get(section, {}), current.get(section, {})
+        # a key the checkpoint's version did not have yet (e.g. model.pack) had its default then
+        a, b = defaults[section] | saved.get(section, {}), current.get(section, {})
         diffs += [f"{section}.{k} ({a.get(k)!r} in checkpoint, {b.get(k)!r} now)"
                   for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     strategies = saved.get("strategy", "ddp"), current.get("strategy", "ddp")

@@ -40,6 +40,7 @@ from trainer.distributed import (
 from trainer.ema import EMA
 from trainer.models import TRANSLATION_ARCHS, build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
+from trainer.packing import pack
 from trainer.precision import upcast
 from trainer.preemption import Preempted, StopFlag
 from trainer.redact import redact
@@ -84,7 +85,8 @@ class Trainer(TrainerBase):
     def d_step(self, real: torch.Tensor, z: torch.Tensor, eps: torch.Tensor | None = None,
                real_labels: torch.Tensor | None = None, fake_labels: torch.Tensor | None = None,
                r1: bool = False, keep_fake: bool = False) -> dict[str, torch.Tensor]:
-        """One D update over `accumulate` micro-batches: real vs G(z), plus GP / lazy R1 terms.
+        """One D update over `accumulate` micro-batches: real vs G(z), plus GP / lazy R1 terms;
+        D sees each micro-batch in packs of model.pack samples (PacGAN), penalties included.
 
         With keep_fake (one micro-batch), G(z) is computed with its graph and kept for the G
         step that follows, which then needs no second G forward (as in pytorch/examples dcgan).
@@ -107,6 +109,7 @@ class Trainer(TrainerBase):
             else:
                 with torch.no_grad(), self.autocast():
                     fake = g(z[part], yf)
+            x, yr, fake, yf = (pack(v, cfg.model.pack) for v in (x, yr, fake, yf))
             if r1:
                 x = x.detach().requires_grad_(True)
             with self.D.accumulating(last=i == k - 1):
@@ -116,7 +119,8 @@ class Trainer(TrainerBase):
                 parts = {"loss/d": loss.detach(), "d/real": upcast(real_out.detach()).mean(),
                          "d/fake": upcast(fake_out.detach()).mean()}
                 if eps is not None:
-                    gp = gradient_penalty(unwrap(d), x, upcast(fake.detach()), eps[part], yr)
+                    # a pack's interpolation takes the draw of its first sample
+                    gp = gradient_penalty(unwrap(d), x, upcast(fake.detach()), eps[part][:len(x)], yr)
                     loss = loss + cfg.loss.gp_weight * gp
                     parts["loss/gp"] = gp.detach()
                 if r1:
@@ -140,18 +144,18 @@ class Trainer(TrainerBase):
         g, d = self.G.module, unwrap(self.D.module)
         self.trainable(d, False)
         self.trainable(g, True)
-        k = self.cfg.train.accumulate
+        k, n = self.cfg.train.accumulate, self.cfg.model.pack
         losses = []
         if fake is not None:
             with self.autocast():
-                loss = g_loss(self.cfg.loss.type, d(fake, labels))
+                loss = g_loss(self.cfg.loss.type, d(pack(fake, n), pack(labels, n)))
             self.G.backward(loss)
             losses.append(loss.detach())
         for i in range(k if fake is None else 0):
             part = slice(i * len(z) // k, (i + 1) * len(z) // k)
             y = labels[part] if labels is not None else None
             with self.G.accumulating(last=i == k - 1), self.autocast():
-                loss = g_loss(self.cfg.loss.type, d(g(z[part], y), y))
+                loss = g_loss(self.cfg.loss.type, d(pack(g(z[part], y), n), pack(y, n)))
                 self.G.backward(loss / k if k > 1 else loss)
             losses.append(loss.detach())
         norm, skipped = self.G.apply()

@@ -22,16 +22,18 @@ TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
 
 
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) for `cfg.arch`; spectral norm on D's weights if asked.
+    """(generator, discriminator) for `cfg.arch`; spectral norm on D's weights if asked. D takes
+    packs of `cfg.pack` samples (trainer/packing.py).
 
     For CycleGAN both are pairs (G_AB + G_BA, D_A + D_B), each trained as one module.
     """
     if cfg.arch == "dcgan":
         g = DCGANGenerator(cfg.z_dim, cfg.g_width, cfg.channels, cfg.resolution, cfg.norm, cfg.num_classes)
-        d = DCGANDiscriminator(cfg.d_width, cfg.channels, cfg.resolution, cfg.d_norm or cfg.norm, cfg.num_classes)
+        d = DCGANDiscriminator(cfg.d_width, cfg.channels * cfg.pack, cfg.resolution, cfg.d_norm or cfg.norm,
+                               cfg.num_classes)
     elif cfg.arch == "mlp":
         g = MLPGenerator(cfg.z_dim, cfg.g_width, cfg.depth, cfg.channels, cfg.point_scale)
-        d = MLPDiscriminator(cfg.d_width, cfg.depth, cfg.channels, cfg.point_scale)
+        d = MLPDiscriminator(cfg.d_width, cfg.depth, cfg.channels * cfg.pack, cfg.point_scale)
     elif cfg.arch == "stylegan2":
         g = StyleGAN2Generator(cfg.z_dim, cfg.w_dim, cfg.map_layers, cfg.resolution, cfg.channels,
                                cfg.channel_base, cfg.g_width)

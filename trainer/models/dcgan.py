@@ -2,7 +2,8 @@
 
 D returns logits (no Sigmoid), so the loss can use the autocast-safe logit forms. With
 `num_classes > 0` both are class-conditional: G takes a label embedding beside z, and D adds
-the projection term <embed(y), phi(x)> (Miyato & Koyama 2018) to its logit.
+the projection term <embed(y), phi(x)> (Miyato & Koyama 2018) to its logit; for a PacGAN pack
+of k samples (labels of shape n/k x k), y's embedding is the sum of its members'.
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ class DCGANDiscriminator(nn.Module):
         h = self.features(x)
         out = self.head(h).flatten()
         if self.embed is not None:
-            out = out + (self.embed(labels) * h.sum(dim=(2, 3))).sum(dim=1)
+            e = self.embed(labels)
+            if e.dim() == 3:  # a pack's labels (n/k, k): its members' embeddings, summed
+                e = e.sum(dim=1)
+            out = out + (e * h.sum(dim=(2, 3))).sum(dim=1)
         return out
 
 
