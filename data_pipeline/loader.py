@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import logging
 import mmap
 import os
 import signal
-import sys
 import threading
 import warnings
 import zlib
@@ -43,6 +43,8 @@ from data_pipeline.planner import (
     worker_batches,
 )
 from data_pipeline.remote import FetchStats, RemoteClient, is_remote
+
+log = logging.getLogger(__name__)
 
 FETCH_FIELDS = tuple(f.name for f in dataclasses.fields(FetchStats))
 
@@ -352,8 +354,7 @@ class ShardStream(IterableDataset):
             name = self.index.locate(sample)[0].name
             if name not in warned:
                 warned.add(name)
-                print(f"ganforge: skipping bad sample ({e}); further ones in {name} are counted silently",
-                      file=sys.stderr, flush=True)
+                log.warning("skipping bad sample (%s); further ones in %s are counted silently", e, name)
             return None
 
 

@@ -25,6 +25,7 @@ class Source:
     samples: Iterator[Sample]
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
+    count: int | None = None  # how many samples there will be, when known (for progress)
 
 
 def encode_image(img: Image.Image, fmt: str = "png") -> bytes:
@@ -76,7 +77,7 @@ def mnist_source(size: int = 32, fmt: str = "png") -> Source:
     images, labels = mnist_digits(size)
     meta = {"source": "mnist", "size": size, "channels": 1, "image_ext": fmt,
             "label_names": [str(i) for i in range(10)]}
-    return Source(_gray_samples(images, labels, size, fmt), "image", meta)
+    return Source(_gray_samples(images, labels, size, fmt), "image", meta, len(images))
 
 
 STACKED_CHANNELS = 3
@@ -112,7 +113,7 @@ def stacked_mnist_source(size: int = 32, n: int = 25_600, seed: int = 0, fmt: st
     meta = {"source": "stacked_mnist", "size": size, "channels": STACKED_CHANNELS, "image_ext": fmt,
             "stacked": True, "digits": "mnist", "num_classes": STACKED_MODES, "seed": seed,
             "label_names": [f"{m:03d}" for m in range(STACKED_MODES)]}
-    return Source(samples(), "image", meta)
+    return Source(samples(), "image", meta, n)
 
 
 def digits_source(size: int = 32, fmt: str = "png") -> Source:
@@ -123,7 +124,7 @@ def digits_source(size: int = 32, fmt: str = "png") -> Source:
     images = (d.images * (255.0 / 16.0)).round()
     meta = {"source": "digits", "size": size, "channels": 1, "image_ext": fmt,
             "label_names": [str(i) for i in range(10)]}
-    return Source(_gray_samples(images, d.target, size, fmt), "image", meta)
+    return Source(_gray_samples(images, d.target, size, fmt), "image", meta, len(images))
 
 
 def _image_files(root: str) -> list[str]:
@@ -177,7 +178,7 @@ def folder_source(root: str, size: int = 64, fmt: str = "png") -> Source:
 
     meta = {"source": "folder", "size": size, "channels": 3, "image_ext": fmt,
             "label_names": classes, "input": os.path.abspath(root)}
-    return Source(samples(), "image", meta)
+    return Source(samples(), "image", meta, len(files))
 
 
 def paired_source(root: str, size: int = 256, fmt: str = "png") -> Source:
@@ -200,7 +201,7 @@ def paired_source(root: str, size: int = 256, fmt: str = "png") -> Source:
                                for side, s in zip("ab", stems, strict=True)}
 
     meta = {"source": "paired", "size": size, "channels": 3, "image_ext": fmt, "input": os.path.abspath(root)}
-    return Source(samples(), "paired", meta)
+    return Source(samples(), "paired", meta, len(stems[0]))
 
 
 def mixture_centres(mixture: str) -> tuple[np.ndarray, float]:
@@ -227,4 +228,4 @@ def gaussians_source(mixture: str = "grid25", n: int = 100_000, seed: int = 0) -
             yield f"{i:07d}", {"npy": buf.getvalue(), "cls": str(int(m)).encode()}
 
     meta = {"source": "gaussians", "mixture": mixture, "std": std, "centres": centres.tolist(), "dims": 2}
-    return Source(samples(), "points", meta)
+    return Source(samples(), "points", meta, n)

@@ -8,11 +8,11 @@ import io
 import os
 import tarfile
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 from data_pipeline.errors import DataError
 from data_pipeline.index import ShardIndex, ShardRecord
+from data_pipeline.progress import Progress, silent
 
 
 def verify_shard(data: bytes, shard: ShardRecord) -> list[str]:
@@ -60,20 +60,20 @@ def decode_problems(data: bytes, shard: ShardRecord, kind: str, meta: dict[str, 
     return problems
 
 
-def verify_index(index: ShardIndex, progress: Callable[[str], None] | None = None) -> list[str]:
+def verify_index(index: ShardIndex, progress: Progress = silent) -> list[str]:
     """All problems of a local dataset; an empty list means every shard matches its index."""
     problems = []
-    for shard in index.shards:
-        path = index.shard_path(shard)
-        if not os.path.exists(path):
-            problems.append(f"{shard.name}: missing shard file {path}")
-            continue
-        with open(path, "rb") as f:
-            data = f.read()
-        found = verify_shard(data, shard)
-        if not found:
-            found = decode_problems(data, shard, index.kind, index.meta)
-        problems += found
-        if progress:
-            progress(f"{shard.name}: {'ok' if not found else 'BAD'} ({shard.num_samples} samples)")
+    with progress(len(index.shards), "verify", "shards") as advance:
+        for shard in index.shards:
+            path = index.shard_path(shard)
+            if not os.path.exists(path):
+                problems.append(f"{shard.name}: missing shard file {path}")
+                continue
+            with open(path, "rb") as f:
+                data = f.read()
+            found = verify_shard(data, shard)
+            if not found:
+                found = decode_problems(data, shard, index.kind, index.meta)
+            problems += found
+            advance(1)
     return problems

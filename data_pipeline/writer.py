@@ -15,6 +15,7 @@ from typing import Any
 
 from data_pipeline.errors import DataError
 from data_pipeline.index import INDEX_NAME, SampleRecord, ShardIndex, ShardRecord, parse_label
+from data_pipeline.progress import Advance, Progress, silent
 
 Sample = tuple[str, dict[str, bytes]]  # (key, {extension: payload})
 BUILD_MARK = ".make-shards-"  # <parent>/.<name>.make-shards-XXXX: a dataset being built
@@ -64,13 +65,15 @@ def write_shards(
     meta: dict[str, Any],
     samples_per_shard: int = 1000,
     force: bool = False,
-    progress: bool = False,
+    progress: Progress = silent,
+    total: int | None = None,
 ) -> ShardIndex:
     """Write `samples` as shards of at most `samples_per_shard` into `out_dir`, then index.json.
 
     The dataset is built in a folder beside `out_dir` and swapped in at the end, so a dataset
     already there survives any failure of the source. An existing dataset in `out_dir` is never
-    replaced unless `force` is set.
+    replaced unless `force` is set. `progress` (e.g. data_pipeline.progress.bar) shows the samples
+    written out of `total`, when the caller knows it.
     """
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
@@ -81,8 +84,9 @@ def write_shards(
         raise DataError(f"{out_dir}: already holds a dataset ({existing[0]}); pass --force to replace it")
     build = _build_dir(target)
     try:
-        index = _write_into(samples, build, kind=kind, meta=meta, samples_per_shard=samples_per_shard,
-                            progress=progress, label=out_dir)
+        with progress(total, "make-shards", "samples") as advance:
+            index = _write_into(samples, build, kind=kind, meta=meta, samples_per_shard=samples_per_shard,
+                                advance=advance, label=out_dir)
         _swap_in(build, target)
     finally:
         if os.path.isdir(build):
@@ -185,7 +189,7 @@ def _writer_alive(tag: str) -> bool:
 
 def _write_into(
     samples: Iterable[Sample], out_dir: str, *, kind: str, meta: dict[str, Any],
-    samples_per_shard: int, progress: bool, label: str,
+    samples_per_shard: int, advance: Advance, label: str,
 ) -> ShardIndex:
     shards: list[ShardRecord] = []
     pending: list[Sample] = []
@@ -193,10 +197,8 @@ def _write_into(
 
     def flush() -> None:
         shards.append(_write_tar(os.path.join(out_dir, f"{len(shards):06d}.tar"), pending))
+        advance(len(pending))
         pending.clear()
-        if progress:
-            print(f"  wrote {shards[-1].name}: {shards[-1].num_samples} samples, "
-                  f"{shards[-1].bytes / 1e6:.2f} MB", flush=True)
 
     label_names = meta.get("label_names")
     for key, members in samples:

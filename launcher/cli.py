@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from launcher import config_cli, data_cli, eval_cli, export_cli, k8s, launch, runs_cli
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +66,11 @@ def train(args: argparse.Namespace) -> int:
 
 
 def sample(args: argparse.Namespace) -> int:
+    from data_pipeline.progress import bar
     from trainer.generate import sample_to_file
 
     path = sample_to_file(args.run, args.n, args.seed, args.out, args.checkpoint, use_ema=not args.no_ema,
-                          truncation=args.truncation)
+                          truncation=args.truncation, progress=bar)
     print(path)
     return 0
 
@@ -74,8 +78,7 @@ def sample(args: argparse.Namespace) -> int:
 def translate(args: argparse.Namespace) -> int:
     from trainer.translation import translate_path
 
-    written = translate_path(args.run, args.direction, args.input, args.out, args.checkpoint,
-                             log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    written = translate_path(args.run, args.direction, args.input, args.out, args.checkpoint, log=log.info)
     print(f"wrote {len(written)} images to {args.out}")
     return 0
 
@@ -88,6 +91,9 @@ def demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before anything imports torch: --help stays fast
+    from trainer.logs import setup
+
+    setup()
     from data_pipeline import DataError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError

@@ -9,6 +9,7 @@ from collections import Counter
 
 from data_pipeline import DataError, load_index
 from data_pipeline.planner import epoch_order, plan_epoch, rank_slots
+from data_pipeline.progress import bar, silent
 
 MAX_LABEL_LINES = 50  # more classes than this (Stacked MNIST has 1,000) are summarised in one line
 
@@ -79,8 +80,8 @@ def make_shards(args: argparse.Namespace) -> int:
     else:
         src = sources.gaussians_source(args.mixture, 100_000 if args.n is None else args.n, args.seed)
     per_shard = args.samples_per_shard or (10_000 if args.source == "gaussians" else 256)
-    index = write_shards(src.samples, args.out, kind=src.kind, meta=src.meta,
-                         samples_per_shard=per_shard, force=args.force, progress=True)
+    index = write_shards(src.samples, args.out, kind=src.kind, meta=src.meta, samples_per_shard=per_shard,
+                         force=args.force, progress=bar, total=src.count)
     print(f"{args.out}: {index.num_samples} samples in {len(index.shards)} shards "
           f"({sum(s.bytes for s in index.shards) / 1e6:.1f} MB), index {args.out}/index.json")
     return 0
@@ -90,7 +91,7 @@ def verify(args: argparse.Namespace) -> int:
     from data_pipeline.verify import verify_index
 
     index = load_index(args.dir)
-    problems = verify_index(index, progress=None if args.quiet else print)
+    problems = verify_index(index, progress=silent if args.quiet else bar)
     for p in problems:
         print(f"BAD {p}", file=sys.stderr)
     if problems:

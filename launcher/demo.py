@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -11,6 +12,8 @@ import torch
 
 from data_pipeline import DataError, load_index
 
+log = logging.getLogger(__name__)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,16 +21,18 @@ def ensure_mnist_shards(out: str) -> None:
     """Write the MNIST shards once; reuse them when their index is already there."""
     try:
         index = load_index(out)
-        print(f"demo: reusing {index.num_samples} MNIST samples in {out}", flush=True)
+        log.info("demo: reusing %d MNIST samples in %s", index.num_samples, out)
         return
     except DataError:
         pass
-    print(f"demo: writing MNIST shards to {out}", flush=True)
+    log.info("demo: writing MNIST shards to %s", out)
+    from data_pipeline.progress import bar
     from data_pipeline.sources import mnist_source
     from data_pipeline.writer import write_shards
 
     src = mnist_source(32)
-    write_shards(src.samples, out, kind=src.kind, meta=src.meta, samples_per_shard=1000, force=True)
+    write_shards(src.samples, out, kind=src.kind, meta=src.meta, samples_per_shard=1000, force=True,
+                 progress=bar, total=src.count)
 
 
 def accelerate_command(nproc: int, script: str, args: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -55,7 +60,7 @@ def run_demo(root: str, minutes: float, nproc: int, overrides: list[str]) -> int
             f"run.dir={run_dir}", "run.name=demo", f"train.max_minutes={minutes}", *overrides]
     cmd, env = accelerate_command(nproc, os.path.join(REPO, "trainer", "main.py"), args)
     shown = " ".join(cmd[2:] if cmd[1] == "-m" else cmd).replace("accelerate.commands.launch", "accelerate launch")
-    print(f"demo: {'ACCELERATE_USE_CPU=1 ' if 'ACCELERATE_USE_CPU' in env else ''}{shown}", flush=True)
+    log.info("demo: %s%s", "ACCELERATE_USE_CPU=1 " if "ACCELERATE_USE_CPU" in env else "", shown)
     code = subprocess.call(cmd, env=env)
     if code != 0:
         print(f"demo: training exited with code {code}", file=sys.stderr)

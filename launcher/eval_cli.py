@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import subprocess
 import sys
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(args)
+    from data_pipeline.progress import bar, silent
     from trainer.distributed import init_distributed, shutdown
     from trainer.evaluation.errors import EvaluationError
     from trainer.evaluation.evaluator import evaluate
@@ -43,7 +47,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result = evaluate(args.run, args.metrics, args.n, data=args.data, checkpoint=args.checkpoint,
                           use_ema=not args.no_ema, seed=args.seed, features=args.features,
                           inception_weights=args.inception_weights, cache_dir=args.cache_dir, env=env,
-                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                          log=log.info, progress=bar if env.rank == 0 else silent)
     except EvaluationError as e:
         if env.rank == 0:  # every rank fails alike; one line is enough
             print(f"ganforge: error: {e}", file=sys.stderr)
@@ -71,10 +75,10 @@ def log_to_run(args: argparse.Namespace, result: dict) -> None:
     try:
         log_evaluation(uri, run_id, as_metrics(result), int(state["step"]), str(result.get("features", "")))
     except Exception as e:  # noqa: BLE001 - the metrics are printed already; the store is optional
-        print(f"ganforge: warning: MLflow: could not log to run {run_id} at {redact(uri)}: "
-              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr, flush=True)
+        log.warning("MLflow: could not log to run %s at %s: %s: %s", run_id, redact(uri), type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
         return
-    print(f"logged to MLflow run {run_id} at step {int(state['step'])}", file=sys.stderr, flush=True)
+    log.info("logged to MLflow run %s at step %d", run_id, int(state["step"]))
 
 
 def _relaunch(args: argparse.Namespace) -> int:

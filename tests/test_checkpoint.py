@@ -64,22 +64,26 @@ def test_retention_keeps_the_newest_valid_ones_plus_milestones(tmp_path):
     assert steps(run) == [9, 8, 7, 4]
 
 
-def test_fallback_warning_says_when_no_checkpoint_is_left(tmp_path, capsys):
+def warnings_logged(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_fallback_warning_says_when_no_checkpoint_is_left(tmp_path, caplog):
     run = str(tmp_path)
     write_checkpoint(run, 2, state(2))
     damage(run, 2)
     assert load_latest(run) is None
-    err = capsys.readouterr().err
+    err = "\n".join(warnings_logged(caplog))
     assert "step_00000002" in err and "no valid checkpoint is left" in err and "using an earlier" not in err
 
 
-def test_fallback_warning_names_the_checkpoint_used(tmp_path, capsys):
+def test_fallback_warning_names_the_checkpoint_used(tmp_path, caplog):
     run = str(tmp_path)
     write_checkpoint(run, 2, state(2))
     write_checkpoint(run, 4, state(4))
     damage(run, 4)
     assert load_latest(run)[1]["step"] == 2
-    err = capsys.readouterr().err
+    err = "\n".join(warnings_logged(caplog))
     assert len(err.strip().splitlines()) == 1 and "step_00000004" in err and "using step_00000002" in err
 
 
@@ -100,7 +104,7 @@ def test_rollback_moves_the_abandoned_branch_aside(digits_dir, tmp_path):
     assert steps(str(run)) == [4, 2]
     r = run_cli(*base, "train.max_steps=5")
     assert r.returncode == 0, r.stderr
-    assert "resuming from" in r.stdout and "at step 4" in r.stdout, "resume=latest went back to the abandoned branch"
+    assert "resuming from" in r.stderr and "at step 4" in r.stderr, "resume=latest went back to the abandoned branch"
 
 
 DIE_BETWEEN_RENAMES = """
@@ -134,7 +138,7 @@ def test_a_death_while_saving_a_step_again_keeps_a_valid_copy(digits_dir, tmp_pa
     assert r.returncode == 9, r.stderr
     r = run_cli(*base, "train.max_steps=6")
     assert r.returncode == 0, r.stderr
-    assert "at step 4" in r.stdout, "the checkpoint being saved again was lost"
+    assert "at step 4" in r.stderr, "the checkpoint being saved again was lost"
     assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".")], "leftovers"
 
 

@@ -173,7 +173,7 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_weights(zero2_run, dig
     shutil.copytree(os.path.join(zero2_run, "checkpoints", "step_00000005"), run / "checkpoints" / "step_00000005")
     r = launch("--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *TINY, "strategy=deepspeed",
                "checkpoint.every_steps=5", "train.max_steps=10")
-    assert "resuming from" in r.stdout and "at step 5" in r.stdout
+    assert "resuming from" in r.stderr and "at step 5" in r.stderr
     a, b = weights(zero2_run, 10), weights(str(run), 10)
     assert_same_networks(a, b, rel=0.0)
     for net in ("opt_G", "opt_D"):
@@ -192,7 +192,7 @@ def test_resume_on_one_process_repartitions_the_optimizer_state(zero2_run, digit
     r = run_cli("train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", *TINY,
                 "strategy=deepspeed", "train.max_steps=7", env=dict(ENV, WORLD_SIZE="1"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "at step 5; world size 1" in r.stdout
+    assert "at step 5; world size 1" in r.stderr
     state = weights(str(run), 7)
     assert state["world_size"] == 1 and len(state["opt_D"]) == 1
     assert state["data"]["consumed"] == 7 * 5 * 16

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -249,6 +250,8 @@ def eval_json(*args: str) -> dict:
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1, res.stdout  # one JSON object, nothing else on stdout
+    # rank 0's share of the generated samples, shown as progress (a bar on a terminal, else a line)
+    assert re.search(r"INFO ganforge: generate \+ features: (\d+)/\1 images \(100%\)", res.stderr), res.stderr
     return json.loads(lines[0])
 
 

@@ -131,7 +131,7 @@ def test_launch_trains_with_world_size_2_on_cpu(digits_dir, tmp_path):
     r = run_cli("launch", "--config", RECIPE, "--nproc-per-node", "2", "train.max_steps=10", f"run.dir={run}",
                 f"data.train={digits_dir}", *TINY, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "world size 2 on cpu" in r.stdout
+    assert "world size 2 on cpu" in r.stderr
     path, state = newest_checkpoint(str(run))
     assert state["step"] == 10 and state["world_size"] == 2
 

@@ -138,7 +138,7 @@ def test_nonfinite_total_counts_each_reported_step_once(exporter):
     assert re.search(r"^ganforge_nonfinite_steps_total\{.*\} 3\.0$", text, re.M)
 
 
-def test_port_in_use_gives_one_warning_and_a_silent_exporter(capsys):
+def test_port_in_use_gives_one_warning_and_a_silent_exporter(caplog):
     from trainer.telemetry.prometheus import PrometheusExporter
 
     with socket.socket() as taken:
@@ -148,7 +148,7 @@ def test_port_in_use_gives_one_warning_and_a_silent_exporter(capsys):
         e = PrometheusExporter(port, rank=0, job="j", world_size=1, addr="127.0.0.1")
         exercise(e)  # every training-side call still returns normally
         e.close()
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(err) == 1 and f"127.0.0.1:{port}" in err[0] and "training continues" in err[0]
     assert not e.enabled
 

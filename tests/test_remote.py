@@ -264,7 +264,7 @@ def test_a_cached_shard_cut_short_on_disk_is_downloaded_again(served, tmp_path):
     again.release()
 
 
-def test_settings_that_multiply_downloads_are_named_in_one_warning_line_each(served, tmp_path, monkeypatch, capsys):
+def test_settings_that_multiply_downloads_are_named_in_one_warning_line_each(served, tmp_path, monkeypatch, caplog):
     from trainer.config import load_config
     from trainer.data import DataCursor
     from trainer.distributed import DistEnv
@@ -272,13 +272,15 @@ def test_settings_that_multiply_downloads_are_named_in_one_warning_line_each(ser
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     cfg = load_config("configs/dcgan_digits.yaml", [f"data.train={served.url}", "data.partition_nodes=2",
                                                     "train.batch_size=30", f"run.dir={tmp_path / 'run'}"])
+    caplog.set_level("WARNING", logger="trainer")
     DataCursor(cfg.data.train, cfg, DistEnv(0, 3, 0, torch.device("cpu")))
-    lines = capsys.readouterr().err.splitlines()
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("without data.cache_dir" in line for line in lines)
     assert any("data.partition_nodes=2 does not fit 3 nodes of 1 ranks" in line for line in lines)
     cfg.data.cache_dir, cfg.data.partition_nodes = str(tmp_path / "c"), 3
+    caplog.clear()
     DataCursor(cfg.data.train, cfg, DistEnv(0, 3, 0, torch.device("cpu")))
-    assert "warning" not in capsys.readouterr().err
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_a_remote_epoch_resumed_on_another_layout_reads_every_remaining_sample_once(served, tmp_path):

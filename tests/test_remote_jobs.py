@@ -103,7 +103,7 @@ def test_launch_trains_an_epoch_fetching_each_shard_once_and_a_sigkilled_run_res
     time.sleep(0.5)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=ENV, cwd=REPO)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert 0 < int(re.search(r"resuming from \S+ at step (\d+)", r.stdout).group(1)) <= killed_at
+    assert 0 < int(re.search(r"resuming from \S+ at step (\d+)", r.stderr).group(1)) <= killed_at
     assert losses(run) == losses(reference), "losses differ after resume"
     final = f"step_{EPOCH:08d}"
     ref, got = (read_checkpoint(os.path.join(d, "checkpoints", final)) for d in (reference, run))

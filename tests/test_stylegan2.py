@@ -156,7 +156,7 @@ def test_resume_is_exact_including_the_augmentation_probability(digits_dir, tmp_
     for run, steps in ((whole, 8), (split, 4), (split, 8)):
         r = run_cli(*args, f"run.dir={run}", f"train.max_steps={steps}", env={"OMP_NUM_THREADS": "1"})
         assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming from" in r.stdout
+    assert "resuming from" in r.stderr
     a, b = final_state(whole, 8), final_state(split, 8)
     for net in ("G", "D", "G_ema"):
         for k, v in a[net].items():
@@ -195,7 +195,7 @@ def test_two_process_digits_recipe_trains_and_samples_a_truncated_grid(digits_di
     r = accelerate_cpu(2, "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run}", "train.max_steps=20",
                        "log.mlflow_uri=none", "train.threads=1", "log.every_steps=10")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "world size 2" in r.stdout and (run / "checkpoints" / "step_00000020").exists()
+    assert "world size 2" in r.stderr and (run / "checkpoints" / "step_00000020").exists()
     last = [json.loads(line) for line in open(run / "metrics.jsonl")][-1]
     assert all(math.isfinite(v) for k, v in last.items() if k.startswith("loss/"))
     png = tmp_path / "g.png"
@@ -230,7 +230,7 @@ def test_two_process_run_killed_mid_run_resumes_exactly(digits_dir, tmp_path):
     assert not (killed / "checkpoints" / "step_00000020").exists(), "the job must be killed mid-run"
     r = subprocess.run(cmd(killed), capture_output=True, text=True, timeout=600, env=ENV, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming from" in r.stdout
+    assert "resuming from" in r.stderr
     a, b = final_state(str(whole), 20), final_state(str(killed), 20)
     for net in ("G", "D", "G_ema"):
         for k, v in a[net].items():

@@ -106,7 +106,7 @@ def test_accelerate_run_checkpoints_samples_logs_and_resumes(tmp_path):
     r = accelerate_cpu(2, *args, "train.max_steps=30")
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(os.listdir(run / "checkpoints")) == [f"step_{s:08d}" for s in (10, 20, 30)]
-    assert "world size 2" in r.stdout
+    assert "world size 2" in r.stderr
 
     png = tmp_path / "s.png"
     r = run_cli("sample", "--run", str(run), "--n", "16", "--seed", "0", "--out", str(png))
@@ -121,7 +121,7 @@ def test_accelerate_run_checkpoints_samples_logs_and_resumes(tmp_path):
 
     r = accelerate_cpu(2, *args, "train.max_steps=40")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resuming from" in r.stdout and "at step 30" in r.stdout
+    assert "resuming from" in r.stderr and "at step 30" in r.stderr
     assert "step_00000040" in os.listdir(run / "checkpoints")
 
     from mlflow.tracking import MlflowClient
@@ -146,7 +146,7 @@ def test_single_process_train_and_resume_from_saved_step(digits_dir, tmp_path):
     state = read_checkpoint(str(run / "checkpoints" / "step_00000006"))
     assert state["step"] == 6 and state["data"]["consumed"] == 6 * 16
     r = run_cli(*base, "train.max_steps=9", env={"WORLD_SIZE": "1"})
-    assert r.returncode == 0 and "at step 6" in r.stdout
+    assert r.returncode == 0 and "at step 6" in r.stderr
     state = read_checkpoint(str(run / "checkpoints" / "step_00000009"))
     assert state["step"] == 9 and state["data"]["consumed"] == 9 * 16
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import threading
 import time
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 NAME = re.compile(r"^step_(\d{8})$")
 STATE = "state.pt"
@@ -35,7 +37,7 @@ def _test_pause(step: int, where: str) -> None:
     """Sleep per GANFORGE_TEST_PAUSE_IN_SAVE (test-only; unset in real runs: no effect)."""
     seconds = float(os.environ.get(PAUSE_IN_SAVE) or 0)
     if seconds > 0:
-        print(f"ganforge: test pause in the save of step {step}, {where}", file=sys.stderr, flush=True)
+        log.warning("test pause in the save of step %d, %s", step, where)
         time.sleep(seconds / 2)
 
 
@@ -176,8 +178,7 @@ def recover_checkpoints(run_dir: str) -> None:
             else:
                 os.rename(path, final)
                 _fsync_dir(d)
-                print(f"ganforge: recovered {final} from {name}, left by an interrupted save",
-                      file=sys.stderr, flush=True)
+                log.warning("recovered %s from %s, left by an interrupted save", final, name)
                 continue
         shutil.rmtree(path, ignore_errors=True)
 
@@ -234,7 +235,7 @@ def load_latest(run_dir: str, warn: bool = True) -> tuple[str, dict[str, Any]] |
         then = f"using {os.path.basename(found[0])}" if found else \
             f"no valid checkpoint is left in {checkpoint_dir(run_dir)}"
         for e in skipped:
-            print(f"ganforge: warning: {e}; {then}", file=sys.stderr, flush=True)
+            log.warning("%s; %s", e, then)
     return found
 
 
@@ -255,9 +256,8 @@ def set_aside_newer(run_dir: str, step: int) -> str | None:
     for path in sorted(newer):
         os.rename(path, os.path.join(aside, os.path.basename(path)))
     _fsync_dir(checkpoint_dir(run_dir))
-    print(f"ganforge: moved {', '.join(os.path.basename(p) for p in sorted(newer))} aside to {aside} "
-          f"(newer than step {step}, where this run starts; kept, never resumed from automatically)",
-          file=sys.stderr, flush=True)
+    log.warning("moved %s aside to %s (newer than step %d, where this run starts; kept, never resumed from "
+                "automatically)", ", ".join(os.path.basename(p) for p in sorted(newer)), aside, step)
     return aside
 
 

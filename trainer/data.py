@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,8 @@ from data_pipeline.loader import FETCH_FIELDS, ShardStream, StreamSpec, make_loa
 from data_pipeline.planner import streams_fit_nodes
 from trainer.config import Config
 from trainer.distributed import DistEnv
+
+log = logging.getLogger(__name__)
 
 
 class DataCursor:
@@ -101,14 +103,13 @@ class DataCursor:
 def warn_about_remote_reads(stream: ShardStream, cfg: Config, spec: StreamSpec) -> None:
     """One line each for settings that make remote data travel more than once per node and epoch."""
     if stream.remote and not cfg.data.cache_dir:
-        print("ganforge: warning: remote shards without data.cache_dir: every loader worker downloads each "
-              "shard it reads, into memory; set data.cache_dir to share one download per node",
-              file=sys.stderr, flush=True)
+        log.warning("remote shards without data.cache_dir: every loader worker downloads each shard it reads, "
+                    "into memory; set data.cache_dir to share one download per node")
     nodes = spec.world_size // spec.ranks_per_node if spec.ranks_per_node else 0
     if cfg.data.partition_nodes > 1 and nodes > 1 and not streams_fit_nodes(spec.world_size, spec.groups, spec.ranks_per_node):
-        print(f"ganforge: warning: data.partition_nodes={cfg.data.partition_nodes} does not fit {nodes} nodes of "
-              f"{spec.ranks_per_node} ranks (the node count must divide it, and it the world size): every node "
-              "reads from every node stream", file=sys.stderr, flush=True)
+        log.warning("data.partition_nodes=%d does not fit %d nodes of %d ranks (the node count must divide it, "
+                    "and it the world size): every node reads from every node stream", cfg.data.partition_nodes,
+                    nodes, spec.ranks_per_node)
 
 
 def local_world_size() -> int:

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from data_pipeline.progress import Progress, silent
 from trainer.checkpoint import CheckpointError, load_latest, read_checkpoint
 from trainer.config import ConfigError, from_dict
 from trainer.models import build_models
@@ -49,7 +50,7 @@ def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = 
 
 
 def sample_to_file(run_dir: str, n: int, seed: int, out: str, checkpoint: str | None = None,
-                   use_ema: bool = True, truncation: float = 1.0) -> str:
+                   use_ema: bool = True, truncation: float = 1.0, progress: Progress = silent) -> str:
     """Write n samples for `seed` as a PNG grid or a raw float32 .npy; returns the path.
 
     `truncation` < 1 pulls each w toward the mean w (StyleGAN2's truncation trick).
@@ -64,7 +65,9 @@ def sample_to_file(run_dir: str, n: int, seed: int, out: str, checkpoint: str | 
         from trainer.models.stylegan2 import Truncated
 
         g = Truncated(g, truncation)
-    samples = generate(g, latents(seed, n, cfg.model.z_dim), class_cycle(n, cfg.model.num_classes))
+    with progress(n, "sample", "images") as advance:
+        samples = generate(g, latents(seed, n, cfg.model.z_dim), class_cycle(n, cfg.model.num_classes),
+                           advance=advance)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".npy"):
         np.save(out, samples.numpy().astype(np.float32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.progress import clock
 from trainer import __version__
 from trainer.checkpoint import CheckpointManager, load_latest, read_checkpoint
 from trainer.config import Config, applicable_params, dump_yaml, to_dict
@@ -49,6 +51,15 @@ from trainer.sync_batchnorm import convert_sync_batchnorm
 from trainer.telemetry.mlflow import MlflowTracker, resolve_tracking_uri
 from trainer.telemetry.prometheus import PrometheusExporter, restart_count
 
+log = logging.getLogger(__name__)
+
+# The training line's names for the statistics every family reports; other losses show as loss_<name>.
+SHOWN = {"loss/d": "loss_d", "d/real": "D(real)", "d/fake": "D(fake)", "loss/g": "loss_g"}
+
+
+def shown_name(key: str) -> str | None:
+    """How a statistic is named on the training line (None: not shown there)."""
+    return SHOWN.get(key) or (f"loss_{key[5:]}" if key.startswith("loss/") else None)
 
 class Trainer(TrainerBase):
     """Owns the networks, their phases and the data cursor for one run."""
@@ -366,10 +377,9 @@ class Reporter:
         values["perf/data_wait_fraction"] = min(1.0, self.wait_window / max(dt, 1e-9))
         self.wait_window = 0.0
         remaining = (cfg.train.max_steps - step) * dt / max(dsteps, 1)
-        shown = "  ".join(f"{k.split('/')[-1] if k.startswith('loss') else k}={v:.3f}"
-                          for k, v in values.items() if k.startswith(("loss", "d/")))
-        print(f"step {step}/{cfg.train.max_steps}  {shown}  {ips:.0f} img/s  "
-              f"epoch {t.data.epoch}  eta {remaining / 60:.1f} min", flush=True)
+        shown = "  ".join(f"{shown_name(k)}={v:.3f}" for k, v in values.items() if shown_name(k))
+        log.info("step %d/%d  %s  %.0f img/s  %.1f kimg  epoch %d  ETA %s", step, cfg.train.max_steps, shown, ips,
+                 t.state.nimg / 1000, t.data.epoch, clock(remaining))
         with open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tracker:
@@ -386,7 +396,7 @@ class Reporter:
             return None
         self.last_grid = path
         if values:  # held-out measurements that come with the samples (e.g. translation L1)
-            print(f"step {step}: " + "  ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
+            log.info("step %d: %s", step, "  ".join(f"{k}={v:.4g}" for k, v in values.items()))
             with open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tracker:
@@ -411,7 +421,7 @@ class Reporter:
         if self.active:
             step = t.state.step
             shown = "  ".join(f"{k[5:]}={v:.4g}" for k, v in values.items())
-            print(f"eval at step {step}: {shown}  ({time.perf_counter() - started:.1f} s)", flush=True)
+            log.info("eval at step %d: %s  (%.1f s)", step, shown, time.perf_counter() - started)
             with open(os.path.join(cfg.run.dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
             if self.tracker:
@@ -502,8 +512,8 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
             f.write(dump_yaml(redact(cfg)))  # the running process keeps the real values
         where = f"resuming from {resumed[0]} at step {trainer.state.step}" if resumed else "starting"
-        print(f"ganforge: {where}; world size {env.world_size} on {env.device.type}, "
-              f"precision {trainer.precision}, global batch {cfg.train.batch_size}", flush=True)
+        log.info("%s; world size %d on %s, precision %s, global batch %d", where, env.world_size, env.device.type,
+                 trainer.precision, cfg.train.batch_size)
     reporter = Reporter(trainer, trainer.state.step if resumed else -1)
     if reporter.tracker:
         trainer.state.mlflow_run_id = reporter.tracker.wait_ready(timeout=30)
@@ -541,8 +551,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
                 if not (flag.requested and redone != trainer.state.step and rewind_after_lost_worker(e, marks)):
                     raise
                 redone = trainer.state.step
-                print(f"ganforge: rank {env.rank}: {e}; stopping, step {redone} runs again on new loader workers",
-                      file=sys.stderr, flush=True)
+                log.warning("%s; stopping, step %d runs again on new loader workers", e, redone)
                 continue
             reporter.log(stats)
             reporter.samples()
@@ -561,8 +570,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
                 raise Preempted(trainer.state.step, flag.signum or 15)
             if over_budget:
                 if env.is_main:
-                    print(f"ganforge: time budget of {cfg.train.max_minutes} min reached at step "
-                          f"{trainer.state.step}", flush=True)
+                    log.info("time budget of %s min reached at step %d", cfg.train.max_minutes, trainer.state.step)
                 break
         checkpoint(blocking=True)
         grid = reporter.samples(final=True)

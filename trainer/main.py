@@ -7,12 +7,15 @@ validated before any process group starts; a bad one exits with code 2 and one l
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
 if __package__ in (None, ""):
     # Run as a script: import the `trainer` package, not this folder's modules as top-level ones.
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+log = logging.getLogger("trainer.main")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +39,7 @@ def prepare(config: str, overrides: list[str]):
         root = os.path.dirname(os.path.abspath(cfg.data.train))
         try:
             if ensure_built(cfg.data.build, root, cfg.model.resolution):
-                print(f"ganforge: built the {cfg.data.build} dataset in {root}", flush=True)
+                log.info("built the %s dataset in %s", cfg.data.build, root)
         except DataError as e:
             raise ConfigError("data.build", str(e)) from None
     try:
@@ -114,6 +117,9 @@ def check_translation_data(cfg, index):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from trainer.logs import setup
+
+    setup()
     from data_pipeline import DataError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError

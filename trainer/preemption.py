@@ -9,12 +9,14 @@ process of the group directly *and* through the launcher, which forwards it).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import time
 import traceback
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a container killed by SIGTERM reports
 
@@ -52,8 +54,8 @@ class StopFlag:
                 os._exit(128 + signum)
             return
         self.requested, self.signum, self._first_at = True, signum, time.monotonic()
-        print(f"ganforge: {signal.Signals(signum).name} received; checkpointing at the next step boundary "
-              f"(send again to exit at once)", file=sys.stderr, flush=True)
+        log.warning("%s received; checkpointing at the next step boundary (send again to exit at once)",
+                    signal.Signals(signum).name)
 
 
 def data_marks(trainer: Any) -> list[tuple[Any, dict[str, int]]]:

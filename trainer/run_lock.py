@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
-import sys
 import time
 
 from trainer.checkpoint import CheckpointError
 from trainer.distributed import DistEnv, stop_votes
+
+log = logging.getLogger(__name__)
 
 NAME = "LOCK"
 
@@ -42,8 +44,7 @@ class RunLock:
                                       f"give each job its own run.dir, or stop that one first") from None
             except OSError as e:  # a filesystem without locks: run, but say that nothing guards run.dir
                 os.close(fd)
-                print(f"ganforge: warning: cannot lock {self.path} ({e.strerror}); nothing stops a second "
-                      f"job on this run.dir", file=sys.stderr, flush=True)
+                log.warning("cannot lock %s (%s); nothing stops a second job on this run.dir", self.path, e.strerror)
                 return
             # The holder may have removed the file between our open and our flock: retry on the new one.
             try:
@@ -55,8 +56,8 @@ class RunLock:
             os.close(fd)
         left = _read(fd)
         if left:
-            print(f"ganforge: warning: taking over the lock on {os.path.dirname(self.path)} left by "
-                  f"{_describe(left)}, which is gone", file=sys.stderr, flush=True)
+            log.warning("taking over the lock on %s left by %s, which is gone", os.path.dirname(self.path),
+                        _describe(left))
         me = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)

@@ -7,6 +7,8 @@ import os
 import torch
 from torch import nn
 
+from data_pipeline.progress import Advance
+
 
 def latents(seed: int, n: int, z_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """n latent vectors fixed by `seed` (drawn on CPU, so identical on every device)."""
@@ -16,25 +18,31 @@ def latents(seed: int, n: int, z_dim: int, device: torch.device | str = "cpu") -
 
 @torch.no_grad()
 def run_in_chunks(net: nn.Module, *inputs: torch.Tensor | None, batch: int = 256,
-                  device: torch.device | str | None = None) -> torch.Tensor:
+                  device: torch.device | str | None = None, advance: Advance = lambda n: None) -> torch.Tensor:
     """net(*inputs) in eval mode, `batch` rows at a time (None inputs pass through), as float32 on CPU.
 
-    Floating-point inputs go in the default dtype (float64 in an fp64 run, whose networks are float64)."""
+    Floating-point inputs go in the default dtype (float64 in an fp64 run, whose networks are float64).
+    `advance(rows)` is called after each chunk."""
     def part(x: torch.Tensor, i: int) -> torch.Tensor:
         return x[i:i + batch].to(device or x.device, torch.get_default_dtype() if x.is_floating_point() else x.dtype)
+
+    def run(i: int) -> torch.Tensor:
+        out = net(*(None if x is None else part(x, i) for x in inputs)).float().cpu()
+        advance(len(out))
+        return out
 
     was_training = net.training
     net.eval()
     try:
-        return torch.cat([net(*(None if x is None else part(x, i) for x in inputs)).float().cpu()
-                          for i in range(0, len(inputs[0]), batch)])
+        return torch.cat([run(i) for i in range(0, len(inputs[0]), batch)])
     finally:
         net.train(was_training)
 
 
-def generate(g: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
+def generate(g: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 256,
+             advance: Advance = lambda n: None) -> torch.Tensor:
     """G(z[, labels]) in eval mode, in chunks, as float32 on CPU."""
-    return run_in_chunks(g, z, labels, batch=batch)
+    return run_in_chunks(g, z, labels, batch=batch, advance=advance)
 
 
 def class_cycle(n: int, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor | None:

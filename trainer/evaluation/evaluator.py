@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.index import load_index
+from data_pipeline.progress import Progress, silent
 from trainer.config import EVAL_METRICS
 from trainer.distributed import DistEnv, pick_device
 from trainer.evaluation.errors import EvaluationError
@@ -53,12 +54,13 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
              cfg: Any = None, data: str | None = None, checkpoint: str | None = None,
              use_ema: bool = True, seed: int = 0, features: str = "auto",
              inception_weights: str | None = None, cache_dir: str | None = None,
-             env: DistEnv | None = None, log=print) -> dict[str, Any]:
+             env: DistEnv | None = None, log=print, progress: Progress = silent) -> dict[str, Any]:
     """Metrics of a run directory's newest checkpoint (or of `source` as a generator, with its `cfg`).
 
     Every rank of the current process group must call this with the same arguments: each
     generates its share of the n samples, the features are gathered, rank 0 computes, and every
-    rank gets the same dict back. The result does not depend on the world size.
+    rank gets the same dict back. The result does not depend on the world size. `progress` (e.g.
+    data_pipeline.progress.bar) shows generation and real-feature extraction.
     `n` defaults to the config's `eval.n` when it has one, else DEFAULT_N. Mode counting follows
     the PacGAN protocol: 2,500 samples on 2-D mixtures, and on Stacked MNIST `n` when given,
     else 26,000.
@@ -121,10 +123,10 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
     if n_gen < max(PR_K + 1, 2):
         raise EvaluationError(f"--n: need at least {PR_K + 1} samples, got {n}")
     fake = generated_features(g, extractor, n_gen, cfg.model.z_dim, seed, env,
-                              getattr(cfg.model, "num_classes", 0) or 0)
+                              getattr(cfg.model, "num_classes", 0) or 0, progress=progress)
 
     def compute() -> dict[str, Any]:
-        result = _compute(names, fake[:n], fake[:mode_n], index, extractor, n, cache_dir, env.device, log)
+        result = _compute(names, fake[:n], fake[:mode_n], index, extractor, n, cache_dir, env.device, log, progress)
         result |= info | {"n": min(n, n_gen) if per_n else n_gen, "features": extractor.key,
                           "world_size": env.world_size}
         if hasattr(extractor, "accuracy"):
@@ -171,7 +173,7 @@ def _config_value(cfg: Any, key: str) -> Any:
 
 
 def _compute(names: list[str], fake: torch.Tensor, mode_fake: torch.Tensor, index: Any, extractor: nn.Module,
-             n: int, cache_dir: str, device: torch.device, log) -> dict[str, Any]:
+             n: int, cache_dir: str, device: torch.device, log, progress: Progress = silent) -> dict[str, Any]:
     """Rank 0's part: real features (cached) and the requested metrics.
 
     `fake` holds the n samples' features, `mode_fake` those of the samples that mode counting uses.
@@ -180,7 +182,7 @@ def _compute(names: list[str], fake: torch.Tensor, mode_fake: torch.Tensor, inde
     if any(m in names for m in ("fid", "kid", "pr")):
         from trainer.evaluation.real_stats import real_features
 
-        real = real_features(index, extractor, n, cache_dir, device, log)
+        real = real_features(index, extractor, n, cache_dir, device, log, progress=progress)
         out["n_real"] = len(real)
         if "fid" in names:
             from trainer.evaluation.fid import fid

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from data_pipeline.index import ShardIndex
+from data_pipeline.progress import Progress, silent
 from trainer.evaluation.features import extract
 from trainer.evaluation.real_data import read_samples, real_subset
 
@@ -17,7 +18,8 @@ def cache_file(cache_dir: str, index: ShardIndex, extractor: nn.Module, n: int) 
 
 
 def real_features(index: ShardIndex, extractor: nn.Module, n: int, cache_dir: str,
-                  device: torch.device | str = "cpu", log=print, chunk: int = 1000) -> torch.Tensor:
+                  device: torch.device | str = "cpu", log=print, chunk: int = 1000,
+                  progress: Progress = silent) -> torch.Tensor:
     """Features (float64, CPU) of min(n, dataset size) real samples; read from / written to `cache_dir`.
 
     The whole feature matrix is kept (not only mean and covariance) because KID and
@@ -33,8 +35,12 @@ def real_features(index: ShardIndex, extractor: nn.Module, n: int, cache_dir: st
         except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed, not fatal
             log(f"ganforge eval: ignoring unreadable cache {path} ({type(e).__name__})")
     # In chunks: a large image dataset does not fit in memory as float tensors at once.
-    feats = torch.cat([extract(extractor, read_samples(index, samples[i:i + chunk])[0], device)
-                       for i in range(0, len(samples), chunk)])
+    parts = []
+    with progress(len(samples), "real features", "images") as advance:
+        for i in range(0, len(samples), chunk):
+            parts.append(extract(extractor, read_samples(index, samples[i:i + chunk])[0], device))
+            advance(len(parts[-1]))
+    feats = torch.cat(parts)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save({"features": feats, "fingerprint": index.fingerprint(), "extractor": extractor.key,

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.progress import Advance, Progress, silent
 from trainer.distributed import DistEnv
 from trainer.sampling import latents
 
@@ -24,7 +25,8 @@ def rank_chunks(n: int, chunk: int, world_size: int, rank: int) -> list[tuple[in
 
 @torch.no_grad()
 def local_features(g: nn.Module, extractor: nn.Module, z: torch.Tensor, labels: torch.Tensor | None,
-                   chunks: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+                   chunks: list[tuple[int, int]], device: torch.device,
+                   advance: Advance = lambda n: None) -> torch.Tensor:
     """Features (float64) of this rank's chunks, concatenated in chunk order."""
     out = []
     for start, stop in chunks:
@@ -32,6 +34,7 @@ def local_features(g: nn.Module, extractor: nn.Module, z: torch.Tensor, labels: 
         if labels is not None:
             args += (labels[start:stop].to(device),)
         out.append(extractor(g(*args).float()).double())
+        advance(stop - start)
     return torch.cat(out) if out else torch.zeros(0, extractor.num_features, dtype=torch.float64, device=device)
 
 
@@ -54,15 +57,18 @@ def gather_in_order(local: torch.Tensor, n: int, chunk: int, env: DistEnv) -> to
 
 
 def generated_features(g: nn.Module, extractor: nn.Module, n: int, z_dim: int, seed: int, env: DistEnv,
-                       num_classes: int = 0, chunk: int = 250) -> torch.Tensor:
-    """Features of generated samples 0..n-1 (N x d, float64, CPU), computed across all ranks."""
+                       num_classes: int = 0, chunk: int = 250, progress: Progress = silent) -> torch.Tensor:
+    """Features of generated samples 0..n-1 (N x d, float64, CPU), computed across all ranks.
+
+    `progress` shows this rank's share (rank 0's is representative: chunks are dealt evenly)."""
     z = latents(seed, n, z_dim)
     labels = torch.arange(n) % num_classes if num_classes > 0 else None
     chunks = rank_chunks(n, chunk, env.world_size, env.rank)
     was_training = g.training
     g.eval()
     try:
-        local = local_features(g, extractor, z, labels, chunks, env.device)
+        with progress(sum(b - a for a, b in chunks), "generate + features", "images") as advance:
+            local = local_features(g, extractor, z, labels, chunks, env.device, advance)
     finally:
         g.train(was_training)
     return gather_in_order(local, n, chunk, env)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import queue
-import sys
 import threading
 import time
 import warnings
 from typing import Any
 
 from trainer.redact import redact
+
+log = logging.getLogger(__name__)
 
 
 def default_tracking_uri(run_dir: str) -> str:
@@ -133,7 +135,7 @@ class MlflowTracker:
     def _warn(self, msg: str) -> None:
         if not self._warned:
             self._warned = True
-            print(f"ganforge: warning: MLflow: {redact(msg)} (training continues; retrying)", file=sys.stderr, flush=True)
+            log.warning("MLflow: %s (training continues; retrying)", redact(msg))
 
     def _retry(self, fn, *args, attempts: int = 5):
         for i in range(attempts):

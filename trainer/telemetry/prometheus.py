@@ -12,9 +12,9 @@ any error while updating a metric, prints one warning and turns the exporter int
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +27,8 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
+
+log = logging.getLogger(__name__)
 
 # Base units (seconds, bytes); step times from a few ms (tiny CPU models) to minutes.
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -162,8 +164,7 @@ class PrometheusExporter:
 
     def _disable(self, why: str) -> None:
         self.enabled = False
-        print(f"ganforge: warning: Prometheus exporter disabled: {why} (training continues)",
-              file=sys.stderr, flush=True)
+        log.warning("Prometheus exporter disabled: %s (training continues)", why)
 
     # -- updates, each safe to call on any rank at any time ------------------------------------
     @_guarded
