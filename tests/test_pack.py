@@ -327,3 +327,18 @@ def test_pack_2_resumes_exactly_on_another_world_size(digits_dir, tmp_path):
     for net in ("G", "D"):
         for k, v in a[net].items():
             assert (b[net][k] - v).norm() <= 1e-9 * v.norm() + 1e-12, f"{net}.{k}"
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_with_pack_2_trains_the_same_weights_as_ddp(digits_dir, tmp_path):
+    from tests.test_deepspeed import RECIPE as GP_RECIPE
+    from tests.test_deepspeed import TINY as DS_TINY
+    from tests.test_deepspeed import assert_same_networks, launch, weights
+
+    common = ["--config", GP_RECIPE, f"data.train={digits_dir}", *DS_TINY, "model.pack=2", "train.max_steps=3",
+              "checkpoint.every_steps=3"]
+    launch(*common, f"run.dir={tmp_path}/ddp")
+    launch(*common, f"run.dir={tmp_path}/zero2", "strategy=deepspeed", "deepspeed.zero_stage=2")
+    a, b = weights(str(tmp_path / "ddp"), 3), weights(str(tmp_path / "zero2"), 3)
+    assert b["strategy"] == "deepspeed" and a["D"]["features.0.weight"].shape[1] == 2
+    assert_same_networks(a, b, rel=1e-5)
