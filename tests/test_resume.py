@@ -154,7 +154,9 @@ def test_truncated_latest_checkpoint_falls_back_with_one_warning(digits_dir, tmp
     r = run_cli(*base, "train.max_steps=8")
     assert r.returncode == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if " WARNING " in line]
-    assert len(warnings) == 1 and "step_00000006" in warnings[0]
+    fallback = [line for line in warnings if "using step_00000003" in line]
+    assert len(fallback) == 1 and "step_00000006" in fallback[0]
+    assert len(warnings) == 2 and "moved step_00000006 aside" in " ".join(warnings)  # kept, not resumed from
     assert "at step 3" in r.stderr
     assert read_checkpoint(str(run / "checkpoints" / "step_00000008"))["step"] == 8
 

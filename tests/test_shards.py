@@ -125,7 +125,7 @@ def test_missing_shard_is_named(small_dir):
         ShardStream(small_dir, StreamSpec(seed=0))
 
 
-def test_corrupt_image_is_skipped_and_counted_with_on_error_skip(small_dir, capfd):
+def test_corrupt_image_is_skipped_and_counted_with_on_error_skip(small_dir, caplog):
     index = load_index(small_dir)
     shard, rec = index.shards[0], index.shards[0].samples[1]
     off, size, _ = rec.members["png"]
@@ -144,7 +144,8 @@ def test_corrupt_image_is_skipped_and_counted_with_on_error_skip(small_dir, capf
     batches = read_all(small_dir, on_error="skip")
     assert sum(int(b["skipped"]) for b in batches) == 1
     assert sum(len(b["image"]) for b in batches) == index.num_samples  # batch sizes unchanged
-    assert f"{shard.name}: key {rec.key}" in capfd.readouterr().err
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{shard.name}: key {rec.key}" in warning
 
 
 def test_empty_or_missing_index_is_a_clear_error(tmp_path):
