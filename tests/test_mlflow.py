@@ -103,7 +103,8 @@ def test_a_finished_run_in_mlflow_has_source_tags_its_params_a_loadable_model_an
     run_dir = tmp_path / "run"
     r = run_cli("train", "--config", RECIPE, f"data.train={digits_dir}", f"run.dir={run_dir}", "run.name=tracked",
                 *TINY, "train.max_steps=12", "log.every_steps=4", "log.sample_every_steps=6",
-                "checkpoint.every_steps=100", f"log.mlflow_uri={mlflow_server}", "log.register_model=digits_g",
+                "checkpoint.every_steps=3", "log.model_every_steps=6", f"log.mlflow_uri={mlflow_server}",
+                "log.register_model=digits_g",
                 env={"WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -136,8 +137,13 @@ def test_a_finished_run_in_mlflow_has_source_tags_its_params_a_loadable_model_an
     # `ganforge train` subprocess would log to this (then stopped) server instead of its own store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
-    (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    assert logged.source_run_id == run_id and logged.name == "generator"
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    by_name = {m.name: m for m in models}
+    assert sorted(by_name) == ["generator", "generator-step6"]  # every 6 steps (not the last), and the final one
+    logged = by_name["generator"]
+    assert logged.source_run_id == run_id == by_name["generator-step6"].source_run_id
+    at6 = mlflow.pytorch.load_model(f"models:/{by_name['generator-step6'].model_id}")
+    g6, _, _ = load_generator(str(run_dir), str(run_dir / "checkpoints" / "step_00000006"))
     served = mlflow.pytorch.load_model(f"models:/{logged.model_id}")
     g, _, _ = load_generator(str(run_dir), str(run_dir / "generator_ema.pt"))
     z = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
@@ -145,6 +151,7 @@ def test_a_finished_run_in_mlflow_has_source_tags_its_params_a_loadable_model_an
         out = served(z)
         assert out.shape == (5, 1, 32, 32)
         assert torch.allclose(out, g(z), atol=1e-5)
+        assert torch.allclose(at6(z), g6(z), atol=1e-5) and not torch.allclose(at6(z), out, atol=1e-3)
     info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 16]
     assert info.saved_input_example_info is not None  # an input example travels with the model

@@ -150,6 +150,7 @@ class LogConfig:
     sample_every_steps: int = 500  # sample grids of the fixed latents every k steps
     sample_count: int = 64  # images in each sample grid
     register_model: str = ""  # register the final EMA generator under this MLflow model name; empty: not registered
+    model_every_steps: int = 0  # also log the EMA generator as an MLflow model every k steps (at checkpoints); 0: only at the end
 
 
 @dataclass
@@ -313,6 +314,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(key, f"must be a finite number; got {value}")
     if not 0 <= cfg.log.prometheus_port <= 65535:
         raise ConfigError("log.prometheus_port", f"a TCP port (0 disables the exporter); got {cfg.log.prometheus_port}")
+    every, ckpt = cfg.log.model_every_steps, cfg.checkpoint.every_steps
+    if every < 0 or every % ckpt:
+        raise ConfigError("log.model_every_steps", f"must be 0 (at the end only) or a multiple of "
+                                                   f"checkpoint.every_steps={ckpt}; got {every}")
     validate_eval(cfg)
     if cfg.data.num_workers < 0:
         raise ConfigError("data.num_workers", f"must be >= 0; got {cfg.data.num_workers}")

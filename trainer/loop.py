@@ -439,6 +439,13 @@ class Reporter:
         if self.exporter:
             self.exporter.close()
 
+    def checkpoint_model(self) -> None:
+        """At a checkpoint every log.model_every_steps (not the last step: close() logs that one),
+        the EMA generator as an MLflow model `generator-step<N>`."""
+        step, every = self.t.state.step, self.t.cfg.log.model_every_steps
+        if self.tracker and every and step % every == 0 and step != self.t.cfg.train.max_steps:
+            self.tracker.log_model(*self.served_generator(), step=step)
+
     def served_generator(self) -> tuple[nn.Module, torch.Tensor]:
         """A CPU copy of the final generator taking one tensor (ServedGenerator), and an input example."""
         t, model = self.t, self.t.cfg.model
@@ -529,6 +536,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
             trainer.gather_state()
         if env.is_main and saved_step != trainer.state.step:
             ckpt.save(trainer.state.step, trainer.state_dict(), blocking)
+            reporter.checkpoint_model()
         if blocking:
             if env.is_main:
                 ckpt.wait()

@@ -115,9 +115,10 @@ class MlflowTracker:
         """Shard directories as the run's training inputs: dicts with location, name and digest."""
         self._queue.put(("datasets", datasets, None, 0))
 
-    def log_model(self, generator: Any, example: Any, registered_name: str = "") -> None:
-        """The generator (on CPU, in eval mode) as an MLflow PyTorch model named `generator`."""
-        self._queue.put(("model", generator, (example, registered_name), 0))
+    def log_model(self, generator: Any, example: Any, registered_name: str = "", step: int | None = None) -> None:
+        """The generator (on CPU, in eval mode) as an MLflow PyTorch model: the final one is named
+        `generator`; one logged during training (`step` given) is `generator-step<step>`, at that step."""
+        self._queue.put(("model", generator, (example, registered_name, step), 0))
 
     def wait_ready(self, timeout: float = 60.0) -> str | None:
         """The run id once the run exists (None if the store could not be reached in time)."""
@@ -179,7 +180,7 @@ class MlflowTracker:
         with Image.open(path) as img:
             client.log_image(self.run_id, img.convert("RGB"), key="samples", step=step)
 
-    def _log_model(self, generator: Any, example: Any, registered_name: str) -> None:
+    def _log_model(self, generator: Any, example: Any, registered_name: str, step: int | None) -> None:
         import mlflow
         import torch
         from mlflow.models import infer_signature
@@ -192,7 +193,8 @@ class MlflowTracker:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # the summary names the run
         with mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(
-                generator, name="generator", signature=infer_signature(example.numpy(), output),
+                generator, name="generator" if step is None else f"generator-step{step}", step=step or 0,
+                signature=infer_signature(example.numpy(), output),
                 input_example=example.numpy(), registered_model_name=registered_name or None,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"ganforge=={__version__}"])
 
