@@ -3,7 +3,9 @@
 Three flavours share one pod template: an Indexed Job (plain Kubernetes >= 1.29), a Kubeflow
 PyTorchJob with an elastic policy, and a JobSet. Every pod runs `ganforge launch`, which
 reads its node index and rendezvous address from the environment the flavour provides; the
-run's config travels in a ConfigMap. The committed k8s/ tree is this module's output for
+run's config travels in a ConfigMap. The volumes (checkpoints, data, MLflow's store) are a
+separate, one-time component (`ganforge k8s storage`, k8s/storage): deleting a run, or the
+MLflow server, never deletes a volume. The committed k8s/ tree is this module's output for
 configs/dcgan_digits.yaml (`--kustomize`), so the two cannot drift apart.
 """
 
@@ -86,6 +88,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides for the run")
     p.set_defaults(func=render_cli)
 
+    s = ksub.add_parser("storage", help="write the volumes every run shares (once per namespace; never part of a run)")
+    s.add_argument("--out", required=True, help="output directory (must be empty or absent unless --force)")
+    s.add_argument("--force", action="store_true", help="replace the contents of --out")
+    s.add_argument("--storage-class", help="StorageClass of the ReadWriteMany volumes (default: the cluster's)")
+    s.add_argument("--checkpoint-storage", default="100Gi", help="size of the checkpoint volume")
+    s.add_argument("--data-storage", default="200Gi", help="size of the data (shards) volume")
+    s.add_argument("--namespace", help="namespace for every object (default: kubectl's current one)")
+    s.set_defaults(func=storage_cli)
+
 
 def render_cli(args: argparse.Namespace) -> int:
     opts = RenderOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, flavor=args.flavor,
@@ -99,6 +110,20 @@ def render_cli(args: argparse.Namespace) -> int:
         written = write_tree(files, args.out, args.force)
     except RenderError as e:
         print(f"ganforge: k8s render: {e}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+def storage_cli(args: argparse.Namespace) -> int:
+    opts = RenderOptions(nodes=1, gpus_per_node=0, image="-", storage_class=args.storage_class,
+                         checkpoint_storage=args.checkpoint_storage, data_storage=args.data_storage,
+                         namespace=args.namespace)
+    try:
+        written = write_tree(storage_files(opts), args.out, args.force)
+    except RenderError as e:
+        print(f"ganforge: k8s storage: {e}", file=sys.stderr)
         return 2
     for path in written:
         print(path)
@@ -179,13 +204,16 @@ def config_map(text: str, name: str, opts: RenderOptions) -> dict[str, Any]:
 
 
 def volume_claims(opts: RenderOptions) -> list[dict[str, Any]]:
-    """Checkpoints and the shard cache, shared by every run: all pods read and rank 0 writes."""
+    """Checkpoints, the shards and MLflow's store, shared by every run and created once: never
+    part of a run's manifests, so `kubectl delete -f/-k` on a run cannot take them along."""
     out = []
-    for claim, size in (("ganforge-checkpoints", opts.checkpoint_storage), ("ganforge-data", opts.data_storage)):
-        spec: dict[str, Any] = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": size}}}
+    for claim, size, mode in (("ganforge-checkpoints", opts.checkpoint_storage, "ReadWriteMany"),
+                              ("ganforge-data", opts.data_storage, "ReadWriteMany"),
+                              ("mlflow", "20Gi", "ReadWriteOnce")):
+        spec: dict[str, Any] = {"accessModes": [mode], "resources": {"requests": {"storage": size}}}
         if opts.storage_class:
             spec["storageClassName"] = opts.storage_class
-        m = {"name": claim, "labels": {"app.kubernetes.io/name": "ganforge"}}
+        m = {"name": claim, "labels": {"app.kubernetes.io/name": "ganforge", "app.kubernetes.io/component": "storage"}}
         if opts.namespace:
             m["namespace"] = opts.namespace
         out.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": m, "spec": spec})
@@ -357,14 +385,10 @@ def job_set(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
 
 
 def mlflow_objects(opts: RenderOptions) -> list[dict[str, Any]]:
-    """A small MLflow tracking server: sqlite and artifacts on a volume, served in the namespace."""
+    """A small MLflow tracking server: sqlite and artifacts on the `mlflow` volume (of k8s/storage)."""
     name = "mlflow"
     lab = {"app.kubernetes.io/name": "mlflow"}
     m = {"name": name, "labels": lab} | ({"namespace": opts.namespace} if opts.namespace else {})
-    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": copy.deepcopy(m),
-           "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}}}
-    if opts.storage_class:
-        pvc["spec"]["storageClassName"] = opts.storage_class
     server = {
         "name": "mlflow", "image": MLFLOW_IMAGE, "imagePullPolicy": "IfNotPresent",
         "command": ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000",
@@ -397,7 +421,7 @@ def mlflow_objects(opts: RenderOptions) -> list[dict[str, Any]]:
               "spec": {"podSelector": {"matchLabels": lab}, "policyTypes": ["Ingress"],
                        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "ganforge"}}}],
                                     "ports": [{"protocol": "TCP", "port": 5000}]}]}}
-    return [pvc, deployment, service, policy]
+    return [deployment, service, policy]
 
 
 def network_policy(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
@@ -416,7 +440,7 @@ def network_policy(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
 def render(cfg, text: str, opts: RenderOptions) -> list[dict[str, Any]]:
     """Every object of the run, for the chosen flavour; `text` is the config to embed."""
     name = job_name(cfg.run.name)
-    objs = [config_map(text, name, opts), *volume_claims(opts)]
+    objs = [config_map(text, name, opts)]
     if opts.flavor == "job":
         objs += [headless_service(name, opts), indexed_job(cfg, name, opts)]
     elif opts.flavor == "pytorchjob":
@@ -462,8 +486,17 @@ def delete_patch(kind: str, api: str, name: str) -> dict[str, Any]:
                                      "metadata": {"name": name}}, sort_keys=False)}
 
 
+def storage_files(opts: RenderOptions) -> dict[str, str]:
+    """The volumes as a kustomization of their own: applied once, deleted by no run."""
+    claims = volume_claims(opts)
+    files = {file_name(o): to_yaml([o]) for o in claims}
+    files["kustomization.yaml"] = kustomization([file_name(o) for o in claims])
+    return files
+
+
 def kustomize_tree(cfg, text: str, opts: RenderOptions) -> dict[str, str]:
-    """base/ = the Indexed Job flavour; overlays swap the Job (and its Service) for a PyTorchJob or JobSet."""
+    """base/ = the Indexed Job flavour; overlays swap the Job (and its Service) for a PyTorchJob or JobSet;
+    storage/ holds the volumes, apart from every run."""
     name = job_name(cfg.run.name)
     files: dict[str, str] = {}
     base = render(cfg, text, RenderOptions(**{**opts.__dict__, "flavor": "job", "min_nodes": None}))
@@ -479,6 +512,7 @@ def kustomize_tree(cfg, text: str, opts: RenderOptions) -> dict[str, str]:
     for o in server:
         files[f"mlflow/{file_name(o)}"] = to_yaml([o])
     files["mlflow/kustomization.yaml"] = kustomization([file_name(o) for o in server])
+    files |= {f"storage/{rel}": text for rel, text in storage_files(opts).items()}
     return files
 
 

@@ -19,7 +19,7 @@ from tests.conftest import BIN, REPO, run_cli
 RECIPE = "configs/dcgan_digits.yaml"
 IMAGE = "ghcr.io/example/ganforge:1"
 CORE = {"ConfigMap", "PersistentVolumeClaim", "Service", "Job", "Deployment", "PodTemplate", "NetworkPolicy"}
-KUSTOMIZATIONS = ["base", "overlays/pytorchjob", "overlays/jobset", "mlflow"]
+KUSTOMIZATIONS = ["base", "overlays/pytorchjob", "overlays/jobset", "mlflow", "storage"]
 # Missing kubectl is a failure in CI (.ci/run sets CI=true), a skip elsewhere.
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None and os.environ.get("CI", "").lower() != "true",
                                    reason="kubectl is not installed")
@@ -57,11 +57,10 @@ def rendered(tmp_path_factory) -> list[dict]:
 
 def test_rendered_core_kinds_pass_strict_validation(rendered, tmp_path):
     kinds = sorted(o["kind"] for o in rendered)
-    assert kinds == ["ConfigMap", "Job", "NetworkPolicy", "PersistentVolumeClaim", "PersistentVolumeClaim",
-                     "PodMonitor", "Service"]
+    assert kinds == ["ConfigMap", "Job", "NetworkPolicy", "PodMonitor", "Service"]
     r = validate_strict([o for o in rendered if o["kind"] in CORE], tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("passed") == 6
+    assert r.stdout.count("passed") == 4
 
 
 def test_indexed_job_survives_preemption_and_fails_fast_on_a_bad_config(rendered):
@@ -97,7 +96,7 @@ def test_pods_are_unprivileged_gpu_pods_with_tracking_and_metrics(rendered, tmp_
     env = {e["name"]: e for e in c["env"]}
     assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://")
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
-    assert claims == {o["metadata"]["name"] for o in rendered if o["kind"] == "PersistentVolumeClaim"}
+    assert claims == {"ganforge-checkpoints", "ganforge-data"}  # created once by `k8s storage`
     # Every local rank's /metrics port is a named container port the PodMonitor scrapes.
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     scraped = [e["port"] for e in objs["PodMonitor"]["spec"]["podMetricsEndpoints"]]
@@ -180,11 +179,11 @@ def test_every_kustomization_builds_and_its_core_kinds_validate(tmp_path):
         assert r.returncode == 0, f"{k}: {r.stderr}"
         built[k] = [o for o in yaml.safe_load_all(r.stdout) if o]
     kinds = {k: sorted({o["kind"] for o in objs}) for k, objs in built.items()}
-    assert kinds["base"] == ["ConfigMap", "Job", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor", "Service"]
-    assert kinds["overlays/pytorchjob"] == ["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor",
-                                            "PyTorchJob"]
-    assert kinds["overlays/jobset"] == ["ConfigMap", "JobSet", "NetworkPolicy", "PersistentVolumeClaim", "PodMonitor"]
-    assert kinds["mlflow"] == ["Deployment", "NetworkPolicy", "PersistentVolumeClaim", "Service"]
+    assert kinds["base"] == ["ConfigMap", "Job", "NetworkPolicy", "PodMonitor", "Service"]
+    assert kinds["overlays/pytorchjob"] == ["ConfigMap", "NetworkPolicy", "PodMonitor", "PyTorchJob"]
+    assert kinds["overlays/jobset"] == ["ConfigMap", "JobSet", "NetworkPolicy", "PodMonitor"]
+    assert kinds["mlflow"] == ["Deployment", "NetworkPolicy", "Service"]
+    assert kinds["storage"] == ["PersistentVolumeClaim"]
     core = [o for objs in built.values() for o in objs if o["kind"] in CORE]
     r = validate_strict(core, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -250,3 +249,27 @@ def test_mlflow_uri_none_turns_tracking_off_in_the_run_itself(tmp_path):
     env = {e["name"]: e.get("value") for e in objs["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert cfg.log.mlflow_uri == "none" and env["MLFLOW_TRACKING_URI"] == "none"
     assert resolve_tracking_uri(cfg.log.mlflow_uri, cfg.run.dir) is None  # no sqlite file on the shared volume
+
+
+@pytest.mark.parametrize("flavor", ["job", "pytorchjob", "jobset"])
+def test_deleting_a_rendered_run_never_deletes_a_volume(flavor, tmp_path):
+    """`kubectl delete -f <out>` / `-k k8s/base|overlays/*|mlflow` must not touch the PVCs."""
+    r = render(tmp_path / "out", "--flavor", flavor)
+    assert r.returncode == 0, r.stderr
+    assert not [o for o in load_dir(tmp_path / "out") if o["kind"] == "PersistentVolumeClaim"]
+    for k in ["base", "overlays/pytorchjob", "overlays/jobset", "mlflow"]:
+        assert not [f for f in os.listdir(os.path.join(REPO, "k8s", k)) if f.startswith("persistentvolumeclaim")]
+
+
+def test_storage_is_its_own_one_time_component(tmp_path):
+    r = run_cli("k8s", "storage", "--out", str(tmp_path / "s"), "--storage-class", "nfs", "--namespace", "gan",
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    claims = {o["metadata"]["name"]: o for o in load_dir(tmp_path / "s")}
+    assert set(claims) == {"ganforge-checkpoints", "ganforge-data", "mlflow"}
+    assert all(o["kind"] == "PersistentVolumeClaim" and o["metadata"]["namespace"] == "gan" for o in claims.values())
+    assert claims["ganforge-checkpoints"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claims["ganforge-data"]["spec"]["storageClassName"] == "nfs"
+    assert (tmp_path / "s" / "kustomization.yaml").exists()
+    r = validate_strict(list(claims.values()), tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
