@@ -291,3 +291,54 @@ def test_a_failure_on_rank_zero_stops_every_rank_with_one_line(digit_runs, tmp_p
     errors = [line for line in res.stderr.splitlines() if line.startswith("ganforge:")]
     assert errors == [f"ganforge: error: eval.inception_weights: no such file {missing!r} "
                       "(see docs/evaluation.md for where to get the FID Inception weights)"]
+
+
+class _Replay(torch.nn.Module):
+    """A 'generator' that returns given images in order, whatever its latents."""
+
+    def __init__(self, images: torch.Tensor):
+        super().__init__()
+        self.images, self.at = images, 0
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.images[self.at:self.at + len(z)]
+        self.at += len(z)
+        return out
+
+
+class _TinyFeatures(torch.nn.Module):
+    """A small random CNN as feature extractor: what matters here is what reaches it."""
+
+    key, num_features = "tiny-cnn", 16
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 3, 2, 1),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def test_generated_images_reach_the_extractor_as_8_bit_images_like_the_real_ones(digits_dir, tmp_path):
+    from data_pipeline import load_index
+    from trainer.distributed import DistEnv
+    from trainer.evaluation.real_data import read_samples, real_subset
+    from trainer.evaluation.real_stats import real_features
+    from trainer.evaluation.sharding import generated_features
+
+    index, n, extractor = load_index(digits_dir), 300, _TinyFeatures().eval()
+    real_images = read_samples(index, real_subset(index, n))[0]
+    # What a generator gives for the same pictures: off the 8-bit grid by up to 0.45 of a step,
+    # and beyond [-1, 1] where the picture is black (StyleGAN2 outputs are not clamped).
+    off_grid = real_images + (torch.rand(real_images.shape, generator=torch.Generator().manual_seed(0)) - 0.5) * 0.9 / 127.5
+    off_grid[real_images == -1] = -1.2
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    with torch.no_grad():
+        real = real_features(index, extractor, n, str(tmp_path))
+        fake = generated_features(_Replay(off_grid), extractor, n, 16, 0, env)
+        unquantised = extractor(off_grid).double()
+    assert torch.equal(fake, real)  # the same 8-bit images give the same features, bit for bit
+    assert fid(real, fake) < 1e-6
+    assert not torch.allclose(unquantised, real, atol=1e-4)  # without the 8 bits they differ

@@ -23,6 +23,19 @@ def rank_chunks(n: int, chunk: int, world_size: int, rank: int) -> list[tuple[in
     return [(s, min(s + chunk, n)) for i, s in enumerate(starts) if i % world_size == rank]
 
 
+def as_stored(samples: torch.Tensor) -> torch.Tensor:
+    """Generated images as the real ones reach the extractor: clamped, rounded to 8 bits, back to [-1, 1].
+
+    Real images come from 8-bit files (value v in 0..255 becomes v / 127.5 - 1); generated ones
+    go through the same 8 bits first, as StyleGAN2-ADA and clean-fid do (`x * 127.5 + 128`,
+    clamped to 0..255, truncated to an integer), so FIDs are comparable with published ones.
+    2-D points pass unchanged.
+    """
+    if samples.dim() != 4:
+        return samples
+    return (samples * 127.5 + 128).clamp(0, 255).floor() / 127.5 - 1.0
+
+
 @torch.no_grad()
 def local_features(g: nn.Module, extractor: nn.Module, z: torch.Tensor, labels: torch.Tensor | None,
                    chunks: list[tuple[int, int]], device: torch.device,
@@ -33,7 +46,7 @@ def local_features(g: nn.Module, extractor: nn.Module, z: torch.Tensor, labels: 
         args = (z[start:stop].to(device),)
         if labels is not None:
             args += (labels[start:stop].to(device),)
-        out.append(extractor(g(*args).float()).double())
+        out.append(extractor(as_stored(g(*args).float())).double())
         advance(stop - start)
     return torch.cat(out) if out else torch.zeros(0, extractor.num_features, dtype=torch.float64, device=device)
 
