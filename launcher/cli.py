@@ -32,9 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate samples from a run's checkpoint")
     s.add_argument("--run", required=True, help="run directory")
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=int, default=64, help="samples drawn with --seed (default 64)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True, help="FILE.png (grid) or FILE.npy (raw float32 N x C x H x W)")
+    given = s.add_mutually_exclusive_group()
+    given.add_argument("--z", metavar="Z.npy", help="latents from a float .npy array (N x z_dim) instead")
+    given.add_argument("--seeds", metavar="A-B", help="one sample per seed (e.g. 0-9 or 1,5), latent "
+                                                     "np.random.RandomState(seed).randn(z_dim) as in StyleGAN2-ADA")
+    s.add_argument("--out", required=True, help="FILE.png (grid), FILE.npy (raw float32 N x C x H x W) or DIR/ "
+                                                "(one PNG each: seedNNNN.png with --seeds)")
+    s.add_argument("--noise-mode", choices=["const", "random", "none"], default="const",
+                   help="stylegan2: per-layer noise maps: stored (const), drawn from --seed (random), or zero")
     s.add_argument("--checkpoint", help="a checkpoint file (default: the newest valid one of --run)")
     s.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
     s.add_argument("--truncation", type=float, default=1.0, metavar="PSI",
@@ -70,7 +77,8 @@ def sample(args: argparse.Namespace) -> int:
     from trainer.generate import sample_to_file
 
     path = sample_to_file(args.run, args.n, args.seed, args.out, args.checkpoint, use_ema=not args.no_ema,
-                          truncation=args.truncation, progress=bar)
+                          truncation=args.truncation, progress=bar, z_file=args.z, seeds=args.seeds,
+                          noise_mode=args.noise_mode)
     print(path)
     return 0
 

@@ -258,14 +258,21 @@ class StyleGAN2Generator(nn.Module):
 
 
 class Truncated(nn.Module):
-    """A generator whose forward applies the truncation trick with `psi` (for sampling)."""
+    """A generator for sampling: truncation `psi` and a noise mode (const: the stored maps,
+    random: fresh maps drawn from `seed`, none: zero), as in StyleGAN2-ADA's generate.py."""
 
-    def __init__(self, g: StyleGAN2Generator, psi: float):
+    def __init__(self, g: StyleGAN2Generator, psi: float, noise_mode: str = "const", seed: int = 0):
         super().__init__()
-        self.g, self.psi = g, psi
+        self.g, self.psi, self.noise_mode = g, psi, noise_mode
+        self.draw = torch.Generator().manual_seed(seed)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.g(z, labels, psi=self.psi)
+        noise = None
+        if self.noise_mode != "const":
+            make = torch.zeros if self.noise_mode == "none" else \
+                lambda shape: torch.randn(shape, generator=self.draw)
+            noise = [make(shape).to(z.device, z.dtype) for shape in self.g.noise_shapes(len(z))]
+        return self.g(z, labels, psi=self.psi, noise=noise)
 
 
 def minibatch_stddev(x: torch.Tensor, group: int) -> torch.Tensor:
