@@ -139,6 +139,7 @@ class CheckpointConfig:
     keep: int = 3  # newest checkpoints kept
     milestone_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0 = none
     resume: str = "latest"  # latest | none | PATH
+    init_from: str = ""  # a fresh run starts from this run dir's (or checkpoint's) network weights: new optimisers, step 0
 
 
 @dataclass
@@ -314,6 +315,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             raise ConfigError(key, f"must be a finite number; got {value}")
     if not 0 <= cfg.log.prometheus_port <= 65535:
         raise ConfigError("log.prometheus_port", f"a TCP port (0 disables the exporter); got {cfg.log.prometheus_port}")
+    if cfg.checkpoint.init_from and cfg.strategy == "deepspeed":
+        raise ConfigError("checkpoint.init_from", "not supported with strategy=deepspeed yet (its optimiser "
+                                                  "keeps its own copy of the weights); fine-tune with ddp")
     every, ckpt = cfg.log.model_every_steps, cfg.checkpoint.every_steps
     if every < 0 or every % ckpt:
         raise ConfigError("log.model_every_steps", f"must be 0 (at the end only) or a multiple of "

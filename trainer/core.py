@@ -295,6 +295,17 @@ class TrainerBase:
                     f"scaler_{p.name}": p.scaler.state_dict()}
         return out
 
+    def init_weights(self, state: dict[str, Any], path: str) -> None:
+        """Network weights only, from another run's checkpoint (checkpoint.init_from): the
+        optimisers, counters, data position and augmentation start fresh, as in fine-tuning.
+
+        Every rank loads the same file, so the replicas stay equal without a broadcast."""
+        for p in self.phases:
+            load_weights(unwrap(p.module), state.get(p.name), f"{path}: {p.name}")
+        ema = getattr(self, "ema", None)
+        if ema is not None:
+            load_weights(ema.model, state.get("G_ema", state.get("G")), f"{path}: G_ema")
+
     def load_state_dict(self, state: dict[str, Any], path: str) -> None:
         check_compatible(state.get("config", {}), to_dict(self.cfg), path)
         for p in self.phases:
@@ -305,6 +316,22 @@ class TrainerBase:
         self.state.step, self.state.nimg = int(state["step"]), int(state["nimg"])
         self.state.nonfinite = int(state.get("nonfinite", 0))
         self.state.mlflow_run_id = state.get("mlflow_run_id")
+
+
+def load_weights(module: nn.Module, weights: dict[str, torch.Tensor] | None, where: str) -> None:
+    """`module.load_state_dict(weights)` (in place) once the names and shapes match; else a
+    CheckpointError naming the first differing keys."""
+    if weights is None:
+        raise CheckpointError(f"{where}: no such weights in the checkpoint")
+    mine = module.state_dict()
+    missing, extra = sorted(set(mine) - set(weights)), sorted(set(weights) - set(mine))
+    shapes = [f"{k} {tuple(weights[k].shape)} there, {tuple(mine[k].shape)} here" for k in sorted(set(mine) & set(weights))
+              if weights[k].shape != mine[k].shape]
+    problems = ([f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")] if missing else []) + \
+        ([f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3 else "")] if extra else []) + shapes[:3]
+    if problems:
+        raise CheckpointError(f"{where}: a different architecture ({'; '.join(problems)})")
+    module.load_state_dict(weights)
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from data_pipeline.progress import clock
 from trainer import __version__
-from trainer.checkpoint import CheckpointManager, load_latest, read_checkpoint
+from trainer.checkpoint import CheckpointError, CheckpointManager, load_latest, read_checkpoint
 from trainer.config import Config, applicable_params, dump_yaml, to_dict
 from trainer.core import (  # noqa: F401  (re-exported: the loop's public names)
     Phase,
@@ -254,6 +254,16 @@ def pick_checkpoint(cfg: Config, env: DistEnv) -> tuple[str, dict[str, Any]] | N
     if env.world_size > 1:
         dist.broadcast_object_list(choice, src=0)
     return (choice[0], read_checkpoint(choice[0])) if choice[0] else None
+
+
+def read_init(location: str) -> tuple[str, dict[str, Any]]:
+    """(path, state) of checkpoint.init_from: a run directory (its newest valid checkpoint) or a checkpoint."""
+    if os.path.isdir(os.path.join(location, "checkpoints")):
+        found = load_latest(location)
+        if found is None:
+            raise CheckpointError(f"checkpoint.init_from: no valid checkpoint in {location}/checkpoints")
+        return found
+    return location, read_checkpoint(location)
 
 
 def git_commit() -> str:
@@ -506,13 +516,17 @@ def make_trainer(cfg: Config, env: DistEnv) -> TrainerBase:
 
 
 def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
-    from trainer.checkpoint import CheckpointError, set_aside_newer
+    from trainer.checkpoint import set_aside_newer
     from trainer.preemption import LOST_WORKER_ERRORS, data_marks, rewind_after_lost_worker
 
     trainer = make_trainer(cfg, env)
     resumed = pick_checkpoint(cfg, env)
     if resumed:
         trainer.load_state_dict(resumed[1], resumed[0])
+    elif cfg.checkpoint.init_from:  # a fresh run only: once it has checkpoints of its own, it resumes from them
+        trainer.init_weights(*reversed(read_init(cfg.checkpoint.init_from)))
+        if env.is_main:
+            log.info("initialised the networks from %s", cfg.checkpoint.init_from)
     if env.is_main:
         os.makedirs(cfg.run.dir, exist_ok=True)
         set_aside_newer(cfg.run.dir, trainer.state.step if resumed else 0)  # not this run's past

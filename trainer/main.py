@@ -33,6 +33,8 @@ def prepare(config: str, overrides: list[str]):
 
     cfg = load_config(config, overrides)
     check_run_dir(cfg.run.dir)
+    if cfg.checkpoint.init_from and not os.path.exists(cfg.checkpoint.init_from):
+        raise ConfigError("checkpoint.init_from", f"no such run directory or checkpoint: {cfg.checkpoint.init_from}")
     if cfg.data.build:
         from data_pipeline.packaged import ensure_built
 
