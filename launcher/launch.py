@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import shlex
@@ -19,12 +20,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from launcher.cluster import RDZV_PORT, ClusterHints, detect_cluster
 
 DEFAULT_MAX_RESTARTS = 3
+# The job's c10d store (hosted by node 0's agent) or its peers went away: retry the pod.
+# sysexits' EX_TEMPFAIL; the rendered manifests map it to a retry like 143 (docs/launch.md).
+EXIT_STORE_LOST = 75
+# torchrun's agent fails with these when the store host or the other nodes are gone.
+STORE_LOST_ERRORS = ("RendezvousConnectionError", "RendezvousTimeoutError", "DistNetworkError", "DistStoreError")
 # Checks of worker health per second matter less than the agent's CPU on a busy node.
 DEFAULT_MONITOR_INTERVAL = 1.0
 # Workers checkpoint on SIGTERM; torchrun kills them this many seconds later. The Kubernetes
@@ -275,7 +282,47 @@ def run_plan(plan: LaunchPlan) -> int:
     child runs in its own session so that a terminal's Ctrl-C is not delivered twice (the
     trainer takes a second signal as "exit now").
     """
-    child = subprocess.Popen(plan.cmd, env={**os.environ, **plan.env}, start_new_session=True)
+    env = {**os.environ, **plan.env}
+    # torchrun's @record writes the agent's own exception here: how a lost store is told apart.
+    error_file = None
+    if "TORCHELASTIC_ERROR_FILE" not in env:
+        fd, error_file = tempfile.mkstemp(prefix="ganforge-agent-error-", suffix=".json")
+        os.close(fd)
+        os.unlink(error_file)
+        env["TORCHELASTIC_ERROR_FILE"] = error_file
+    try:
+        code, received = _wait_forwarding_signals(plan.cmd, env)
+        lost = code > 0 and not received and _store_lost(env["TORCHELASTIC_ERROR_FILE"])
+    finally:
+        if error_file and os.path.exists(error_file):
+            os.unlink(error_file)
+    if lost:
+        print(f"ganforge: launch: the job's rendezvous store or its peers went away; exit {EXIT_STORE_LOST} "
+              "(retry: the run resumes from its newest checkpoint)", file=sys.stderr)
+        return EXIT_STORE_LOST
+    if code < 0:
+        return 128 - code
+    if received and code != 0:
+        # torchrun reports a stop by signal as a plain failure; tell the scheduler it was a
+        # preemption (143 = SIGTERM), which the Job's podFailurePolicy treats as retryable.
+        return 128 + received[0]
+    return code
+
+
+def _store_lost(error_file: str) -> bool:
+    """Whether torchrun's agent failed because the rendezvous store or the other agents are gone
+    (not a worker's error, which torchrun copies into the same file)."""
+    try:
+        with open(error_file) as f:
+            message = json.load(f)["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    text = message.get("message", "") if isinstance(message, dict) else str(message)
+    return isinstance(text, str) and text.split(":", 1)[0].strip() in STORE_LOST_ERRORS
+
+
+def _wait_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, list[int]]:
+    child = subprocess.Popen(cmd, env=env, start_new_session=True)
     received: list[int] = []
 
     def forward(signum: int, frame: object) -> None:
@@ -291,10 +338,4 @@ def run_plan(plan: LaunchPlan) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if code < 0:
-        return 128 - code
-    if received and code != 0:
-        # torchrun reports a stop by signal as a plain failure; tell the scheduler it was a
-        # preemption (143 = SIGTERM), which the Job's podFailurePolicy treats as retryable.
-        return 128 + received[0]
-    return code
+    return code, received
