@@ -24,11 +24,12 @@ from typing import Any
 import yaml
 
 from launcher.cluster import RDZV_PORT
-from launcher.launch import DEFAULT_MAX_RESTARTS
+from launcher.launch import DEFAULT_MAX_RESTARTS, EXIT_STORE_LOST
 
 CONFIG_DIR = "/etc/ganforge"
 CHECKPOINTS, DATA = "/checkpoints", "/data"
 EXIT_CONFIG_ERROR, EXIT_PREEMPTED = 2, 143  # trainer/main.py's contract
+RETRYABLE = [EXIT_STORE_LOST, EXIT_PREEMPTED]  # node 0 (the store) or a peer went away; preempted
 METRICS_PORT = 9400  # rank r of a node serves /metrics on METRICS_PORT + local rank
 MLFLOW_URI = "http://mlflow:5000"  # the Service of k8s/mlflow, same namespace
 MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow:v3.17.2"  # the mlflow pinned in constraints.txt
@@ -322,13 +323,15 @@ def pod_template(cfg, name: str, opts: RenderOptions, launch_args: list[str], co
 
 
 def pod_failure_policy(container_name: str) -> dict[str, Any]:
-    """Preemption is not a failure; a bad config fails at once; a checkpointed stop is retried."""
+    """Preemption is not a failure; a bad config fails at once; a checkpointed stop, and losing the
+    store's host or the peers (every other index exits 75 when node 0 goes), are retried uncounted.
+    Anything else (1, an OOM kill's 137) counts against backoffLimitPerIndex."""
     return {"rules": [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": container_name, "operator": "In",
                                                "values": [EXIT_CONFIG_ERROR]}},
         {"action": "Ignore", "onExitCodes": {"containerName": container_name, "operator": "In",
-                                              "values": [EXIT_PREEMPTED]}},
+                                              "values": RETRYABLE}},
     ]}
 
 
@@ -362,13 +365,22 @@ def pytorch_job(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
         "elasticPolicy": {"rdzvBackend": "c10d", "minReplicas": lo, "maxReplicas": opts.nodes,
                           "maxRestarts": DEFAULT_MAX_RESTARTS},
         "nprocPerNode": str(max(1, opts.gpus_per_node)),
-        "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 20},
+        # The operator's backoffLimit counts container restarts of running pods; under
+        # restartPolicy ExitCode pods are recreated instead and the count stays 0, so an OOM
+        # kill (137) would recreate a pod forever. OnFailure restarts in place, counted: any
+        # non-zero exit (75 and 143 too, and a config error's 2) until backoffLimit in total.
+        "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": pytorchjob_backoff_limit(opts)},
         "pytorchReplicaSpecs": {"Worker": {
             "replicas": opts.nodes,
-            # ExitCode: 128+signal (preemption, 143) restarts the pod; 1-127 (config error 2) does not.
-            "restartPolicy": "ExitCode",
+            "restartPolicy": "OnFailure",
             "template": template}},
     }}
+
+
+def pytorchjob_backoff_limit(opts: RenderOptions) -> int:
+    """Restarts of all pods together: each pod's share of DEFAULT_MAX_RESTARTS, plus one loss of
+    node 0 per share (which restarts every other pod once, exit 75)."""
+    return DEFAULT_MAX_RESTARTS * (2 * opts.nodes - 1)
 
 
 def job_set(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:

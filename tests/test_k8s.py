@@ -8,6 +8,7 @@ docs/kubernetes.md): their pod and job templates are validated as core objects i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -71,7 +72,7 @@ def test_indexed_job_survives_preemption_and_fails_fast_on_a_bad_config(rendered
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     fail = [r for r in rules if r["action"] == "FailJob"]
     assert fail and fail[0]["onExitCodes"]["operator"] == "In" and fail[0]["onExitCodes"]["values"] == [2]
-    assert any(r["action"] == "Ignore" and r.get("onExitCodes", {}).get("values") == [143] for r in rules)
+    assert any(r["action"] == "Ignore" and r.get("onExitCodes", {}).get("values") == [75, 143] for r in rules)
     pod = job["template"]["spec"]
     c = pod["containers"][0]
     assert pod["restartPolicy"] == "Never"  # required by podFailurePolicy
@@ -198,9 +199,9 @@ def test_every_kustomization_builds_and_its_core_kinds_validate(tmp_path):
     r = validate_strict(wrapped, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
 
-    # Elastic PyTorchJob: c10d, a node range, and restarts only for retryable (signal) exit codes.
+    # Elastic PyTorchJob: c10d, a node range, and restarts the operator counts (bounded).
     assert pj["elasticPolicy"]["rdzvBackend"] == "c10d" and worker["replicas"] == pj["elasticPolicy"]["maxReplicas"] == 4
-    assert worker["restartPolicy"] == "ExitCode" and worker["template"]["spec"]["containers"][0]["name"] == "pytorch"
+    assert worker["restartPolicy"] == "OnFailure" and worker["template"]["spec"]["containers"][0]["name"] == "pytorch"
     # JobSet: the same Indexed Job; a config error (FailJob by the pod failure policy) ends the JobSet.
     assert job_template["spec"]["completionMode"] == "Indexed" and job_template["spec"]["completions"] == 4
     assert js["failurePolicy"]["maxRestarts"] > 0
@@ -273,3 +274,66 @@ def test_storage_is_its_own_one_time_component(tmp_path):
     assert (tmp_path / "s" / "kustomization.yaml").exists()
     r = validate_strict(list(claims.values()), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def exit_outcome(flavor: str, spec: dict, code: int) -> str:
+    """What the controller does when a trainer container exits with `code`, read from the rendered
+    policies as the controllers apply them: "retry" (not counted), "counted" (retried until a
+    bound), "fail" (the job fails at once)."""
+    if flavor == "pytorchjob":
+        # training-operator >= 1.8: OnFailure restarts any non-zero exit in place and counts
+        # container restarts against runPolicy.backoffLimit; ExitCode would count none.
+        assert spec["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] == "OnFailure"
+        assert spec["runPolicy"]["backoffLimit"] > 0
+        return "counted"
+    job = spec["replicatedJobs"][0]["template"]["spec"] if flavor == "jobset" else spec
+    for rule in job["podFailurePolicy"]["rules"]:  # first match decides (Job >= 1.26)
+        codes = rule.get("onExitCodes")
+        if codes and (code in codes["values"]) == (codes["operator"] == "In"):
+            if rule["action"] == "FailJob" and flavor == "jobset":
+                reasons = [r for r in spec["failurePolicy"]["rules"] if r["action"] == "FailJobSet"]
+                assert any("PodFailurePolicy" in r["onJobFailureReasons"] for r in reasons)
+            return {"Ignore": "retry", "FailJob": "fail", "Count": "counted"}[rule["action"]]
+    assert job["backoffLimitPerIndex"] > 0 and job["maxFailedIndexes"] == 0
+    return "counted"
+
+
+@pytest.mark.parametrize("flavor", ["job", "pytorchjob", "jobset"])
+def test_preemption_and_a_lost_store_are_retried_and_restarts_are_bounded(flavor, tmp_path):
+    from launcher.launch import EXIT_STORE_LOST
+
+    r = render(tmp_path / "out", "--flavor", flavor)
+    assert r.returncode == 0, r.stderr
+    kind = {"job": "Job", "pytorchjob": "PyTorchJob", "jobset": "JobSet"}[flavor]
+    spec = by_kind(load_dir(tmp_path / "out"))[kind]["spec"]
+    assert exit_outcome(flavor, spec, 143) in ("retry", "counted")
+    assert exit_outcome(flavor, spec, EXIT_STORE_LOST) in ("retry", "counted")
+    assert exit_outcome(flavor, spec, 137) == "counted"  # an OOM kill: bounded, never forever
+    assert exit_outcome(flavor, spec, 1) == "counted"
+    if flavor == "pytorchjob":
+        # The operator has one counter for everything: a config error is retried in place until
+        # backoffLimit; the budget lets every pod crash DEFAULT_MAX_RESTARTS times and node 0 be
+        # lost as often (each loss restarts the other 3 pods once).
+        assert spec["runPolicy"]["backoffLimit"] >= 3 * (4 + 3)
+        assert exit_outcome(flavor, spec, 2) == "counted"
+    else:
+        assert exit_outcome(flavor, spec, 143) == exit_outcome(flavor, spec, EXIT_STORE_LOST) == "retry"
+        assert exit_outcome(flavor, spec, 2) == "fail"
+    if flavor == "jobset":
+        assert 0 < spec["failurePolicy"]["maxRestarts"] <= 10
+
+
+def test_restart_loop_alerts_pass_their_promtool_unit_tests():
+    from tests.test_observability import binary
+
+    promtool = binary("promtool")  # missing: a failure in CI, a skip elsewhere
+    folder = os.path.join(REPO, "deploy", "prometheus")
+    check = subprocess.run([promtool, "check", "rules", "k8s-alerts.yml"], capture_output=True, text=True, cwd=folder)
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run([promtool, "test", "rules", "k8s-alerts_test.yml"], capture_output=True, text=True,
+                          cwd=folder, timeout=120)
+    assert test.returncode == 0, test.stdout + test.stderr
+    rules = {r["alert"] for g in yaml.safe_load(open(os.path.join(folder, "k8s-alerts.yml")))["groups"]
+             for r in g["rules"]}
+    tested = set(re.findall(r"alertname: (\w+)", open(os.path.join(folder, "k8s-alerts_test.yml")).read()))
+    assert rules == tested == {"GanforgeRestartLoop", "GanforgeContainerRestartLoop", "GanforgeJobPodsFailing"}
