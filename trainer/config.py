@@ -77,6 +77,7 @@ class ModelConfig:
     style_mixing: float = 0.9  # stylegan2: probability that a training sample mixes two w's
     channel_base: int = 16384  # stylegan2: feature maps at resolution r are channel_base / r, at most g_width / d_width
     mbstd_group: int = 4  # stylegan2: minibatch-std group size in D; 0 = no minibatch-std layer
+    freeze_d: int = 0  # stylegan2: keep D's first N blocks (fromRGB with the highest-resolution block first) fixed, for transfer
 
 
 @dataclass
@@ -343,6 +344,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("train.accumulate", f"per-rank batch {cfg.train.batch_size // world_size} is not "
                                               f"divisible into {cfg.train.accumulate} micro-batches")
     validate_pack(cfg, world_size)
+    validate_freeze_d(cfg)
     if cfg.loss.type == "wgan_gp" and (cfg.model.d_norm or cfg.model.norm) == "batch" and not cfg.model.arch == "mlp":
         raise ConfigError("model.norm", "wgan_gp penalises per-sample gradients; batch norm in D breaks "
                                         "that (set model.norm=none or model.d_norm=none)")
@@ -408,6 +410,18 @@ def validate_pack(cfg: Config, world_size: int) -> None:
     if micro % k:
         raise ConfigError("model.pack", f"the per-rank batch of {micro} samples (train.batch_size / world size / "
                                         f"train.accumulate) is not divisible into packs of {k}")
+
+
+def validate_freeze_d(cfg: Config) -> None:
+    """model.freeze_d: 0..(the StyleGAN2 D's block count), stylegan2 only."""
+    n, res = cfg.model.freeze_d, cfg.model.resolution
+    if n == 0:
+        return
+    if cfg.model.arch != "stylegan2":
+        raise ConfigError("model.freeze_d", f"freezing D blocks is implemented for stylegan2, not {cfg.model.arch}")
+    blocks = max(res.bit_length() - 3, 0)  # one block per halving from the resolution down to 4x4
+    if not 0 <= n <= blocks:
+        raise ConfigError("model.freeze_d", f"must be in 0..{blocks} (D's blocks at {res}x{res}); got {n}")
 
 
 def validate_deepspeed(cfg: Config) -> None:

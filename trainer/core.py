@@ -178,12 +178,22 @@ class TrainerBase:
         self._flags: torch.Tensor | None = None
         self._running: list[torch.Tensor] | None = None
         self._trainable: dict[nn.Module, list[nn.Parameter]] = {}
+        self.frozen: set[int] = set()  # ids of parameters that never train (see freeze)
         self._nonfinite: torch.Tensor | None = None  # [skipped since last settled, skipped in a row]
+
+    def freeze(self, *modules: nn.Module) -> None:
+        """Keep the parameters of `modules` fixed: no gradient, no optimiser, no DDP reduction.
+        Call before add_phases."""
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(False)
+                self.frozen.add(id(p))
 
     def make_phase(self, name: str, module: nn.Module, lr: float) -> Phase:
         """`module` wrapped for the job, with its own optimiser and (fp16) loss scaler."""
         t = self.cfg.train
-        opt = make_optimizer(t.optimizer, module.parameters(), lr, (t.beta1, t.beta2),
+        params = [p for p in module.parameters() if id(p) not in self.frozen]
+        opt = make_optimizer(t.optimizer, params, lr, (t.beta1, t.beta2),
                              fused=self.cfg.strategy == "ddp")  # DeepSpeed steps its own flat partitions
         if self.cfg.strategy == "deepspeed":
             from trainer.deepspeed_strategy import make_deepspeed_phase
@@ -238,7 +248,7 @@ class TrainerBase:
         step; walking the module tree each time costs the host more than the toggles)."""
         params = self._trainable.get(module)
         if params is None:
-            params = self._trainable[module] = list(module.parameters())
+            params = self._trainable[module] = [p for p in module.parameters() if id(p) not in self.frozen]
         for p in params:
             p.requires_grad_(flag)
 

@@ -63,6 +63,8 @@ class StyleGAN2Trainer(TrainerBase):
         torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
         g, d = (m.to(env.device) for m in build_models(cfg.model))
         self.ema = EMA(g, cfg.train.ema_kimg, cfg.train.ema_rampup)
+        if cfg.model.freeze_d:  # Freeze-D (the ADA paper's transfer setting): the input side of D stays fixed
+            self.freeze(d.from_rgb, *d.blocks[:cfg.model.freeze_d])
         self.add_phases(g, d)
         loss = cfg.loss
         self.g_ratio = lazy_ratio(loss.pl_every, loss.pl_weight > 0)
@@ -109,14 +111,14 @@ class StyleGAN2Trainer(TrainerBase):
     def g_main(self) -> dict[str, torch.Tensor]:
         """Gmain: softplus(-D(augment(G(z)))), D frozen and unwrapped so DDP reduces only G."""
         d = unwrap(self.D.module)
-        d.requires_grad_(False)
-        self.G.module.requires_grad_(True)
+        self.trainable(d, False)
+        self.trainable(self.G.module, True)
         with self.autocast():
             fake = self.G.module(**self.g_inputs(GMAIN, self.cfg.train.batch_size))
             loss = F.softplus(-upcast(d(self.augmented(fake, GMAIN, 0)))).mean()
         self.G.backward(loss)
         norm, skipped = self.G.apply()
-        d.requires_grad_(True)
+        self.trainable(d, True)
         return {"loss/g": loss.detach(), "grad_norm/g": norm, "skipped/g": self.flag(skipped)}
 
     def path_length(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,18 +141,18 @@ class StyleGAN2Trainer(TrainerBase):
 
     def g_reg(self) -> dict[str, torch.Tensor]:
         """Greg: the lazy path-length penalty, weighted by pl_weight * pl_every."""
-        unwrap(self.D.module).requires_grad_(False)
-        self.G.module.requires_grad_(True)
+        self.trainable(unwrap(self.D.module), False)
+        self.trainable(self.G.module, True)
         penalty, self.pl_mean = self.path_length()
         self.G.backward(penalty * self.cfg.loss.pl_weight * self.cfg.loss.pl_every)
         norm, skipped = self.G.apply()
-        unwrap(self.D.module).requires_grad_(True)
+        self.trainable(unwrap(self.D.module), True)
         return {"loss/pl": penalty.detach(), "grad_norm/g_reg": norm, "skipped/g": self.flag(skipped)}
 
     def d_main(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dmain: softplus(D(augment(G(z)))) + softplus(-D(augment(x))); counts sign(D(real)) for ADA."""
         g = unwrap(self.G.module)
-        g.requires_grad_(False)
+        self.trainable(g, False)
         with torch.no_grad(), self.autocast():
             fake = g(**self.g_inputs(DMAIN, self.cfg.train.batch_size), update_w_avg=True)
         with self.autocast():
@@ -160,7 +162,7 @@ class StyleGAN2Trainer(TrainerBase):
         self.ada.observe(real_out)
         self.D.backward(loss)
         norm, skipped = self.D.apply()
-        g.requires_grad_(True)
+        self.trainable(g, True)
         return {"loss/d": loss.detach(), "d/real": upcast(real_out.detach()).mean(),
                 "d/fake": upcast(fake_out.detach()).mean(), "grad_norm/d": norm, "skipped/d": self.flag(skipped)}
 
@@ -173,12 +175,12 @@ class StyleGAN2Trainer(TrainerBase):
 
     def d_reg(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dreg: lazy R1, weighted by r1_gamma / 2 * r1_every."""
-        unwrap(self.G.module).requires_grad_(False)
+        self.trainable(unwrap(self.G.module), False)
         penalty, out = self.r1(real)
         loss = penalty * (self.cfg.loss.r1_gamma / 2) * self.cfg.loss.r1_every + upcast(out).mean() * 0
         self.D.backward(loss)
         norm, skipped = self.D.apply()
-        unwrap(self.G.module).requires_grad_(True)
+        self.trainable(unwrap(self.G.module), True)
         return {"loss/r1": penalty.detach(), "grad_norm/d_reg": norm, "skipped/d": self.flag(skipped)}
 
     def train_step(self) -> dict[str, torch.Tensor]:

@@ -139,7 +139,7 @@ class TranslationTrainer(TrainerBase):
 
     def cycle_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
         cfg, d = self.cfg.loss, unwrap(self.D.module)
-        d.requires_grad_(False)
+        self.trainable(d, False)
         with self.autocast():
             out = self.G.module(a, b, identity=cfg.identity_weight > 0)
             adv = adversarial(cfg.type, d.d_b(out["fake_b"]), True) + adversarial(cfg.type, d.d_a(out["fake_a"]), True)
@@ -152,13 +152,13 @@ class TranslationTrainer(TrainerBase):
                 stats["loss/identity"] = idt.detach()
         self.G.backward(loss)
         norm, skipped = self.G.apply()
-        d.requires_grad_(True)
+        self.trainable(d, True)
         return stats | {"loss/g": loss.detach(), "grad_norm/g": norm,
                         "skipped/g": self.flag(skipped)}, (out["fake_a"], out["fake_b"])
 
     def pix2pix_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
         cfg, d = self.cfg.loss, unwrap(self.D.module)
-        d.requires_grad_(False)
+        self.trainable(d, False)
         with self.autocast():
             fake = self.G.module(a)
             adv = adversarial(cfg.type, d(torch.cat([a, fake], 1)), True)
@@ -166,7 +166,7 @@ class TranslationTrainer(TrainerBase):
             loss = adv + cfg.l1_weight * l1
         self.G.backward(loss)
         norm, skipped = self.G.apply()
-        d.requires_grad_(True)
+        self.trainable(d, True)
         return {"loss/g": loss.detach(), "loss/g_adv": adv.detach(), "loss/l1": l1.detach(), "grad_norm/g": norm,
                 "skipped/g": self.flag(skipped)}, (fake,)
 
