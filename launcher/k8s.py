@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import re
 import shutil
@@ -41,6 +42,16 @@ LABEL_KEY = re.compile(rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}")
 LABEL_VALUE = re.compile(rf"({_NAME})?")
 
 
+VERSION_FLOORS = """needs (older versions silently drop fields the manifests rely on):
+  job         Kubernetes >= 1.29 (backoffLimitPerIndex, podReplacementPolicy, podFailurePolicy)
+  pytorchjob  Kubeflow training-operator >= v1.8.0 (elasticPolicy, restartPolicy OnFailure +
+              runPolicy.backoffLimit)
+  jobset      JobSet >= v0.7.0 (failurePolicy.rules, restartStrategy) on Kubernetes >= 1.29
+  PodMonitor  prometheus-operator (monitoring.coreos.com/v1); checked against v0.93.0
+elastic (pytorchjob --min-nodes M --nodes N): every world size from M to N nodes must divide
+train.batch_size (render names the smallest batch that does)."""
+
+
 class RenderError(Exception):
     """An option the manifests cannot honour; the message names it."""
 
@@ -65,7 +76,10 @@ class RenderOptions:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser("k8s", help="Kubernetes manifests for a run")
     ksub = k.add_subparsers(dest="k8s_cmd", required=True)
-    p = ksub.add_parser("render", help="write ready manifests (Indexed Job, PyTorchJob or JobSet) for a run")
+    p = ksub.add_parser("render", help="write ready manifests (Indexed Job, PyTorchJob or JobSet) for a run",
+                        description="Write the manifests of one run (no volumes: `ganforge k8s storage` writes "
+                                    "those, once).", epilog=VERSION_FLOORS,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML recipe; embedded in a ConfigMap")
     p.add_argument("--nodes", type=int, required=True, help="pods (one per node)")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per pod, one process each (0: CPU)")
@@ -136,7 +150,7 @@ def storage_cli(args: argparse.Namespace) -> int:
 def run_config(path: str, overrides: list[str], opts: RenderOptions) -> tuple[Any, str]:
     """The config as the pods will see it (paths on the volumes, metrics on, tracking from the
     env), validated, and the YAML text to embed: the recipe as written plus those settings."""
-    from trainer.config import load_config, parse_override, validate
+    from trainer.config import ConfigError, load_config, parse_override, validate
 
     check_options(opts)
     cfg = load_config(path, overrides)  # ConfigError (exit 2) names the key
@@ -149,8 +163,16 @@ def run_config(path: str, overrides: list[str], opts: RenderOptions) -> tuple[An
         cluster.append("log.mlflow_uri=")  # MLFLOW_TRACKING_URI of the pod decides
     cfg = load_config(path, [*overrides, *cluster])
     nproc = max(1, opts.gpus_per_node)
-    for n in range(opts.min_nodes or opts.nodes, opts.nodes + 1):
-        validate(cfg, world_size=n * nproc)
+    worlds = [n * nproc for n in range(opts.min_nodes or opts.nodes, opts.nodes + 1)]
+    for world in worlds:
+        try:
+            validate(cfg, world_size=world)
+        except ConfigError as e:
+            if e.key != "train.batch_size" or len(worlds) == 1:
+                raise
+            raise RenderError(f"{e}; an elastic job runs with {worlds[0]} to {worlds[-1]} ranks: the smallest "
+                              f"global batch that each of them divides is {math.lcm(*worlds)} "
+                              f"(train.batch_size={math.lcm(*worlds)}), or narrow --min-nodes..--nodes") from None
     with open(path) as f:
         doc = yaml.safe_load(f) or {}
     for text in [*overrides, *cluster]:
@@ -291,7 +313,7 @@ def container(cfg, name: str, opts: RenderOptions, launch_args: list[str], conta
         "volumeMounts": [
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "checkpoints", "mountPath": CHECKPOINTS},
-            {"name": "data", "mountPath": DATA},
+            {"name": "data", "mountPath": DATA, "readOnly": True},  # the shards; training never writes them
             {"name": "tmp", "mountPath": "/tmp"},
             {"name": "shm", "mountPath": "/dev/shm"},  # NCCL and loader workers need more than 64 MiB
         ],
@@ -304,8 +326,9 @@ def pod_template(cfg, name: str, opts: RenderOptions, launch_args: list[str], co
         # SIGTERM -> the launcher -> torchrun -> workers checkpoint; SIGKILL only after this.
         "terminationGracePeriodSeconds": opts.shutdown_seconds + 30,
         "automountServiceAccountToken": False,  # training needs no access to the Kubernetes API
+        # OnRootMismatch: the volumes are chown'ed to fsGroup once, not recursively at every start.
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+                            "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container(cfg, name, opts, launch_args, container_name)],
         "volumes": [
             {"name": "config", "configMap": {"name": f"{name}-config"}},

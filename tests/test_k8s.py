@@ -91,7 +91,8 @@ def test_pods_are_unprivileged_gpu_pods_with_tracking_and_metrics(rendered, tmp_
     assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     assert sc["readOnlyRootFilesystem"] is True
     writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
-    assert {"/tmp", "/checkpoints", "/data", "/dev/shm"} <= writable
+    assert {"/tmp", "/checkpoints", "/dev/shm"} <= writable and "/data" not in writable  # shards: read only
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"  # no recursive chown per start
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 8
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     env = {e["name"]: e for e in c["env"]}
@@ -337,3 +338,28 @@ def test_restart_loop_alerts_pass_their_promtool_unit_tests():
              for r in g["rules"]}
     tested = set(re.findall(r"alertname: (\w+)", open(os.path.join(folder, "k8s-alerts_test.yml")).read()))
     assert rules == tested == {"GanforgeRestartLoop", "GanforgeContainerRestartLoop", "GanforgeJobPodsFailing"}
+
+
+def test_the_docs_elastic_example_renders_as_written(tmp_path):
+    import shlex
+
+    text = open(os.path.join(REPO, "docs", "kubernetes.md")).read()
+    block = re.search(r"```bash\n\s*(ganforge k8s render [^`]*--min-nodes[^`]*?)\n\s*```", text)
+    assert block, "docs/kubernetes.md has no elastic render example"
+    args = shlex.split(block.group(1).replace("\\\n", " "))
+    out = args.index("--out")
+    args[out + 1] = str(tmp_path / "elastic")
+    r = run_cli(*args[1:], timeout=120)
+    assert r.returncode == 0, r.stderr
+    spec = by_kind(load_dir(tmp_path / "elastic"))["PyTorchJob"]["spec"]
+    assert spec["elasticPolicy"]["minReplicas"] == 2 and spec["elasticPolicy"]["maxReplicas"] == 8
+    # Without a batch for the whole range it exits 2 naming the batch that works.
+    r = run_cli(*args[1:out], "--out", str(tmp_path / "bad"), timeout=120)
+    assert r.returncode == 2 and "train.batch_size=840" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_render_help_names_the_version_floors():
+    r = run_cli("k8s", "render", "--help", timeout=60)
+    assert r.returncode == 0
+    for floor in ("Kubernetes >= 1.29", "training-operator >= v1.8.0", "JobSet >= v0.7.0"):
+        assert floor in r.stdout
