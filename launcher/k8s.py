@@ -71,6 +71,13 @@ class RenderOptions:
     mlflow_uri: str = MLFLOW_URI
     namespace: str | None = None
     monitor_label: str = MONITOR_LABEL  # key=value the Prometheus Operator selects PodMonitors by
+    node_selector: tuple[str, ...] = ()  # KEY=VALUE each
+    tolerations: tuple[str, ...] = ()  # KEY[=VALUE]:EFFECT each
+    cpu_per_gpu: str = "6"
+    memory_per_gpu: str = "32Gi"
+    guaranteed: bool = False  # limits = requests: QoS Guaranteed
+    one_pod_per_node: bool = False
+    exclusive_topology: str | None = None  # JobSet: one replicated Job per domain of this node label
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +107,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--monitor-label", default=MONITOR_LABEL, metavar="KEY=VALUE",
                    help=f"label on the PodMonitor that your Prometheus selects (default {MONITOR_LABEL}, "
                         "kube-prometheus-stack's default podMonitorSelector)")
+    p.add_argument("--node-selector", action="append", default=[], metavar="KEY=VALUE",
+                   help="schedule only on nodes with this label (repeatable)")
+    p.add_argument("--toleration", action="append", default=[], metavar="KEY[=VALUE]:EFFECT",
+                   help="tolerate this taint (repeatable; EFFECT NoSchedule, PreferNoSchedule or NoExecute); "
+                        "GPU pods always tolerate nvidia.com/gpu")
+    p.add_argument("--cpu-per-gpu", default="6", help="CPU request per GPU (default 6; CPU pods: 2 in all)")
+    p.add_argument("--memory-per-gpu", default="32Gi",
+                   help="memory request and limit per GPU (default 32Gi; leave room for the node's own use)")
+    p.add_argument("--guaranteed", action="store_true", help="CPU limit = request too: QoS class Guaranteed")
+    p.add_argument("--one-pod-per-node", action="store_true",
+                   help="never two of the run's pods on one node (required pod anti-affinity on the hostname)")
+    p.add_argument("--exclusive-topology", metavar="NODE_LABEL",
+                   help="jobset: the JobSet's Job gets the nodes of one topology domain to itself "
+                        "(e.g. cloud.google.com/gke-nodepool)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides for the run")
     p.set_defaults(func=render_cli)
 
@@ -117,7 +138,10 @@ def render_cli(args: argparse.Namespace) -> int:
     opts = RenderOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, image=args.image, flavor=args.flavor,
                          min_nodes=args.min_nodes, data_dir=args.data_dir, shutdown_seconds=args.shutdown_seconds,
                          storage_class=args.storage_class, mlflow_uri=args.mlflow_uri, namespace=args.namespace,
-                         monitor_label=args.monitor_label)
+                         monitor_label=args.monitor_label, node_selector=tuple(args.node_selector),
+                         tolerations=tuple(args.toleration), cpu_per_gpu=args.cpu_per_gpu,
+                         memory_per_gpu=args.memory_per_gpu, guaranteed=args.guaranteed,
+                         one_pod_per_node=args.one_pod_per_node, exclusive_topology=args.exclusive_topology)
     try:
         monitor_label(opts)
         cfg, text = run_config(args.config, args.overrides, opts)
@@ -200,11 +224,49 @@ def check_options(opts: RenderOptions) -> None:
         raise RenderError(f"--shutdown-seconds must be >= 1, got {opts.shutdown_seconds}")
     if opts.flavor not in FLAVORS:
         raise RenderError(f"--flavor must be one of {', '.join(FLAVORS)}, got {opts.flavor!r}")
+    node_selector(opts)
+    tolerations(opts)
+    for flag, value, unit in (("--cpu-per-gpu", opts.cpu_per_gpu, r"(m|)"),
+                              ("--memory-per-gpu", opts.memory_per_gpu, r"(Ki|Mi|Gi|Ti|k|M|G|T|)")):
+        if not re.fullmatch(rf"\d+(\.\d+)?{unit}", value or ""):
+            raise RenderError(f"{flag} must be a Kubernetes quantity (e.g. 6, 500m / 32Gi), got {value!r}")
+    if opts.exclusive_topology and opts.flavor != "jobset":
+        raise RenderError("--exclusive-topology: only the jobset flavour places a whole Job in one topology domain")
+    if opts.exclusive_topology and not LABEL_KEY.fullmatch(opts.exclusive_topology):
+        raise RenderError(f"--exclusive-topology must be a node label key, got {opts.exclusive_topology!r}")
 
 
-def job_name(run_name: str) -> str:
-    """A DNS label short enough for `<job>-<jobset-suffix>-<index>` pod hostnames."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-")[:40].strip("-")
+def node_selector(opts: RenderOptions) -> dict[str, str]:
+    """--node-selector as a dict; a RenderError naming a bad one."""
+    out = {}
+    for item in opts.node_selector:
+        key, sep, value = item.partition("=")
+        if not (sep and LABEL_KEY.fullmatch(key) and LABEL_VALUE.fullmatch(value)):
+            raise RenderError(f"--node-selector must be KEY=VALUE with a valid label key and value; got {item!r}")
+        out[key] = value
+    return out
+
+
+def tolerations(opts: RenderOptions) -> list[dict[str, str]]:
+    """The GPU taint's toleration (GPU pods) plus --toleration KEY[=VALUE]:EFFECT."""
+    out = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] if opts.gpus_per_node else []
+    for item in opts.tolerations:
+        taint, _, effect = item.rpartition(":")
+        key, sep, value = taint.partition("=")
+        if effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute") or not LABEL_KEY.fullmatch(key) or (
+                sep and not LABEL_VALUE.fullmatch(value)):
+            raise RenderError(f"--toleration must be KEY[=VALUE]:EFFECT (NoSchedule, PreferNoSchedule or NoExecute); "
+                              f"got {item!r}")
+        out.append({"key": key, "operator": "Equal", "value": value, "effect": effect} if sep
+                   else {"key": key, "operator": "Exists", "effect": effect})
+    return out
+
+
+def job_name(run_name: str, nodes: int = 1) -> str:
+    """A DNS label short enough that the longest pod name of any flavour stays a valid label
+    (<= 63): JobSet's `<name>-workers-0-<index>-<5 random>` with `nodes - 1` as the index."""
+    budget = 63 - len("-workers-0-") - len(str(max(0, nodes - 1))) - len("-xxxxx") - len("gan-")
+    slug = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-")[:min(40, budget)].strip("-")
     return f"gan-{slug or 'run'}"
 
 
@@ -276,8 +338,10 @@ def container(cfg, name: str, opts: RenderOptions, launch_args: list[str], conta
               ) -> dict[str, Any]:
     gpus = opts.gpus_per_node
     nproc = max(1, gpus)
-    cpu, memory = (f"{6 * gpus}", f"{32 * gpus}Gi") if gpus else ("2", "8Gi")
+    cpu, memory = (per_gpu(opts.cpu_per_gpu, gpus), per_gpu(opts.memory_per_gpu, gpus)) if gpus else ("2", "8Gi")
     resources: dict[str, Any] = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
+    if opts.guaranteed:
+        resources["limits"]["cpu"] = cpu
     if gpus:
         resources["requests"]["nvidia.com/gpu"] = gpus
         resources["limits"]["nvidia.com/gpu"] = gpus
@@ -320,6 +384,13 @@ def container(cfg, name: str, opts: RenderOptions, launch_args: list[str], conta
     }
 
 
+def per_gpu(quantity: str, gpus: int) -> str:
+    """`quantity` times `gpus`, in the quantity's own unit (6 -> 48, 500m -> 4000m, 30Gi -> 240Gi)."""
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(\D*)", quantity).groups()
+    total = float(number) * gpus
+    return f"{int(total) if total.is_integer() else total}{unit}"
+
+
 def pod_template(cfg, name: str, opts: RenderOptions, launch_args: list[str], container_name: str = "trainer",
                  restart_policy: str | None = "Never") -> dict[str, Any]:
     spec: dict[str, Any] = {
@@ -340,8 +411,13 @@ def pod_template(cfg, name: str, opts: RenderOptions, launch_args: list[str], co
     }
     if restart_policy:
         spec["restartPolicy"] = restart_policy
-    if opts.gpus_per_node:
-        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if tol := tolerations(opts):
+        spec["tolerations"] = tol
+    if selector := node_selector(opts):
+        spec["nodeSelector"] = selector
+    if opts.one_pod_per_node:
+        spec["affinity"] = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"ganforge.io/run": name}}, "topologyKey": "kubernetes.io/hostname"}]}}
     return {"metadata": {"labels": labels(name)}, "spec": spec}
 
 
@@ -409,7 +485,10 @@ def pytorchjob_backoff_limit(opts: RenderOptions) -> int:
 def job_set(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
     """JobSet: one Indexed Job of `nodes` pods, recreated as a whole when it fails."""
     job_spec = indexed_job_spec(cfg, name, opts, subdomain=None)  # JobSet sets the subdomain
-    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": meta(name, opts), "spec": {
+    m = meta(name, opts)
+    if opts.exclusive_topology:
+        m["annotations"] = {"alpha.jobset.sigs.k8s.io/exclusive-topology": opts.exclusive_topology}
+    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": m, "spec": {
         "network": {"enableDNSHostnames": True, "subdomain": name, "publishNotReadyAddresses": True},
         "failurePolicy": {"maxRestarts": 5, "restartStrategy": "Recreate", "rules": [
             # The pod failure policy failed the Job (exit code 2: bad config): restarting cannot help.
@@ -474,7 +553,7 @@ def network_policy(cfg, name: str, opts: RenderOptions) -> dict[str, Any]:
 
 def render(cfg, text: str, opts: RenderOptions) -> list[dict[str, Any]]:
     """Every object of the run, for the chosen flavour; `text` is the config to embed."""
-    name = job_name(cfg.run.name)
+    name = job_name(cfg.run.name, opts.nodes)
     objs = [config_map(text, name, opts)]
     if opts.flavor == "job":
         objs += [headless_service(name, opts), indexed_job(cfg, name, opts)]
@@ -532,7 +611,7 @@ def storage_files(opts: RenderOptions) -> dict[str, str]:
 def kustomize_tree(cfg, text: str, opts: RenderOptions) -> dict[str, str]:
     """base/ = the Indexed Job flavour; overlays swap the Job (and its Service) for a PyTorchJob or JobSet;
     storage/ holds the volumes, apart from every run."""
-    name = job_name(cfg.run.name)
+    name = job_name(cfg.run.name, opts.nodes)
     files: dict[str, str] = {}
     base = render(cfg, text, RenderOptions(**{**opts.__dict__, "flavor": "job", "min_nodes": None}))
     for o in base:

@@ -363,3 +363,46 @@ def test_render_help_names_the_version_floors():
     assert r.returncode == 0
     for floor in ("Kubernetes >= 1.29", "training-operator >= v1.8.0", "JobSet >= v0.7.0"):
         assert floor in r.stdout
+
+
+def test_scheduling_options_reach_the_pod_and_validate(tmp_path):
+    r = render(tmp_path / "out", "--flavor", "jobset", "--node-selector", "pool=a100", "--node-selector",
+               "topology.kubernetes.io/zone=z1", "--toleration", "dedicated=training:NoSchedule",
+               "--toleration", "spot:NoExecute", "--cpu-per-gpu", "4", "--memory-per-gpu", "30Gi", "--guaranteed",
+               "--one-pod-per-node", "--exclusive-topology", "cloud.google.com/gke-nodepool")
+    assert r.returncode == 0, r.stderr
+    js = by_kind(load_dir(tmp_path / "out"))["JobSet"]
+    assert js["metadata"]["annotations"]["alpha.jobset.sigs.k8s.io/exclusive-topology"] == \
+        "cloud.google.com/gke-nodepool"
+    job = js["spec"]["replicatedJobs"][0]["template"]["spec"]
+    pod = job["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "a100", "topology.kubernetes.io/zone": "z1"}
+    assert {"key": "dedicated", "operator": "Equal", "value": "training", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "spot", "operator": "Exists", "effect": "NoExecute"} in pod["tolerations"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    res = pod["containers"][0]["resources"]
+    assert res["requests"] == {"cpu": "32", "memory": "240Gi", "nvidia.com/gpu": 8}
+    assert res["limits"] == res["requests"], "Guaranteed QoS: limits equal requests"
+    anti, = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    assert anti["labelSelector"]["matchLabels"].items() <= job["template"]["metadata"]["labels"].items()
+    r = validate_strict([{"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "workers"}, "spec": job}],
+                        tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for bad in (["--toleration", "spot"], ["--node-selector", "pool"], ["--memory-per-gpu", "lots"],
+                ["--exclusive-topology", "pool"]):  # the last: not a jobset
+        r = render(tmp_path / "bad", *bad)
+        assert r.returncode == 2 and bad[0] in r.stderr and not (tmp_path / "bad").exists(), (bad, r.stderr)
+
+
+@pytest.mark.parametrize("nodes", [4, 101, 1000])
+def test_pod_names_stay_valid_labels_for_long_run_names_and_many_nodes(nodes):
+    from launcher.k8s import job_name
+
+    name = job_name("a-very-long-run-name-that-goes-on-and-on-and-on-and-on-x" * 2, nodes)
+    longest = [f"{name}-workers-0-{nodes - 1}-abcde",  # JobSet pod (hostname without the suffix)
+               f"{name}-{nodes - 1}-abcde",  # Indexed Job pod
+               f"{name}-worker-{nodes - 1}"]  # PyTorchJob pod
+    label = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+    assert all(label.fullmatch(n) for n in longest), [(n, len(n)) for n in longest]
+    assert job_name("dcgan_digits", nodes) == "gan-dcgan-digits"
