@@ -160,7 +160,7 @@ def storage_cli(args: argparse.Namespace) -> int:
                          checkpoint_storage=args.checkpoint_storage, data_storage=args.data_storage,
                          namespace=args.namespace)
     try:
-        written = write_tree(storage_files(opts), args.out, args.force)
+        written = write_tree(storage_files(opts, "ganforge k8s storage"), args.out, args.force)
     except RenderError as e:
         print(f"ganforge: k8s storage: {e}", file=sys.stderr)
         return 2
@@ -586,12 +586,13 @@ def manifest_files(cfg, text: str, opts: RenderOptions) -> dict[str, str]:
     return {f"{i:02d}-{file_name(o)}": to_yaml([o]) for i, o in enumerate(render(cfg, text, opts))}
 
 
-def kustomization(resources: list[str], patches: list[dict[str, Any]] | None = None) -> str:
+def kustomization(resources: list[str], patches: list[dict[str, Any]] | None = None,
+                  command: str = "ganforge k8s render --kustomize") -> str:
     doc: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                            "resources": resources}
     if patches:
         doc["patches"] = patches
-    head = "# Written by `ganforge k8s render --kustomize`; re-render rather than edit.\n"
+    head = f"# Written by `{command}`; re-render rather than edit.\n"
     return head + yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
 
 
@@ -600,11 +601,11 @@ def delete_patch(kind: str, api: str, name: str) -> dict[str, Any]:
                                      "metadata": {"name": name}}, sort_keys=False)}
 
 
-def storage_files(opts: RenderOptions) -> dict[str, str]:
+def storage_files(opts: RenderOptions, command: str = "ganforge k8s render --kustomize") -> dict[str, str]:
     """The volumes as a kustomization of their own: applied once, deleted by no run."""
     claims = volume_claims(opts)
     files = {file_name(o): to_yaml([o]) for o in claims}
-    files["kustomization.yaml"] = kustomization([file_name(o) for o in claims])
+    files["kustomization.yaml"] = kustomization([file_name(o) for o in claims], command=command)
     return files
 
 
