@@ -39,7 +39,7 @@ sys.path.insert(0, REPO)
 
 SMALL = ["model.g_width=8", "model.d_width=8", "train.batch_size=16", "log.every_steps=1",
          "log.mlflow_uri=none", "log.sample_every_steps=100000", "checkpoint.keep=3"]
-STEP_LINE = re.compile(r"^step (\d+)/", re.M)
+STEP_LINE = re.compile(r"ganforge: step (\d+)/", re.M)
 RESUMED = re.compile(r"resuming from \S+ at step (\d+)")
 
 

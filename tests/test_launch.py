@@ -228,7 +228,7 @@ def test_sigterm_to_the_launcher_checkpoints_and_exits_143(digits_dir, tmp_path)
                             cwd=REPO)
     try:
         deadline = time.monotonic() + 180
-        while not re.search(r"^step \d+/", (tmp_path / "launch.log").read_text(), re.MULTILINE):
+        while not re.search(r"ganforge: step \d+/", (tmp_path / "launch.log").read_text(), re.MULTILINE):
             assert time.monotonic() < deadline and node.poll() is None, (tmp_path / "launch.log").read_text()
             time.sleep(0.2)
         assert not (run / "checkpoints").exists() or not os.listdir(run / "checkpoints")
