@@ -1,8 +1,9 @@
 """`ganforge k8s render` and k8s/: valid objects, and the fields that decide what preemption does.
 
 Core kinds are checked offline with `kubernetes-validate --strict`; the kustomize tree with
-the real `kubectl kustomize`. PyTorchJob, JobSet and PodMonitor have no schema here (see
-docs/kubernetes.md): their pod and job templates are validated as core objects instead.
+the real `kubectl kustomize`. PyTorchJob, JobSet and PodMonitor are validated against their
+published CRD schemas in tests/test_crd_schemas.py; here their pod and job templates are also
+validated as core objects.
 """
 
 from __future__ import annotations
