@@ -35,11 +35,12 @@ def wait_for_checkpoint(run, nodes, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-def test_store_host_loss_makes_the_other_node_exit_retryable_and_a_restart_resumes(digits_dir, tmp_path):
-    run, port = tmp_path / "run", free_port()
-    host = start_node(0, port, str(run), digits_dir, *STEPS)
-    other = start_node(1, port, str(run), digits_dir, *STEPS)
+def lose_the_store_host_then_restart(run, start) -> None:
+    """Two nodes (`start(rank, port)` starts one); once a checkpoint exists, node 0's machine is lost:
+    the other node must exit EXIT_STORE_LOST. Then both are started again (the scheduler's new pods,
+    a new node 0 hosting a new store) and must resume from the newest checkpoint and finish."""
+    port = free_port()
+    host, other = start(0, port), start(1, port)
     try:
         wait_for_checkpoint(run, [host, other])
         kill_node(host)  # the machine hosting the store is gone, agent and workers at once
@@ -51,9 +52,8 @@ def test_store_host_loss_makes_the_other_node_exit_retryable_and_a_restart_resum
     assert code == EXIT_STORE_LOST, node_logs(run)
     _, before = newest_checkpoint(str(run))
 
-    # The scheduler retries both pods (a new node 0 hosts a new store under the same run id).
     port = free_port()
-    nodes = [start_node(i, port, str(run), digits_dir, *STEPS) for i in (0, 1)]
+    nodes = [start(i, port) for i in (0, 1)]
     codes = [finish(n, 240) for n in nodes]
     logs = node_logs(run, tail=10**6)
     assert codes == [0, 0], node_logs(run)
@@ -61,6 +61,12 @@ def test_store_host_loss_makes_the_other_node_exit_retryable_and_a_restart_resum
     assert resumed and int(resumed[-1]) >= before["step"] >= 5, node_logs(run)
     _, state = newest_checkpoint(str(run))
     assert state["step"] == 60 and state["world_size"] == 2, node_logs(run)
+
+
+@pytest.mark.slow
+def test_store_host_loss_makes_the_other_node_exit_retryable_and_a_restart_resumes(digits_dir, tmp_path):
+    run = tmp_path / "run"
+    lose_the_store_host_then_restart(run, lambda rank, port: start_node(rank, port, str(run), digits_dir, *STEPS))
 
 
 @contextlib.contextmanager
@@ -104,28 +110,8 @@ def test_store_host_loss_in_two_network_namespaces(digits_dir, tmp_path):
         pytest.skip("network namespaces need root")
     run = tmp_path / "run"
     with two_namespaces() as (names, links):
-        port = free_port()
-        host = start_node_in(names[0], links[0], 0, port, run, digits_dir)
-        other = start_node_in(names[1], links[1], 1, port, run, digits_dir)
-        try:
-            wait_for_checkpoint(run, [host, other])
-            kill_node(host)  # node 0's machine is gone: its agent (the store) and its worker
-            code = finish(other, 240)
-        finally:
-            for n in (host, other):
-                if n.poll() is None:
-                    kill_node(n)
-        assert code == EXIT_STORE_LOST, node_logs(run)
-        _, before = newest_checkpoint(str(run))
-        port = free_port()  # the scheduler's new pods: a new node 0 hosts a new store
-        nodes = [start_node_in(names[i], links[i], i, port, run, digits_dir) for i in (0, 1)]
-        codes = [finish(n, 240) for n in nodes]
-    logs = node_logs(run, tail=10**6)
-    assert codes == [0, 0], node_logs(run)
-    resumed = re.findall(r"resuming from \S+ at step (\d+); world size 2", logs)
-    assert resumed and int(resumed[-1]) >= before["step"] >= 5, node_logs(run)
-    _, state = newest_checkpoint(str(run))
-    assert state["step"] == 60 and state["world_size"] == 2, node_logs(run)
+        lose_the_store_host_then_restart(
+            run, lambda rank, port: start_node_in(names[rank], links[rank], rank, port, run, digits_dir))
 
 
 def test_store_lost_is_told_from_other_agent_failures(tmp_path):
