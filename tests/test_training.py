@@ -151,6 +151,33 @@ def test_single_process_train_and_resume_from_saved_step(digits_dir, tmp_path):
     assert state["step"] == 9 and state["data"]["consumed"] == 9 * 16
 
 
+def assert_two_equal_one(root) -> None:
+    """Runs root/two (2 processes) and root/one (1 process), logged every step for 10 steps, agree
+    within float32 noise: losses and D outputs of steps 1-3, step 1's gradient norms, G after."""
+    logs = [[json.loads(line) for line in open(root / run / "metrics.jsonl")] for run in ("two", "one")]
+    assert logs[0][0]["step"] == logs[1][0]["step"] == 1
+    for a, b in zip(logs[0][:3], logs[1][:3], strict=True):
+        # Every loss term (penalties included) and mean D output of the first 3 steps. Measured:
+        # at most 2.5e-8 apart (2.2e-5 relative), 1/40 of this bound.
+        for k in (k for k in b if k.startswith(("loss/", "d/"))):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), f"step {b['step']} {k}"
+    for k in (k for k in logs[1][0] if k.startswith("grad_norm/")):
+        # Gradient norms of step 1: Adam hides a wrong gradient scale from losses and outputs (with
+        # gradients summed instead of averaged over ranks, outputs after 10 steps moved by 2e-4
+        # only), the norms show it (2x). Measured: at most 5.3e-6 relative.
+        assert logs[0][0][k] == pytest.approx(logs[1][0][k], rel=1e-3), k
+    outs = []
+    for run in ("two", "one"):
+        out = str(root / f"{run}.npy")
+        assert run_cli("sample", "--run", str(root / run), "--n", "16", "--seed", "0", "--out", out,
+                       "--no-ema").returncode == 0
+        outs.append(np.load(out))
+    # G's outputs after 10 steps, in [-1, 1]. Measured: at most 3.2e-4 for WGAN-GP (where the
+    # noise grows from step ~3 on; 1.4e-4 without other kernels, over the former bound of 1e-4)
+    # and 1.2e-9 for R1; the bound is 30x the former.
+    assert np.abs(outs[0] - outs[1]).max() < 1e-2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe,extra", [
     ("configs/wgan_gp_digits.yaml", []),  # gradient penalty through DDP
@@ -171,25 +198,4 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(digits_dir, 
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_cli("train", *common, f"run.dir={tmp_path}/one", env={"WORLD_SIZE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    logs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("two", "one")]
-    assert logs[0][0]["step"] == logs[1][0]["step"] == 1
-    for a, b in zip(logs[0][:3], logs[1][:3], strict=True):
-        # Every loss term (penalties included) and mean D output of the first 3 steps. Measured:
-        # at most 2.5e-8 apart (2.2e-5 relative), 1/40 of this bound.
-        for k in (k for k in b if k.startswith(("loss/", "d/"))):
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), f"step {b['step']} {k}"
-    for k in (k for k in logs[1][0] if k.startswith("grad_norm/")):
-        # Gradient norms of step 1: Adam hides a wrong gradient scale from losses and outputs (with
-        # gradients summed instead of averaged over ranks, outputs after 10 steps moved by 2e-4
-        # only), the norms show it (2x). Measured: at most 5.3e-6 relative.
-        assert logs[0][0][k] == pytest.approx(logs[1][0][k], rel=1e-3), k
-    outs = []
-    for run in ("two", "one"):
-        out = str(tmp_path / f"{run}.npy")
-        assert run_cli("sample", "--run", str(tmp_path / run), "--n", "16", "--seed", "0", "--out", out,
-                       "--no-ema").returncode == 0
-        outs.append(np.load(out))
-    # G's outputs after 10 steps, in [-1, 1]. Measured: at most 3.2e-4 for WGAN-GP (where the
-    # noise grows from step ~3 on; 1.4e-4 without other kernels, over the former bound of 1e-4)
-    # and 1.2e-9 for R1; the bound is 30x the former.
-    assert np.abs(outs[0] - outs[1]).max() < 1e-2
+    assert_two_equal_one(tmp_path)
