@@ -11,7 +11,7 @@ from data_pipeline.progress import Progress, silent
 from trainer.checkpoint import CheckpointError, load_latest, read_checkpoint
 from trainer.config import ConfigError, from_dict
 from trainer.models import build_models
-from trainer.sampling import class_cycle, generate, latents, save_samples
+from trainer.sampling import class_cycle, eight_bit, generate, latents, save_samples
 
 
 def load_checkpoint_state(run_dir: str, checkpoint: str | None = None):
@@ -103,9 +103,9 @@ def sample_to_file(run_dir: str, n: int, seed: int, out: str, checkpoint: str | 
             flag = "--truncation" if truncation != 1.0 else "--noise-mode"
             raise ConfigError(flag, f"{path}: a {cfg.model.arch} generator has no mean w or noise inputs; "
                                     f"{flag} is for stylegan2 runs")
-        from trainer.models.stylegan2 import Truncated
+        from trainer.models.stylegan2 import SamplingGenerator
 
-        g = Truncated(g, truncation, noise_mode, seed)
+        g = SamplingGenerator(g, truncation, noise_mode, seed)
     names = None
     if seeds is not None:
         chosen = parse_seeds(seeds)
@@ -126,13 +126,13 @@ def sample_to_file(run_dir: str, n: int, seed: int, out: str, checkpoint: str | 
 
 
 def save_each(images: torch.Tensor, folder: str, names: list[str]) -> str:
-    """One 8-bit PNG per image (x * 127.5 + 128, clamped and truncated, as the reference writes them)."""
+    """One 8-bit PNG per image (`eight_bit`, as the reference writes them)."""
     from PIL import Image
 
     if images.dim() != 4:
         raise ConfigError("--out", "a folder of PNGs needs images; this run generates 2-D points (use .npy or .png)")
     os.makedirs(folder, exist_ok=True)
-    pixels = (images * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    pixels = eight_bit(images).permute(0, 2, 3, 1).numpy()
     for img, name in zip(pixels, names, strict=True):
         target = os.path.join(folder, name)
         Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(target + ".tmp.png")

@@ -29,8 +29,9 @@ class _Source(logging.Filter):
 def setup(rank: int | None = None) -> None:
     """Configure logging once per process (idempotent); `rank` defaults to $RANK, else 0."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    requested = os.environ.get("GANFORGE_LOG_LEVEL", "INFO").upper()
-    level = logging.getLevelName(requested) if isinstance(logging.getLevelName(requested), int) else logging.INFO
+    level = logging.getLevelName(os.environ.get("GANFORGE_LOG_LEVEL", "INFO").upper())
+    if not isinstance(level, int):  # an unknown name comes back as the string "Level X"
+        level = logging.INFO
     if rank != 0:
         level = max(level, logging.WARNING)
     where = f"[rank {rank}] " if rank != 0 else ""

@@ -524,7 +524,8 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
     if resumed:
         trainer.load_state_dict(resumed[1], resumed[0])
     elif cfg.checkpoint.init_from:  # a fresh run only: once it has checkpoints of its own, it resumes from them
-        trainer.init_weights(*reversed(read_init(cfg.checkpoint.init_from)))
+        path, state = read_init(cfg.checkpoint.init_from)
+        trainer.init_weights(state, path)
         if env.is_main:
             log.info("initialised the networks from %s", cfg.checkpoint.init_from)
     if env.is_main:

@@ -39,6 +39,12 @@ def run_in_chunks(net: nn.Module, *inputs: torch.Tensor | None, batch: int = 256
         net.train(was_training)
 
 
+def eight_bit(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as uint8, the way StyleGAN2-ADA and clean-fid store them: x * 127.5 + 128,
+    clamped to 0..255, truncated."""
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
 def generate(g: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None, batch: int = 256,
              advance: Advance = lambda n: None) -> torch.Tensor:
     """G(z[, labels]) in eval mode, in chunks, as float32 on CPU."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from data_pipeline.progress import Advance, Progress, silent
 from trainer.distributed import DistEnv
-from trainer.sampling import latents
+from trainer.sampling import eight_bit, latents
 
 
 def rank_chunks(n: int, chunk: int, world_size: int, rank: int) -> list[tuple[int, int]]:
@@ -27,13 +27,12 @@ def as_stored(samples: torch.Tensor) -> torch.Tensor:
     """Generated images as the real ones reach the extractor: clamped, rounded to 8 bits, back to [-1, 1].
 
     Real images come from 8-bit files (value v in 0..255 becomes v / 127.5 - 1); generated ones
-    go through the same 8 bits first, as StyleGAN2-ADA and clean-fid do (`x * 127.5 + 128`,
-    clamped to 0..255, truncated to an integer), so FIDs are comparable with published ones.
-    2-D points pass unchanged.
+    go through the same 8 bits first (`eight_bit`, as StyleGAN2-ADA and clean-fid do), so FIDs
+    are comparable with published ones. 2-D points pass unchanged.
     """
     if samples.dim() != 4:
         return samples
-    return (samples * 127.5 + 128).clamp(0, 255).floor() / 127.5 - 1.0
+    return eight_bit(samples).to(samples.dtype) / 127.5 - 1.0
 
 
 @torch.no_grad()

@@ -257,7 +257,7 @@ class StyleGAN2Generator(nn.Module):
         return (img, ws) if return_ws else img
 
 
-class Truncated(nn.Module):
+class SamplingGenerator(nn.Module):
     """A generator for sampling: truncation `psi` and a noise mode (const: the stored maps,
     random: fresh maps drawn from `seed`, none: zero), as in StyleGAN2-ADA's generate.py."""
 
