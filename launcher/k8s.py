@@ -142,27 +142,28 @@ def render_cli(args: argparse.Namespace) -> int:
                          tolerations=tuple(args.toleration), cpu_per_gpu=args.cpu_per_gpu,
                          memory_per_gpu=args.memory_per_gpu, guaranteed=args.guaranteed,
                          one_pod_per_node=args.one_pod_per_node, exclusive_topology=args.exclusive_topology)
-    try:
+
+    def files() -> dict[str, str]:
         monitor_label(opts)
         cfg, text = run_config(args.config, args.overrides, opts)
-        files = kustomize_tree(cfg, text, opts) if args.kustomize else manifest_files(cfg, text, opts)
-        written = write_tree(files, args.out, args.force)
-    except RenderError as e:
-        print(f"ganforge: k8s render: {e}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(path)
-    return 0
+        return kustomize_tree(cfg, text, opts) if args.kustomize else manifest_files(cfg, text, opts)
+
+    return write_listed("render", files, args.out, args.force)
 
 
 def storage_cli(args: argparse.Namespace) -> int:
     opts = RenderOptions(nodes=1, gpus_per_node=0, image="-", storage_class=args.storage_class,
                          checkpoint_storage=args.checkpoint_storage, data_storage=args.data_storage,
                          namespace=args.namespace)
+    return write_listed("storage", lambda: storage_files(opts, "ganforge k8s storage"), args.out, args.force)
+
+
+def write_listed(command: str, files, out: str, force: bool) -> int:
+    """Write what `files()` makes into `out` and print each path (exit 0); a RenderError is one line (exit 2)."""
     try:
-        written = write_tree(storage_files(opts, "ganforge k8s storage"), args.out, args.force)
+        written = write_tree(files(), out, force)
     except RenderError as e:
-        print(f"ganforge: k8s storage: {e}", file=sys.stderr)
+        print(f"ganforge: k8s {command}: {e}", file=sys.stderr)
         return 2
     for path in written:
         print(path)
