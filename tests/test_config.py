@@ -62,3 +62,11 @@ def test_bad_yaml_file_is_named(tmp_path):
     bad.write_text("train:\n  n_critic: 2\n  warmup: 5\n")
     with pytest.raises(ConfigError, match="train.warmup"):
         load_config(str(bad))
+
+
+@pytest.mark.parametrize("override", ["log.model_every_steps=-5", "log.model_every_steps=7"])
+def test_model_every_steps_must_be_a_multiple_of_the_checkpoint_cadence(override):
+    with pytest.raises(ConfigError) as e:
+        load_config(RECIPE, ["checkpoint.every_steps=5", override])
+    assert e.value.key == "log.model_every_steps" and "checkpoint.every_steps=5" in str(e.value)
+    assert load_config(RECIPE, ["checkpoint.every_steps=5", "log.model_every_steps=10"]).log.model_every_steps == 10
