@@ -67,6 +67,9 @@ class StreamSpec:
     cache_dir: str = ""  # node-local cache of remote shards ("" : read them into memory)
     cache_limit: int = 0  # bytes of unused shards the cache keeps (0: no limit)
     prefetch_shards: int = 2  # shards downloaded ahead of the reader
+    # (sample, rng) -> sample, run in the loader workers after the flip; rng is drawn from (seed, epoch,
+    # sample index) alone, so what it makes does not depend on the world size, the workers or a resume
+    transform: Callable[[dict[str, torch.Tensor], np.random.Generator], dict[str, torch.Tensor]] | None = None
 
 
 class ShardReader:
@@ -309,6 +312,8 @@ class ShardStream(IterableDataset):
                         continue
                     if flips is not None and flips[sample]:
                         item = {k: v.flip(-1) if v.dim() == 3 else v for k, v in item.items()}
+                    if s.transform is not None:
+                        item = s.transform(item, np.random.default_rng([s.seed, self.epoch, int(sample), 2]))
                     items.append(item)
                     last_good = item
                 if skipped:

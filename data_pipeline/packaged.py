@@ -1,7 +1,7 @@
 """Offline image-to-image datasets built from pictures that ship inside installed packages.
 
 Nothing is downloaded: scikit-image's bundled `skimage.data` files (only the ones inside the
-wheel) are cut into crops and written as shards.
+wheel) and scikit-learn's two sample photos are cut into crops and written as shards.
 
 - `sample_images`: unpaired textures, grass (domain A) and gravel (domain B), for CycleGAN.
   `ROOT/trainA`, `ROOT/trainB`, `ROOT/testA`, `ROOT/testB` (shards) and
@@ -9,9 +9,15 @@ wheel) are cut into crops and written as shards.
 - `edges2photos`: pairs of (Canny edge map, photo crop) of scikit-image's `gravel`, `brick`
   and `coins`, for pix2pix. `ROOT/train`, `ROOT/test` (paired shards) and `ROOT/images/test`
   (the held-out edge maps as PNG files).
+- `sr_photos`: native-resolution patches of scikit-image's and scikit-learn's colour photographs,
+  for super-resolution. `ROOT/train` (patches of side size + size // 2, so the loader can still
+  crop at random), `ROOT/test` (held-out patches of side size), `ROOT/images/test_hr` and
+  `ROOT/images/test_lr_x4` (the held-out patches and their bicubic x4 downsampling as PNG files).
 
 Training and held-out crops come from disjoint regions of each picture (the top 3/4 of its
-rows, and the bottom 1/4), so the held-out split measures generalisation. A build is a pure
+rows, and the bottom 1/4; for sr_photos' landscape pictures the left 3/4 of the columns and the
+right 1/4, since their bottom quarter is too short for a held-out patch of 128 pixels), so the
+held-out split measures generalisation. A build is a pure
 function of (name, size, seed); it is written to a temporary directory and renamed into place
 under a file lock, so many processes can ask for it at once and exactly one builds it.
 """
@@ -24,8 +30,10 @@ import shutil
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 
+from data_pipeline.degrade import bicubic_down
 from data_pipeline.errors import DataError
 from data_pipeline.sources import encode_image
 from data_pipeline.writer import write_shards
@@ -35,6 +43,9 @@ TEXTURES = {"A": "grass.png", "B": "gravel.png"}
 # on a CPU in minutes. Edge maps of varied scenes (faces, rooms) leave colour and shading
 # ambiguous, and a CPU budget only learns their mean colour.
 EDGE_PHOTOS = ("gravel.png", "brick.png", "coins.png")
+# Colour photographs with fine detail, for super-resolution (scikit-learn ships two more).
+SR_SKIMAGE = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png")
+SR_SKLEARN = ("china.jpg", "flower.jpg")
 TRAIN_ROWS = 0.75  # training crops come from the top 3/4 of each picture, held-out ones from the rest
 
 
@@ -112,7 +123,72 @@ def build_edges2photos(root: str, size: int = 64, n_train: int = 1500, n_test: i
             _save_pngs([a for a, _ in pairs], os.path.join(root, "images", split))
 
 
-BUILDERS: dict[str, Callable[..., None]] = {"sample_images": build_sample_images, "edges2photos": build_edges2photos}
+Box = tuple[int, int, int, int]  # (left, top, right, bottom), as PIL's crop takes it
+
+
+def _sr_pictures() -> dict[str, Image.Image]:
+    from sklearn.datasets import load_sample_image
+
+    pictures = {name: _skimage_picture(name) for name in SR_SKIMAGE}
+    return pictures | {name: Image.fromarray(load_sample_image(name)).convert("RGB") for name in SR_SKLEARN}
+
+
+def sr_regions(width: int, height: int) -> tuple[Box, Box]:
+    """(training, held-out) regions of a picture: 3/4 and 1/4 of its longer side."""
+    if height >= width:
+        split = int(height * TRAIN_ROWS)
+        return (0, 0, width, split), (0, split, width, height)
+    split = int(width * TRAIN_ROWS)
+    return (0, 0, split, height), (split, 0, width, height)
+
+
+def _sr_boxes(regions: dict[str, Box], n: int, side: int, rng: np.random.Generator) -> list[tuple[str, Box]]:
+    """n square boxes of `side` inside the regions, each region chosen with probability ~ its area."""
+    fits = {k: box for k, box in regions.items() if min(box[2] - box[0], box[3] - box[1]) >= side}
+    if not fits:
+        raise DataError(f"sr_photos: no picture has room for a {side}-pixel patch (use a smaller size)")
+    names = list(fits)
+    areas = np.array([(r - left) * (b - t) for left, t, r, b in fits.values()], dtype=np.float64)
+    boxes = []
+    for i in rng.choice(len(names), size=n, p=areas / areas.sum()):
+        left, top, right, bottom = fits[names[i]]
+        x, y = int(rng.integers(left, right - side + 1)), int(rng.integers(top, bottom - side + 1))
+        boxes.append((names[i], (x, y, x + side, y + side)))
+    return boxes
+
+
+def sr_patch_plan(sizes: dict[str, tuple[int, int]], size: int, n_train: int = 832, n_test: int = 64,
+                  seed: int = 0) -> dict[str, list[tuple[str, Box]]]:
+    """Where sr_photos' patches come from: {"train": [(picture, box)...], "test": [...]}, no I/O.
+
+    `sizes` maps each picture to its (width, height). Training boxes have side size + size // 2 and
+    lie in the pictures' training regions, held-out boxes have side size and lie in the rest.
+    """
+    rng = np.random.default_rng([seed, 3])
+    regions = {name: sr_regions(w, h) for name, (w, h) in sizes.items()}
+    return {"train": _sr_boxes({k: r[0] for k, r in regions.items()}, n_train, size + size // 2, rng),
+            "test": _sr_boxes({k: r[1] for k, r in regions.items()}, n_test, size, rng)}
+
+
+def build_sr_photos(root: str, size: int = 128, n_train: int = 832, n_test: int = 64, seed: int = 0) -> None:
+    """Native-resolution photo patches (never resized: downscaling would erase the detail SR learns)."""
+    if size % 4:
+        raise DataError(f"sr_photos: size {size} must be a multiple of 4 (held-out LR images are x4 smaller)")
+    pictures = _sr_pictures()
+    plan = sr_patch_plan({k: p.size for k, p in pictures.items()}, size, n_train, n_test, seed)
+    meta = {"source": "sr_photos", "pictures": list(pictures)}
+    patches = {split: [pictures[name].crop(box) for name, box in boxes] for split, boxes in plan.items()}
+    for split, images in patches.items():
+        _write(images, os.path.join(root, split), "image", meta | {"size": images[0].size[0]})
+    test = patches["test"]
+    _save_pngs(test, os.path.join(root, "images", "test_hr"))
+    hr = torch.from_numpy(np.stack([np.asarray(p) for p in test])).permute(0, 3, 1, 2)
+    lr = bicubic_down(hr, 4).permute(0, 2, 3, 1).numpy()
+    _save_pngs([Image.fromarray(a) for a in lr], os.path.join(root, "images", "test_lr_x4"))
+
+
+BUILDERS: dict[str, Callable[..., None]] = {"sample_images": build_sample_images, "edges2photos": build_edges2photos,
+                                            "sr_photos": build_sr_photos}
 
 
 def ensure_built(name: str, root: str, size: int) -> bool:

@@ -181,6 +181,47 @@ def folder_source(root: str, size: int = 64, fmt: str = "png") -> Source:
     return Source(samples(), "image", meta, len(files))
 
 
+def patch_offsets(length: int, size: int, step: int) -> list[int]:
+    """Starts of `size`-long windows every `step` pixels, plus one flush with the end when the last
+    window stops short of it (BasicSR's extract_subimages)."""
+    starts = list(range(0, length - size + 1, step))
+    if starts and starts[-1] + size < length:
+        starts.append(length - size)
+    return starts
+
+
+def patches_source(root: str, size: int = 480, step: int = 240, fmt: str = "png") -> Source:
+    """Native-resolution size x size patches every `step` pixels of every image under `root`, never
+    resized (super-resolution needs the detail a resize would remove); images smaller than `size`
+    are left out."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such input folder")
+    if step <= 0:
+        raise DataError(f"--step must be > 0, got {step}")
+    boxes = []
+    for path in _image_files(root):
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"{path}: cannot read image ({e})") from None
+        boxes += [(path, (x, y, x + size, y + size)) for y in patch_offsets(h, size, step)
+                  for x in patch_offsets(w, size, step)]
+    if not boxes:
+        raise DataError(f"{root}: no image of at least {size}x{size} pixels (looked for {', '.join(sorted(IMAGE_EXTS))})")
+
+    def samples() -> Iterator[Sample]:
+        opened: tuple[str, Image.Image] | None = None
+        for i, (path, box) in enumerate(boxes):
+            if opened is None or opened[0] != path:
+                opened = (path, _open_rgb(path))
+            yield f"{i:07d}", {fmt: encode_image(opened[1].crop(box), fmt)}
+
+    meta = {"source": "patches", "size": size, "step": step, "channels": 3, "image_ext": fmt,
+            "input": os.path.abspath(root)}
+    return Source(samples(), "image", meta, len(boxes))
+
+
 def paired_source(root: str, size: int = 256, fmt: str = "png") -> Source:
     """PATH/A/x.* paired with PATH/B/x.* (same stem); members `a.<fmt>` and `b.<fmt>`."""
     dirs = [os.path.join(root, d) for d in ("A", "B")]

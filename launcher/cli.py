@@ -57,6 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint", help="a checkpoint file (default: the newest valid one of --run)")
     tr.set_defaults(func=translate)
 
+    up = sub.add_parser("upscale", help="upscale images with an esrgan (super-resolution) run")
+    up.add_argument("--run", required=True, help="run directory")
+    up.add_argument("--input", required=True, help="an image file, or a folder of images (searched recursively)")
+    up.add_argument("--out", required=True, help="output folder: same names and relative paths, model.scale times larger")
+    up.add_argument("--tile", type=int, default=0, metavar="N",
+                    help="run on N x N tiles of the input (with overlapping context: no seams) to bound memory; 0: whole")
+    up.add_argument("--checkpoint", help="a checkpoint file (default: the newest valid one of --run)")
+    up.add_argument("--no-ema", action="store_true", help="use the raw generator instead of its EMA")
+    up.set_defaults(func=upscale)
+
     d = sub.add_parser("demo", help="MNIST shards + a 2-process DCGAN run + a sample grid, in a few minutes")
     d.add_argument("--dir", default="runs", help="where data, runs and mlflow.db go (default runs/)")
     d.add_argument("--minutes", type=float, default=3.5, help="training time budget")
@@ -87,6 +97,14 @@ def translate(args: argparse.Namespace) -> int:
     from trainer.translation import translate_path
 
     written = translate_path(args.run, args.direction, args.input, args.out, args.checkpoint, log=log.info)
+    print(f"wrote {len(written)} images to {args.out}")
+    return 0
+
+
+def upscale(args: argparse.Namespace) -> int:
+    from trainer.esrgan import upscale_path
+
+    written = upscale_path(args.run, args.input, args.out, args.checkpoint, args.tile, not args.no_ema, log=log.info)
     print(f"wrote {len(written)} images to {args.out}")
     return 0
 

@@ -19,10 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     dsub = data.add_subparsers(dest="data_cmd", required=True)
 
     p = dsub.add_parser("make-shards", help="write WebDataset tar shards and index.json")
-    p.add_argument("--source", required=True, choices=["mnist", "digits", "stacked_mnist", "folder", "paired", "gaussians"])
+    p.add_argument("--source", required=True, choices=["mnist", "digits", "stacked_mnist", "folder", "paired", "patches", "gaussians"])
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--input", help="input folder (folder, paired)")
-    p.add_argument("--size", type=int, help="image side in pixels (default 32 for digits/mnist/stacked_mnist, 64 folder, 256 paired)")
+    p.add_argument("--input", help="input folder (folder, paired, patches)")
+    p.add_argument("--size", type=int, help="image side in pixels (default 32 for digits/mnist/stacked_mnist, 64 folder, "
+                                            "256 paired, 480 patches)")
+    p.add_argument("--step", type=int, default=None, help="patches: pixels between patch corners (default size / 2)")
     p.add_argument("--format", choices=["png", "jpg"], default="png", help="image encoding in the shards")
     p.add_argument("--samples-per-shard", type=int, default=None, help="samples per tar (default 256; 10000 for gaussians)")
     p.add_argument("--mixture", choices=["grid25", "ring8"], default="grid25")
@@ -61,9 +63,9 @@ def make_shards(args: argparse.Namespace) -> int:
     from data_pipeline import sources
     from data_pipeline.writer import write_shards
 
-    if args.source in ("folder", "paired") and not args.input:
+    if args.source in ("folder", "paired", "patches") and not args.input:
         raise DataError(f"--source {args.source} needs --input PATH")
-    default_size = {"folder": 64, "paired": 256}.get(args.source, 32)
+    default_size = {"folder": 64, "paired": 256, "patches": 480}.get(args.source, 32)
     size = args.size or default_size
     if size < 8:
         raise DataError(f"--size must be at least 8, got {size}")
@@ -77,6 +79,8 @@ def make_shards(args: argparse.Namespace) -> int:
         src = sources.folder_source(args.input, size, args.format)
     elif args.source == "paired":
         src = sources.paired_source(args.input, size, args.format)
+    elif args.source == "patches":
+        src = sources.patches_source(args.input, size, args.step or size // 2, args.format)
     else:
         src = sources.gaussians_source(args.mixture, 100_000 if args.n is None else args.n, args.seed)
     per_shard = args.samples_per_shard or (10_000 if args.source == "gaussians" else 256)

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="sample-quality metrics of a run (FID, KID, precision/recall, modes)")
     p.add_argument("--run", required=True, help="run directory (its newest valid checkpoint is evaluated)")
-    p.add_argument("--metrics", default="fid", help="comma-separated: fid,kid,pr,modes,classes,stacked (default fid)")
+    p.add_argument("--metrics", default="fid", help="comma-separated: fid,kid,pr,modes,classes,stacked (default fid); psnr,ssim for an esrgan run")
     p.add_argument("--n", type=int, default=None,
                    help="generated samples (default: eval.n of the run, else 5000; Stacked-MNIST modes: 26000)")
     p.add_argument("--json", action="store_true", help="print one JSON object keyed by metric name")

@@ -39,7 +39,7 @@ class DataConfig:
     train_b: str = ""  # second domain for unpaired translation
     val: str = ""  # held-out shards (translation: measured and pictured at each sample step)
     val_b: str = ""  # held-out shards of the second domain (CycleGAN)
-    build: str = ""  # sample_images | edges2photos: build the packaged dataset holding data.train if missing
+    build: str = ""  # sample_images | edges2photos | sr_photos: build the packaged dataset holding data.train if missing
     num_workers: int = 0  # DataLoader workers per rank
     on_error: str = "raise"  # raise | skip (a bad sample is counted and replaced)
     max_skip_fraction: float = 0.01  # on_error=skip: stop (DataError) once more than this fraction of samples was bad
@@ -54,8 +54,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"  # dcgan | stylegan2 (images) | mlp (2-D points) | cyclegan | pix2pix (image-to-image)
-    resolution: int = 32  # image side; a power of two >= 16 (stylegan2: >= 8; ignored by mlp)
+    arch: str = "dcgan"  # dcgan | stylegan2 (images) | mlp (2-D points) | cyclegan | pix2pix (image-to-image) | esrgan (super-resolution)
+    resolution: int = 32  # image side; a power of two >= 16 (stylegan2: >= 8; ignored by mlp; esrgan: the HR crop side)
     channels: int = 1  # image channels, or the point dimension for mlp
     z_dim: int = 100  # latent size (the generator's input)
     g_width: int = 64  # dcgan: maps of G's last hidden layer (doubling towards 4x4); mlp: hidden units
@@ -67,7 +67,7 @@ class ModelConfig:
     spectral_norm: bool = False  # spectral normalisation of D's weights (SNGAN)
     num_classes: int = 0  # > 0: class-conditional G and projection D, trained on the data's labels
     pack: int = 1  # PacGAN: D judges this many samples jointly (images along channels, points along features); dcgan, mlp
-    n_blocks: int = 9  # cyclegan: residual blocks of the ResNet generators
+    n_blocks: int = 9  # cyclegan: residual blocks of the ResNet generators; esrgan: RRDB blocks (23 in ESRGAN)
     d_layers: int = 3  # PatchGAN strided layers (3: 70x70 patches)
     dropout: bool = True  # pix2pix: dropout in the U-Net decoder
     direction: str = "AtoB"  # pix2pix: AtoB translates member a into b; BtoA the reverse
@@ -78,11 +78,15 @@ class ModelConfig:
     channel_base: int = 16384  # stylegan2: feature maps at resolution r are channel_base / r, at most g_width / d_width
     mbstd_group: int = 4  # stylegan2: minibatch-std group size in D; 0 = no minibatch-std layer
     freeze_d: int = 0  # stylegan2: keep D's first N blocks (fromRGB with the highest-resolution block first) fixed, for transfer
+    scale: int = 4  # esrgan: upscaling factor, 2 or 4 (the LR input is resolution / scale)
+    growth: int = 32  # esrgan: growth channels of the RRDB dense blocks (g_width: the features)
+    skip: str = "none"  # esrgan: none (ESRGAN) | bicubic (G adds the bicubic upscaling of its input: it learns the residual)
+    d_arch: str = "vgg"  # esrgan: vgg (ESRGAN's VGG-style D, batch norm) | unet (Real-ESRGAN's U-Net D, spectral norm)
 
 
 @dataclass
 class LossConfig:
-    type: str = "bce"  # bce | hinge | wgan | wgan_gp | lsgan
+    type: str = "bce"  # bce | hinge | wgan | wgan_gp | lsgan | ragan (relativistic average, esrgan)
     gp_weight: float = 10.0  # wgan_gp penalty weight (lambda)
     clip: float = 0.01  # wgan weight clipping bound
     r1_gamma: float = 0.0  # R1 penalty gamma/2 * E||grad D(x_real)||^2; 0 disables
@@ -94,6 +98,10 @@ class LossConfig:
     pl_every: int = 4  # stylegan2: lazy path-length regularisation every k steps, scaled by k
     pl_decay: float = 0.01  # stylegan2: decay of the running mean path length
     pl_batch_shrink: int = 2  # stylegan2: the path-length step uses batch_size / this samples
+    pixel_weight: float = 1.0  # esrgan: weight of the L1 distance to the HR image (the only term before train.pretrain_steps)
+    gan_weight: float = 0.1  # esrgan: weight of the adversarial term (Real-ESRGAN 0.1, ESRGAN 0.005)
+    perceptual_weight: float = 1.0  # esrgan: weight of the VGG19 perceptual term, when loss.perceptual_weights is set
+    perceptual_weights: str = ""  # esrgan: a local torchvision VGG19 state dict (nothing is downloaded); empty: no perceptual term
 
 
 @dataclass
@@ -123,6 +131,20 @@ class TrainConfig:
     ada_target: float = 0.6  # ADA: target for r_t = E[sign(D(real))] (averaged over all ranks)
     ada_interval: int = 4  # ADA: adjust p every k steps
     ada_kimg: float = 500.0  # ADA: p can move from 0 to 1 in this many thousand images
+    pretrain_steps: int = 0  # esrgan: the first k steps train G on the L1 term alone (the PSNR stage), then the GAN stage
+
+
+@dataclass
+class DegradeConfig:
+    """esrgan: how each training pair's LR image is made from its HR crop (data_pipeline/degrade.py), drawn
+    from (seed, epoch, sample) so that it does not depend on the world size and resumes exactly."""
+
+    blur: float = 0.0  # probability of a Gaussian blur (random sigmas and angle) before the bicubic downsampling
+    blur_sigma: float = 3.0  # largest blur sigma in HR pixels (the smallest is 0.2)
+    noise: float = 0.0  # probability of Gaussian noise after the downsampling
+    noise_sigma: float = 25.0  # largest noise sigma on the 0..255 scale (the smallest is 1)
+    jpeg: float = 0.0  # probability of JPEG re-encoding at the end
+    jpeg_quality: int = 30  # lowest JPEG quality (the highest is 95)
 
 
 @dataclass
@@ -170,6 +192,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 0  # the one seed everything derives from (weights, data order, latents)
     data: DataConfig = field(default_factory=DataConfig)
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -183,19 +206,21 @@ class Config:
 
 CHOICES = {
     "data.on_error": ("raise", "skip"),
-    "model.arch": ("dcgan", "mlp", "cyclegan", "pix2pix", "stylegan2"),
+    "model.arch": ("dcgan", "mlp", "cyclegan", "pix2pix", "stylegan2", "esrgan"),
+    "model.d_arch": ("vgg", "unet"),
+    "model.skip": ("none", "bicubic"),
     "model.norm": ("batch", "instance", "none"),
     "model.d_norm": ("", "batch", "instance", "none"),
     "model.direction": ("AtoB", "BtoA"),
-    "data.build": ("", "sample_images", "edges2photos"),
+    "data.build": ("", "sample_images", "edges2photos", "sr_photos"),
     "train.optimizer": ("adam", "rmsprop"),
     "train.augment": ("none", "ada"),
-    "loss.type": ("bce", "hinge", "wgan", "wgan_gp", "lsgan"),
+    "loss.type": ("bce", "hinge", "wgan", "wgan_gp", "lsgan", "ragan"),
     "precision": ("auto", "fp32", "bf16", "fp16", "fp64"),
     "strategy": ("ddp", "deepspeed"),
     "eval.features": ("auto", "inception", "digits", "points", "stacked"),
 }
-EVAL_METRICS = ("fid", "kid", "pr", "modes", "classes", "stacked")  # what eval.metrics may name
+EVAL_METRICS = ("fid", "kid", "pr", "modes", "classes", "stacked", "psnr", "ssim")  # what eval.metrics may name
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -344,6 +369,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("train.accumulate", f"per-rank batch {cfg.train.batch_size // world_size} is not "
                                               f"divisible into {cfg.train.accumulate} micro-batches")
     validate_pack(cfg, world_size)
+    if cfg.loss.type == "ragan" and cfg.model.arch != "esrgan":
+        raise ConfigError("loss.type", f"ragan (relativistic average) is esrgan's loss, not {cfg.model.arch}'s")
     validate_freeze_d(cfg)
     if cfg.loss.type == "wgan_gp" and (cfg.model.d_norm or cfg.model.norm) == "batch" and not cfg.model.arch == "mlp":
         raise ConfigError("model.norm", "wgan_gp penalises per-sample gradients; batch norm in D breaks "
@@ -351,9 +378,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if cfg.eval.every_steps < 0 or cfg.eval.n < 4:
         raise ConfigError("eval.every_steps" if cfg.eval.every_steps < 0 else "eval.n",
                           "eval.every_steps must be >= 0 and eval.n >= 4")
-    unknown = [m for m in cfg.eval.metrics.split(",") if m.strip() not in EVAL_METRICS]
-    if unknown:
-        raise ConfigError("eval.metrics", f"unknown metric {unknown[0]!r} (choose from {', '.join(EVAL_METRICS)})")
     if not 0.0 <= cfg.train.lr_decay_start <= 1.0:
         raise ConfigError("train.lr_decay_start", f"must be in 0..1; got {cfg.train.lr_decay_start}")
     if cfg.model.num_classes < 0:
@@ -375,12 +399,13 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         validate_deepspeed(cfg)
     if cfg.model.arch in TRANSLATION_ARCHS:
         validate_translation(cfg)
+    elif cfg.model.arch == "esrgan":
+        validate_esrgan(cfg)
     elif cfg.model.norm == "instance" or cfg.model.d_norm == "instance":
         raise ConfigError("model.norm", f"instance norm is for the image-to-image models, not {cfg.model.arch}")
 
 
 TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
-EVAL_METRICS = ("fid", "kid", "pr", "modes", "classes", "stacked")
 
 
 def validate_eval(cfg: Config) -> None:
@@ -434,7 +459,7 @@ def validate_deepspeed(cfg: Config) -> None:
         raise ConfigError("deepspeed.zero_stage", f"must be 1 or 2 (0 is plain data parallelism: strategy=ddp); got {stage}")
     if cfg.deepspeed.bucket_size <= 0:
         raise ConfigError("deepspeed.bucket_size", f"must be > 0; got {cfg.deepspeed.bucket_size}")
-    if cfg.model.arch in TRANSLATION_ARCHS:
+    if cfg.model.arch in TRANSLATION_ARCHS + ("esrgan",):
         raise ConfigError("strategy", f"deepspeed trains the GAN recipes; {cfg.model.arch} runs use strategy=ddp")
     if cfg.precision == "fp64":
         raise ConfigError("precision", "fp64 (for equivalence checks) runs with strategy=ddp; deepspeed trains in fp32, bf16 or fp16")
@@ -495,6 +520,42 @@ def validate_translation(cfg: Config) -> None:
                           "must be >= 0 (d_layers >= 1)")
 
 
+def validate_esrgan(cfg: Config) -> None:
+    """What the super-resolution family needs: a crop the scale divides, its losses, sane degradations."""
+    m, t, loss, dg = cfg.model, cfg.train, cfg.loss, cfg.degrade
+    if m.scale not in (2, 4):
+        raise ConfigError("model.scale", f"must be 2 or 4; got {m.scale}")
+    if m.resolution % m.scale:
+        raise ConfigError("model.scale", f"{m.scale} does not divide the HR crop model.resolution={m.resolution}")
+    if m.d_arch == "vgg" and (m.resolution < 32 or m.resolution & (m.resolution - 1)):
+        raise ConfigError("model.resolution", f"the VGG-style D takes a power of two >= 32; got {m.resolution}")
+    if m.d_arch == "unet" and m.resolution % 8:
+        raise ConfigError("model.resolution", f"the U-Net D takes a multiple of 8; got {m.resolution}")
+    if m.d_arch == "unet" and m.spectral_norm:
+        raise ConfigError("model.spectral_norm", "the U-Net D has spectral norm already; leave model.spectral_norm off")
+    if loss.type not in ("ragan", "bce"):
+        raise ConfigError("loss.type", f"esrgan trains with ragan (ESRGAN) or bce (Real-ESRGAN); got {loss.type!r}")
+    for key, value, ok in (("train.n_critic", t.n_critic, 1), ("train.accumulate", t.accumulate, 1),
+                           ("model.num_classes", m.num_classes, 0), ("eval.every_steps", cfg.eval.every_steps, 0)):
+        if value != ok:
+            raise ConfigError(key, f"esrgan runs take {key}={ok} (held-out PSNR/SSIM is logged with the samples); got {value}")
+    for key in ("model.n_blocks", "model.growth"):
+        if to_flat(cfg)[key] <= 0:
+            raise ConfigError(key, f"must be > 0; got {to_flat(cfg)[key]}")
+    for key in ("loss.pixel_weight", "loss.gan_weight", "loss.perceptual_weight", "train.pretrain_steps"):
+        if to_flat(cfg)[key] < 0:
+            raise ConfigError(key, f"must be >= 0; got {to_flat(cfg)[key]}")
+    if loss.perceptual_weights and not os.path.isfile(loss.perceptual_weights):
+        raise ConfigError("loss.perceptual_weights", f"no such file {loss.perceptual_weights!r} (a local torchvision "
+                                                     f"VGG19 state dict; nothing is downloaded)")
+    for key in ("blur", "noise", "jpeg"):
+        if not 0.0 <= getattr(dg, key) <= 1.0:
+            raise ConfigError(f"degrade.{key}", f"a probability in 0..1; got {getattr(dg, key)}")
+    if dg.blur_sigma < 0.2 or dg.noise_sigma < 1.0 or not 1 <= dg.jpeg_quality <= 95:
+        key = "degrade.blur_sigma" if dg.blur_sigma < 0.2 else "degrade.noise_sigma" if dg.noise_sigma < 1 else "degrade.jpeg_quality"
+        raise ConfigError(key, "blur_sigma must be >= 0.2, noise_sigma >= 1 and jpeg_quality in 1..95")
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -516,7 +577,7 @@ def to_flat(cfg: Config) -> dict[str, Any]:
 
 # Which run a key means something to: key (or "prefix.") -> (the key that decides, its values).
 # A key not named here applies to every run. MLflow logs only a run's applicable keys.
-STYLEGAN2, CYCLEGAN, PIX2PIX = ("stylegan2",), ("cyclegan",), ("pix2pix",)
+STYLEGAN2, CYCLEGAN, PIX2PIX, ESRGAN = ("stylegan2",), ("cyclegan",), ("pix2pix",), ("esrgan",)
 APPLIES_WHEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "deepspeed.": ("strategy", ("deepspeed",)),
     "loss.gp_weight": ("loss.type", ("wgan_gp",)),
@@ -534,7 +595,7 @@ APPLIES_WHEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "train.augment": ("model.arch", STYLEGAN2),
     "train.augment_p": ("model.arch", STYLEGAN2),
     "train.ada_": ("model.arch", STYLEGAN2),
-    "model.n_blocks": ("model.arch", CYCLEGAN),
+    "model.n_blocks": ("model.arch", CYCLEGAN + ESRGAN),
     "data.train_b": ("model.arch", CYCLEGAN),
     "data.val_b": ("model.arch", CYCLEGAN),
     "loss.cycle_weight": ("model.arch", CYCLEGAN),
@@ -544,6 +605,15 @@ APPLIES_WHEN: dict[str, tuple[str, tuple[str, ...]]] = {
     "model.dropout": ("model.arch", PIX2PIX),
     "model.direction": ("model.arch", PIX2PIX),
     "loss.l1_weight": ("model.arch", PIX2PIX),
+    "degrade.": ("model.arch", ESRGAN),
+    "model.scale": ("model.arch", ESRGAN),
+    "model.growth": ("model.arch", ESRGAN),
+    "model.d_arch": ("model.arch", ESRGAN),
+    "model.skip": ("model.arch", ESRGAN),
+    "loss.pixel_weight": ("model.arch", ESRGAN),
+    "loss.gan_weight": ("model.arch", ESRGAN),
+    "loss.perceptual_": ("model.arch", ESRGAN),
+    "train.pretrain_steps": ("model.arch", ESRGAN),
 }
 
 

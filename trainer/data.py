@@ -20,14 +20,15 @@ log = logging.getLogger(__name__)
 class DataCursor:
     """Endless stream of this rank's batches; `consumed` counts samples of the epoch across all ranks."""
 
-    def __init__(self, location: str, cfg: Config, env: DistEnv, seed: int | None = None):
+    def __init__(self, location: str, cfg: Config, env: DistEnv, seed: int | None = None, transform=None):
         self.global_batch = cfg.train.batch_size
         spec = StreamSpec(
             seed=cfg.seed if seed is None else seed, rank=env.rank, world_size=env.world_size,
             batch_size=cfg.train.batch_size // env.world_size, pad=cfg.data.pad, drop_last=True,
             flip=cfg.data.flip, block_shards=cfg.data.shuffle_block_shards, on_error=cfg.data.on_error,
             groups=max(1, cfg.data.partition_nodes), ranks_per_node=local_world_size(),
-            cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit, prefetch_shards=cfg.data.prefetch_shards)
+            cache_dir=cfg.data.cache_dir, cache_limit=cfg.data.cache_limit, prefetch_shards=cfg.data.prefetch_shards,
+            transform=transform)
         self.stream = ShardStream(location, spec)
         if self.stream.index.num_samples < self.global_batch:
             raise DataError(f"{location}: {self.stream.index.num_samples} samples, fewer than one "

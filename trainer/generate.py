@@ -33,12 +33,13 @@ def load_checkpoint_state(run_dir: str, checkpoint: str | None = None):
 
 def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = True):
     """(generator in eval mode, config, checkpoint path) from a run directory."""
-    from trainer.models import TRANSLATION_ARCHS
+    from trainer.models import SUPER_RESOLUTION_ARCHS, TRANSLATION_ARCHS
 
     path, state, cfg = load_checkpoint_state(run_dir, checkpoint)
-    if cfg.model.arch in TRANSLATION_ARCHS:
-        raise CheckpointError(f"{path}: a {cfg.model.arch} run translates images rather than sampling them; "
-                              "use `ganforge translate`")
+    if cfg.model.arch in TRANSLATION_ARCHS + SUPER_RESOLUTION_ARCHS:
+        command = "upscale" if cfg.model.arch in SUPER_RESOLUTION_ARCHS else "translate"
+        raise CheckpointError(f"{path}: a {cfg.model.arch} run maps images to images rather than sampling them; "
+                              f"use `ganforge {command}`")
     key = "G_ema" if use_ema else "G"
     if key not in state:
         held = " and ".join(k for k in ("G", "G_ema") if k in state) or "no generator"

@@ -40,7 +40,7 @@ from trainer.distributed import (
     unwrap,
 )
 from trainer.ema import EMA
-from trainer.models import TRANSLATION_ARCHS, build_models
+from trainer.models import SUPER_RESOLUTION_ARCHS, TRANSLATION_ARCHS, build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 from trainer.packing import pack
 from trainer.precision import upcast
@@ -461,10 +461,10 @@ class Reporter:
         t, model = self.t, self.t.cfg.model
         state = next(iter(t.export().values()))
         g, _ = build_models(model)
-        if model.arch in TRANSLATION_ARCHS:
+        if model.arch in TRANSLATION_ARCHS + SUPER_RESOLUTION_ARCHS:  # images in
             g = g.g_ab if hasattr(g, "g_ab") else g  # CycleGAN: the A-to-B generator
-            example = torch.rand(2, model.channels, model.resolution, model.resolution,
-                                 generator=torch.Generator().manual_seed(0)) * 2 - 1
+            side = model.resolution // (model.scale if model.arch in SUPER_RESOLUTION_ARCHS else 1)
+            example = torch.rand(2, model.channels, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
             state = {k.removeprefix("g_ab."): v for k, v in state.items() if not k.startswith("g_ba.")}
         else:
             example = latents(0, 2, model.z_dim)
@@ -502,8 +502,6 @@ def run_training(cfg: Config) -> dict[str, Any]:
 
 def make_trainer(cfg: Config, env: DistEnv) -> TrainerBase:
     """The trainer for the config's model family."""
-    from trainer.models import TRANSLATION_ARCHS
-
     if cfg.model.arch in TRANSLATION_ARCHS:
         from trainer.translation import TranslationTrainer
 
@@ -512,6 +510,10 @@ def make_trainer(cfg: Config, env: DistEnv) -> TrainerBase:
         from trainer.stylegan2_trainer import StyleGAN2Trainer
 
         return StyleGAN2Trainer(cfg, env)
+    if cfg.model.arch == "esrgan":
+        from trainer.esrgan import ESRGANTrainer
+
+        return ESRGANTrainer(cfg, env)
     return Trainer(cfg, env)
 
 

@@ -52,10 +52,12 @@ def prepare(config: str, overrides: list[str]):
             raise DataError(f"data.train: no {INDEX_NAME} in {cfg.data.train} (not written, or its volume "
                             f"not mounted yet); the same command can be retried") from None
         raise ConfigError("data.train", str(e)) from None
-    from trainer.models import POINT_ARCHS, TRANSLATION_ARCHS
+    from trainer.models import POINT_ARCHS, SUPER_RESOLUTION_ARCHS, TRANSLATION_ARCHS
 
     if cfg.model.arch in TRANSLATION_ARCHS:
         return check_translation_data(cfg, index)
+    if cfg.model.arch in SUPER_RESOLUTION_ARCHS:
+        return check_super_resolution_data(cfg, index)
 
     if cfg.model.arch in POINT_ARCHS:
         if index.kind != "points":
@@ -84,16 +86,18 @@ def check_run_dir(path: str) -> None:
         raise ConfigError("run.dir", f"{path} cannot be written ({probe} is not a writable directory)")
 
 
-def check_images(cfg, key: str, index, kind: str) -> None:
-    """The shards at config `key` hold `kind` samples of the model's size and channel count."""
+def check_images(cfg, key: str, index, kind: str, at_least: bool = False) -> None:
+    """The shards at config `key` hold `kind` samples of the model's size (or, `at_least`, one a crop of
+    that size fits in) and channel count."""
     from trainer.config import ConfigError
 
     where = index.root
     if index.kind != kind:
         raise ConfigError(key, f"{where} holds {index.kind} samples; {cfg.model.arch} needs {kind} samples")
     size, channels = index.meta.get("size"), index.meta.get("channels")
-    if size is not None and size != cfg.model.resolution:
-        raise ConfigError("model.resolution", f"{cfg.model.resolution}, but {where} has {size}x{size} images")
+    if size is not None and (size < cfg.model.resolution if at_least else size != cfg.model.resolution):
+        crops = "crops of " if at_least else ""
+        raise ConfigError("model.resolution", f"{crops}{cfg.model.resolution}, but {where} has {size}x{size} images")
     if channels is not None and channels != cfg.model.channels:
         raise ConfigError("model.channels", f"{cfg.model.channels}, but {where} has {channels}-channel images")
 
@@ -114,6 +118,20 @@ def check_translation_data(cfg, index):
             check_images(cfg, key, load_index(location), kind)
         except DataError as e:
             raise ConfigError(key, str(e)) from None
+    return cfg
+
+
+def check_super_resolution_data(cfg, index):
+    """esrgan: HR image shards to crop training pairs from; held-out HR images of exactly the crop size."""
+    from data_pipeline import DataError, load_index
+    from trainer.config import ConfigError
+
+    check_images(cfg, "data.train", index, "image", at_least=True)
+    if cfg.data.val:
+        try:
+            check_images(cfg, "data.val", load_index(cfg.data.val), "image")
+        except DataError as e:
+            raise ConfigError("data.val", str(e)) from None
     return cfg
 
 

@@ -282,15 +282,11 @@ def load_translator(run_dir: str, direction: str | None, checkpoint: str | None 
     return net.eval(), cfg
 
 
-def translate_path(run_dir: str, direction: str, source: str, out_dir: str, checkpoint: str | None = None,
-                   batch: int = 16, log=print) -> list[str]:
-    """Translate an image file, or every image under a folder, into `out_dir` with the same names
-    (and relative paths) and the same sizes; returns the paths written."""
-    from PIL import Image, UnidentifiedImageError
-
+def input_images(source: str, out_dir: str) -> tuple[str, list[str]]:
+    """(folder, image paths relative to it) for an image file or a folder searched recursively;
+    refuses an `out_dir` that is that folder, so no input is overwritten."""
     from data_pipeline import DataError
 
-    net, cfg = load_translator(run_dir, direction, checkpoint)
     if os.path.isdir(source):
         files = sorted(os.path.relpath(os.path.join(d, f), source) for d, _, names in os.walk(source)
                        for f in names if f.lower().endswith(IMAGE_EXTS))
@@ -303,16 +299,36 @@ def translate_path(run_dir: str, direction: str, source: str, out_dir: str, chec
         raise DataError(f"{source}: no images found (looked for {', '.join(IMAGE_EXTS)})")
     if os.path.abspath(out_dir) == os.path.abspath(root):
         raise DataError(f"{out_dir}: is the input folder; choose another --out so no input is overwritten")
+    return root, files
+
+
+def open_image(path: str, mode: str):
+    """A PIL image converted to `mode`; a DataError naming the file when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    from data_pipeline import DataError
+
+    try:
+        return Image.open(path).convert(mode)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+
+
+def translate_path(run_dir: str, direction: str, source: str, out_dir: str, checkpoint: str | None = None,
+                   batch: int = 16, log=print) -> list[str]:
+    """Translate an image file, or every image under a folder, into `out_dir` with the same names
+    (and relative paths) and the same sizes; returns the paths written."""
+    from PIL import Image
+
+    net, cfg = load_translator(run_dir, direction, checkpoint)
+    root, files = input_images(source, out_dir)
     mode, side = ("RGB" if cfg.model.channels == 3 else "L"), cfg.model.resolution
     written = []
     for start in range(0, len(files), batch):
         names = files[start:start + batch]
         images, sizes = [], []
         for name in names:
-            try:
-                img = Image.open(os.path.join(root, name)).convert(mode)
-            except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"{os.path.join(root, name)}: cannot read image ({e})") from None
+            img = open_image(os.path.join(root, name), mode)
             sizes.append(img.size)
             images.append(torch.from_numpy(np.asarray(img.resize((side, side), Image.Resampling.BICUBIC)).copy()))
         x = torch.stack(images)

@@ -66,6 +66,13 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
     else 26,000.
     """
     names = parse_metrics(metrics)
+    if {"psnr", "ssim"} & set(names):
+        if not set(names) <= {"psnr", "ssim"} or not isinstance(source, str):
+            raise EvaluationError("--metrics psnr,ssim measure a super-resolution run on held-out images; "
+                                  "ask for them alone, of an esrgan run directory")
+        from trainer.esrgan import evaluate_upscaling
+
+        return evaluate_upscaling(source, data, checkpoint, use_ema, n)
     env = env or current_env()
     info: dict[str, Any] = {}
     if isinstance(source, str):

@@ -19,6 +19,7 @@ from trainer.models.translation import (
 IMAGE_ARCHS = ("dcgan", "stylegan2")
 POINT_ARCHS = ("mlp",)
 TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
+SUPER_RESOLUTION_ARCHS = ("esrgan",)
 
 
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
@@ -40,6 +41,12 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
         d = StyleGAN2Discriminator(cfg.resolution, cfg.channels, cfg.channel_base, cfg.d_width, cfg.mbstd_group)
     elif cfg.arch in TRANSLATION_ARCHS:
         g, d = build_translation(cfg)
+    elif cfg.arch == "esrgan":
+        from trainer.models.esrgan import RRDBNet, UNetDiscriminatorSN, VGGStyleDiscriminator
+
+        g = RRDBNet(cfg.channels, cfg.scale, cfg.g_width, cfg.n_blocks, cfg.growth, cfg.skip)
+        d = (UNetDiscriminatorSN(cfg.channels, cfg.d_width) if cfg.d_arch == "unet"
+             else VGGStyleDiscriminator(cfg.channels, cfg.d_width, cfg.resolution))
     else:
         raise ValueError(f"unknown model.arch {cfg.arch!r}")
     if cfg.spectral_norm:

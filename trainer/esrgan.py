@@ -1,0 +1,247 @@
+"""Super-resolution training (`model.arch=esrgan`): an RRDB generator, in two stages.
+
+The PSNR stage (`train.pretrain_steps`) trains G on the L1 distance to the HR crop alone; the GAN
+stage adds the perceptual term (when `loss.perceptual_weights` names a VGG19 file) and the
+adversarial term against a VGG-style or U-Net D: relativistic average (ESRGAN, `loss.type=ragan`)
+or plain cross-entropy (Real-ESRGAN, `loss.type=bce`). The relativistic means are over each
+rank's batch, as in BasicSR's per-GPU training.
+
+Pairs are made in the loader workers from HR image shards (data_pipeline/degrade.py): a random
+crop and its degraded LR version, drawn from (seed, epoch, sample) so that they do not depend on
+the world size and a resumed run sees the same pairs. Held-out shards (`data.val`, HR images of
+side model.resolution) are downscaled by bicubic x scale and measured at every sample step:
+PSNR/SSIM on the Y channel with `scale` border pixels cropped (BasicSR's convention), beside
+plain bicubic upscaling's figures.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.degrade import Degradation, bicubic_down, bicubic_up
+from trainer.config import Config
+from trainer.core import TrainerBase, derive_seed
+from trainer.data import DataCursor, to_unit_range
+from trainer.distributed import DistEnv, unwrap
+from trainer.ema import EMA
+from trainer.evaluation.sr_metrics import psnr_y, ssim_y
+from trainer.models import build_models
+from trainer.precision import upcast
+from trainer.sampling import eight_bit, run_in_chunks, save_grid
+
+VAL_GRID = 8  # held-out examples pictured in each sample grid
+VAL_MAX = 64  # held-out examples measured at each sample step (the first ones of the split)
+
+
+@dataclass(frozen=True)
+class PairsFromImages:
+    """The loader's transform: an image sample becomes an {"hr", "lr"} training pair."""
+
+    degradation: Degradation
+
+    def __call__(self, item: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        return self.degradation(item["image"], rng)
+
+
+def degradation(cfg: Config) -> Degradation:
+    dg, m = cfg.degrade, cfg.model
+    return Degradation(scale=m.scale, crop=m.resolution, blur=dg.blur, blur_sigma=(0.2, dg.blur_sigma),
+                       noise=dg.noise, noise_sigma=(1.0, dg.noise_sigma), jpeg=dg.jpeg,
+                       jpeg_quality=(dg.jpeg_quality, 95))
+
+
+def gan_term(kind: str, out: torch.Tensor, other: torch.Tensor | None, real: bool) -> torch.Tensor:
+    """Cross-entropy on logits that `out` is real (or fake); relativistic average (ragan): on
+    `out` minus the mean of the `other` side's logits."""
+    out = upcast(out)
+    if kind == "ragan":
+        out = out - upcast(other).mean()
+    return F.softplus(-out if real else out).mean()
+
+
+class ESRGANTrainer(TrainerBase):
+    """ESRGAN / Real-ESRGAN-style super-resolution for one rank."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        super().__init__(cfg, env)
+        torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
+        g, d = (m.to(env.device) for m in build_models(cfg.model))
+        self.add_phases(g, d)
+        self.ema = EMA(unwrap(self.G.module), cfg.train.ema_kimg, cfg.train.ema_rampup)
+        self.perceptual = None
+        if cfg.loss.perceptual_weights and cfg.loss.perceptual_weight > 0:
+            from trainer.models.esrgan import VGGPerceptual
+
+            self.perceptual = VGGPerceptual(cfg.loss.perceptual_weights).to(env.device)
+        self.data = DataCursor(cfg.data.train, cfg, env, transform=PairsFromImages(degradation(cfg)))
+        self.val = held_out(cfg.data.val, cfg.model.scale) if env.is_main and cfg.data.val else None
+
+    @property
+    def gan_stage(self) -> bool:
+        return self.state.step >= self.cfg.train.pretrain_steps
+
+    def train_step(self) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        self.set_learning_rates(self.state.step, {"G": cfg.train.lr_g, "D": cfg.train.lr_d})
+        batch = self.data.next()
+        lr, hr = to_unit_range(batch["lr"]), to_unit_range(batch["hr"])
+        running = self.snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped
+        stats, fake = self.g_step(lr, hr)
+        skipped = [self.G.skipped]
+        if self.gan_stage:
+            stats |= self.d_step(hr, fake)
+            skipped.append(self.D.skipped)
+        self.finish_step(skipped, running)
+        self.state.step += 1
+        self.state.nimg += cfg.train.batch_size
+        self.ema.update(unwrap(self.G.module), cfg.train.batch_size, self.state.nimg)
+        return stats
+
+    def g_step(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        loss_cfg, d = self.cfg.loss, unwrap(self.D.module)
+        self.trainable(d, False)
+        with self.autocast():
+            fake = self.G.module(lr)
+            pixel = F.l1_loss(upcast(fake), hr)
+            loss = loss_cfg.pixel_weight * pixel
+            stats = {"loss/pixel": pixel.detach()}
+            if self.gan_stage:
+                if self.perceptual is not None:
+                    perceptual = self.perceptual(upcast(fake), hr)
+                    loss = loss + loss_cfg.perceptual_weight * perceptual
+                    stats["loss/perceptual"] = perceptual.detach()
+                fake_out, real_out = d(fake), d(hr).detach()
+                adv = 0.5 * (gan_term(loss_cfg.type, fake_out, real_out, True) +
+                             gan_term(loss_cfg.type, real_out, fake_out, False)) if loss_cfg.type == "ragan" \
+                    else gan_term(loss_cfg.type, fake_out, None, True)
+                loss = loss + loss_cfg.gan_weight * adv
+                stats["loss/g_adv"] = adv.detach()
+        self.G.backward(loss)
+        norm, skipped = self.G.apply()
+        self.trainable(d, True)
+        return stats | {"loss/g": loss.detach(), "grad_norm/g": norm, "skipped/g": self.flag(skipped)}, fake
+
+    def d_step(self, hr: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        kind = self.cfg.loss.type
+        with self.autocast():
+            real_out, fake_out = self.D.module(hr), self.D.module(fake.detach())  # apart, as BN should see them
+            loss = 0.5 * (gan_term(kind, real_out, fake_out, True) + gan_term(kind, fake_out, real_out, False))
+        self.D.backward(loss)
+        norm, skipped = self.D.apply()
+        return {"loss/d": loss.detach(), "d/real": upcast(real_out.detach()).mean(),
+                "d/fake": upcast(fake_out.detach()).mean(), "grad_norm/d": norm, "skipped/d": self.flag(skipped)}
+
+    # -- outputs --------------------------------------------------------------------------------
+    def generator(self) -> torch.nn.Module:
+        return self.ema.model if self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
+
+    def write_samples(self, samples_dir: str, step: int) -> tuple[str | None, dict[str, float]]:
+        """Held-out grid (rows: LR nearest-upscaled | bicubic | ganforge | HR) and PSNR/SSIM beside bicubic's."""
+        if self.val is None:
+            return None, {}
+        scale = self.cfg.model.scale
+        lr, hr, bicubic = self.val["lr"], self.val["hr"], self.val["bicubic"]
+        sr = eight_bit(run_in_chunks(self.generator(), to_unit_range(lr.clone()), batch=16, device=self.env.device))
+        values = measure(sr, hr, bicubic, scale)
+        pick = torch.linspace(0, len(hr) - 1, min(VAL_GRID, len(hr))).round().long().tolist()
+        nearest = lr.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+        grid = to_unit_range(torch.cat([torch.stack([nearest[i], bicubic[i], sr[i], hr[i]]) for i in pick]))
+        path = save_grid(grid, os.path.join(samples_dir, f"step_{step:08d}.png"), nrow=4)
+        save_grid(grid, os.path.join(samples_dir, "latest.png"), nrow=4)
+        return path, values
+
+    def export(self) -> dict[str, Any]:
+        return {"G_ema": self.generator().state_dict()}
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"G_ema": self.ema.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any], path: str) -> None:
+        super().load_state_dict(state, path)
+        self.ema.model.load_state_dict(state["G_ema"])
+
+
+def held_out(location: str, scale: int, n: int = VAL_MAX) -> dict[str, torch.Tensor]:
+    """The first n HR images of `location` (uint8), their bicubic LR and the LR's bicubic upscaling."""
+    from data_pipeline import load_index
+    from data_pipeline.loader import decode_samples
+
+    index = load_index(location)
+    hr = torch.stack([it["image"] for it in decode_samples(index, range(min(n, index.num_samples)))])
+    lr = bicubic_down(hr, scale)
+    return {"hr": hr, "lr": lr, "bicubic": bicubic_up(lr, scale).round().to(torch.uint8)}
+
+
+def measure(sr: torch.Tensor, hr: torch.Tensor, bicubic: torch.Tensor, scale: int) -> dict[str, float]:
+    """Held-out PSNR (dB) and SSIM of the upscaled images and of bicubic's, BasicSR's convention."""
+    return {"val/psnr": psnr_y(sr, hr, scale), "val/ssim": ssim_y(sr, hr, scale),
+            "val/psnr_bicubic": psnr_y(bicubic, hr, scale), "val/ssim_bicubic": ssim_y(bicubic, hr, scale)}
+
+
+def load_upscaler(run_dir: str, checkpoint: str | None = None, use_ema: bool = True):
+    """(generator in eval mode, config, checkpoint path) from an esrgan run or its generator_ema.pt."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.generate import load_checkpoint_state
+    from trainer.models import SUPER_RESOLUTION_ARCHS
+
+    path, state, cfg = load_checkpoint_state(run_dir, checkpoint)
+    if cfg.model.arch not in SUPER_RESOLUTION_ARCHS:
+        raise CheckpointError(f"{path}: a {cfg.model.arch} run does not upscale images; "
+                              "`ganforge upscale` needs an esrgan run")
+    key = "G_ema" if use_ema else "G"
+    if key not in state:
+        raise CheckpointError(f"{path}: no {key} weights (generator_ema.pt keeps only G_ema: pass a checkpoint "
+                              f"for the raw G)")
+    g, _ = build_models(cfg.model)
+    g.load_state_dict(state[key])
+    return g.eval(), cfg, path
+
+
+def upscale_path(run_dir: str, source: str, out_dir: str, checkpoint: str | None = None, tile: int = 0,
+                 use_ema: bool = True, log=print) -> list[str]:
+    """Upscale an image file, or every image under a folder, into `out_dir` under the same names (and
+    relative paths), `model.scale` times larger; `tile` > 0 runs the network on tiles of that many LR
+    pixels (with overlapping context, so no seams) to bound memory. Returns the paths written."""
+    from PIL import Image
+
+    from trainer.tiling import upscale_tiled
+    from trainer.translation import input_images, open_image
+
+    net, cfg, _ = load_upscaler(run_dir, checkpoint, use_ema)
+    root, files = input_images(source, out_dir)
+    mode = "RGB" if cfg.model.channels == 3 else "L"
+    written = []
+    for name in files:
+        pixels = torch.from_numpy(np.asarray(open_image(os.path.join(root, name), mode)).copy())
+        lr = to_unit_range(pixels.reshape(*pixels.shape[:2], -1).permute(2, 0, 1)[None])
+        out = eight_bit(upscale_tiled(net, lr, cfg.model.scale, tile))[0].permute(1, 2, 0).numpy()
+        path = os.path.join(out_dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out).save(path)
+        written.append(path)
+        log(f"upscaled {len(written)}/{len(files)}: {name} {pixels.shape[1]}x{pixels.shape[0]} -> "
+            f"{out.shape[1]}x{out.shape[0]}")
+    return written
+
+
+def evaluate_upscaling(run_dir: str, data: str | None = None, checkpoint: str | None = None, use_ema: bool = True,
+                       n: int | None = None) -> dict[str, Any]:
+    """`ganforge eval --metrics psnr,ssim`: held-out PSNR/SSIM of an esrgan run and of bicubic upscaling,
+    on the first n HR images of `data` (default: the run's data.val)."""
+    from trainer.evaluation.errors import EvaluationError
+
+    net, cfg, path = load_upscaler(run_dir, checkpoint, use_ema)
+    data = data or cfg.data.val
+    if not data:
+        raise EvaluationError(f"{run_dir}: the run has no data.val; pass --data with held-out HR image shards")
+    val = held_out(data, cfg.model.scale, n or 10**9)
+    sr = eight_bit(run_in_chunks(net, to_unit_range(val["lr"].clone()), batch=16))
+    values = measure(sr, val["hr"], val["bicubic"], cfg.model.scale)
+    return {"checkpoint": path, "n": len(sr), **{k.removeprefix("val/"): v for k, v in values.items()}}
