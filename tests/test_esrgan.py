@@ -218,3 +218,36 @@ def test_acceptance_recipe_two_ranks_then_upscale(tmp_path):
                 str(tmp_path / "O"), cwd=str(tmp_path))
     assert u.returncode == 0, u.stderr
     assert Image.open(tmp_path / "O" / "odd.png").size == (200, 148)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "safetensors"])
+def test_export_of_an_upscaler_reloads_and_matches(trained, tmp_path, fmt):
+    """`ganforge export` writes the EMA upscaler, loads it back and compares it on LR inputs."""
+    out = tmp_path / f"g.{fmt}"
+    r = run_cli("export", "--run", trained, "--format", fmt, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and out.stat().st_size > 10_000
+
+
+def test_patches_source_cuts_native_resolution_windows(tmp_path):
+    """`make-shards --source patches`: size x size windows every `step` pixels plus one flush with each
+    edge, pixel-for-pixel crops of the input (never resized); smaller images are left out."""
+    from data_pipeline import load_index
+    from data_pipeline.loader import decode_samples
+    from data_pipeline.sources import patch_offsets
+
+    assert patch_offsets(100, 48, 24) == [0, 24, 48, 52] and patch_offsets(48, 48, 24) == [0]
+    assert patch_offsets(40, 48, 24) == []
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    big = np.random.default_rng(0).integers(0, 255, (70, 100, 3), dtype=np.uint8)
+    Image.fromarray(big).save(photos / "big.png")
+    Image.fromarray(big[:30, :30]).save(photos / "small.png")
+    r = run_cli("data", "make-shards", "--source", "patches", "--input", str(photos), "--size", "48",
+                "--out", str(tmp_path / "shards"))
+    assert r.returncode == 0, r.stderr
+    index = load_index(str(tmp_path / "shards"))
+    starts = [(y, x) for y in patch_offsets(70, 48, 24) for x in patch_offsets(100, 48, 24)]
+    assert index.num_samples == len(starts) == 8 and index.meta["size"] == 48
+    for item, (y, x) in zip(decode_samples(index, range(index.num_samples)), starts, strict=True):
+        assert np.array_equal(item["image"].permute(1, 2, 0).numpy(), big[y:y + 48, x:x + 48])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, to_dict
-from trainer.models import TRANSLATION_ARCHS, build_models
+from trainer.models import SUPER_RESOLUTION_ARCHS, TRANSLATION_ARCHS, build_models
 from trainer.sampling import class_cycle, latents
 
 FORMATS = ("safetensors", "torchscript", "onnx", "exported")
@@ -50,7 +50,7 @@ class LabelledNoiseToImage(NoiseToImage):
 
 
 class ImageToImage(NoiseToImage):
-    """image -> translated image: one translation direction, or pix2pix's generator."""
+    """image -> translated image: one translation direction, pix2pix's generator, or an upscaler."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.g(x)
@@ -94,8 +94,15 @@ def exportable(run_dir: str, checkpoint: str | None = None, use_ema: bool = True
         part = {"AtoB": "g_ab", "BtoA": "g_ba"}[direction] if m.arch == "cyclegan" else ""
         return Exportable(net, part, ImageToImage(net).eval(), (images[0],), ("image",), to_dict(cfg))
     if direction is not None:
-        raise ConfigError("--direction", f"a {m.arch} run generates from noise; --direction is for cyclegan and "
+        raise ConfigError("--direction", f"a {m.arch} run has one generator; --direction is for cyclegan and "
                                          "pix2pix runs")
+    if m.arch in SUPER_RESOLUTION_ARCHS:
+        from trainer.esrgan import load_upscaler
+
+        net, cfg, _ = load_upscaler(run_dir, checkpoint, use_ema)
+        side = m.resolution // m.scale
+        lr = torch.rand(CHECK_ROWS, m.channels, side, side, generator=torch.Generator().manual_seed(CHECK_SEED)) * 2 - 1
+        return Exportable(net, "", ImageToImage(net).eval(), (lr,), ("image",), to_dict(cfg))
     net, cfg, _ = load_generator(run_dir, checkpoint, use_ema)
     z = latents(CHECK_SEED, CHECK_ROWS, m.z_dim)
     if m.num_classes:
