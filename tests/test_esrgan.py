@@ -207,10 +207,11 @@ def test_acceptance_recipe_two_ranks_then_upscale(tmp_path):
     import subprocess
 
     r = subprocess.run([os.path.join(BIN, "ganforge"), "launch", "--config", os.path.join(REPO, RECIPE),
-                        "--nproc-per-node", "2", "train.max_steps=20", "run.dir=R", "log.mlflow_uri=none"],
+                        "--nproc-per-node", "2", "train.max_steps=20", "run.dir=R"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "world size 2" in r.stderr
+    assert (tmp_path / "mlflow.db").exists()  # the run and its generator (LR image in) logged to MLflow
     lr_images = tmp_path / "data" / "sr_photos" / "images" / "test_lr_x4"
     assert Image.open(next(lr_images.iterdir())).size == (32, 32)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 50, 3), dtype=np.uint8)).save(tmp_path / "odd.png")

@@ -37,6 +37,7 @@ from trainer.sampling import eight_bit, run_in_chunks, save_grid
 
 VAL_GRID = 8  # held-out examples pictured in each sample grid
 VAL_MAX = 64  # held-out examples measured at each sample step (the first ones of the split)
+TILE_CONTEXT = 16  # LR pixels of context around each tile of `upscale --tile`: see docs/super_resolution.md
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def upscale_path(run_dir: str, source: str, out_dir: str, checkpoint: str | None
     for name in files:
         pixels = torch.from_numpy(np.asarray(open_image(os.path.join(root, name), mode)).copy())
         lr = to_unit_range(pixels.reshape(*pixels.shape[:2], -1).permute(2, 0, 1)[None])
-        out = eight_bit(upscale_tiled(net, lr, cfg.model.scale, tile))[0].permute(1, 2, 0).numpy()
+        out = eight_bit(upscale_tiled(net, lr, cfg.model.scale, tile, TILE_CONTEXT))[0].permute(1, 2, 0).numpy()
         path = os.path.join(out_dir, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out).save(path)
