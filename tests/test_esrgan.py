@@ -252,3 +252,22 @@ def test_patches_source_cuts_native_resolution_windows(tmp_path):
     assert index.num_samples == len(starts) == 8 and index.meta["size"] == 48
     for item, (y, x) in zip(decode_samples(index, range(index.num_samples)), starts, strict=True):
         assert np.array_equal(item["image"].permute(1, 2, 0).numpy(), big[y:y + 48, x:x + 48])
+
+
+def test_unet_discriminator_and_perceptual_term_train(photos, tmp_path):
+    """Real-ESRGAN's combination: U-Net D with bce, and the VGG19 perceptual term from a local file
+    (random weights here, in torchvision's format): the GAN stage logs every term, finite."""
+    import torchvision
+
+    weights = tmp_path / "vgg19.pth"
+    torch.save(torchvision.models.vgg19(weights=None).state_dict(), weights)
+    run = str(tmp_path / "R")
+    r = run_cli("train", "--config", RECIPE, *data_args(photos), *TINY, f"run.dir={run}", "train.max_steps=3",
+                "train.pretrain_steps=1", "model.d_arch=unet", "loss.type=bce", f"loss.perceptual_weights={weights}",
+                "log.sample_every_steps=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    gan_steps = [m for m in metrics(run) if "loss/d" in m]
+    assert [m["step"] for m in gan_steps] == [2, 3]
+    for m in gan_steps:
+        assert all(np.isfinite(m[k]) for k in ("loss/perceptual", "loss/g_adv", "loss/d", "loss/pixel"))
+        assert m["loss/perceptual"] > 0
