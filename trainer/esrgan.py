@@ -189,13 +189,11 @@ def measure(sr: torch.Tensor, hr: torch.Tensor, bicubic: torch.Tensor, scale: in
 def load_upscaler(run_dir: str, checkpoint: str | None = None, use_ema: bool = True):
     """(generator in eval mode, config, checkpoint path) from an esrgan run or its generator_ema.pt."""
     from trainer.checkpoint import CheckpointError
+    from trainer.families import require_command
     from trainer.generate import load_checkpoint_state
-    from trainer.models import SUPER_RESOLUTION_ARCHS
 
     path, state, cfg = load_checkpoint_state(run_dir, checkpoint)
-    if cfg.model.arch not in SUPER_RESOLUTION_ARCHS:
-        raise CheckpointError(f"{path}: a {cfg.model.arch} run does not upscale images; "
-                              "`ganforge upscale` needs an esrgan run")
+    require_command(cfg.model.arch, "upscale", path)
     key = "G_ema" if use_ema else "G"
     if key not in state:
         raise CheckpointError(f"{path}: no {key} weights (generator_ema.pt keeps only G_ema: pass a checkpoint "

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from trainer.config import ConfigError, to_dict
-from trainer.models import SUPER_RESOLUTION_ARCHS, TRANSLATION_ARCHS, build_models
+from trainer.families import family
+from trainer.models import build_models
 from trainer.sampling import class_cycle, latents
 
 FORMATS = ("safetensors", "torchscript", "onnx", "exported")
@@ -84,7 +85,8 @@ def exportable(run_dir: str, checkpoint: str | None = None, use_ema: bool = True
 
     _, _, cfg = load_checkpoint_state(run_dir, checkpoint)
     m = cfg.model
-    if m.arch in TRANSLATION_ARCHS:
+    command = family(m.arch).command
+    if command == "translate":
         net, cfg = load_translator(run_dir, direction, checkpoint)
         g = torch.Generator().manual_seed(CHECK_SEED)
         images = [torch.rand(CHECK_ROWS, m.channels, m.resolution, m.resolution, generator=g) * 2 - 1
@@ -96,7 +98,7 @@ def exportable(run_dir: str, checkpoint: str | None = None, use_ema: bool = True
     if direction is not None:
         raise ConfigError("--direction", f"a {m.arch} run has one generator; --direction is for cyclegan and "
                                          "pix2pix runs")
-    if m.arch in SUPER_RESOLUTION_ARCHS:
+    if command == "upscale":
         from trainer.esrgan import load_upscaler
 
         net, cfg, _ = load_upscaler(run_dir, checkpoint, use_ema)

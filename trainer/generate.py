@@ -33,13 +33,10 @@ def load_checkpoint_state(run_dir: str, checkpoint: str | None = None):
 
 def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = True):
     """(generator in eval mode, config, checkpoint path) from a run directory."""
-    from trainer.models import SUPER_RESOLUTION_ARCHS, TRANSLATION_ARCHS
+    from trainer.families import require_command
 
     path, state, cfg = load_checkpoint_state(run_dir, checkpoint)
-    if cfg.model.arch in TRANSLATION_ARCHS + SUPER_RESOLUTION_ARCHS:
-        command = "upscale" if cfg.model.arch in SUPER_RESOLUTION_ARCHS else "translate"
-        raise CheckpointError(f"{path}: a {cfg.model.arch} run maps images to images rather than sampling them; "
-                              f"use `ganforge {command}`")
+    require_command(cfg.model.arch, "sample", path)
     key = "G_ema" if use_ema else "G"
     if key not in state:
         held = " and ".join(k for k in ("G", "G_ema") if k in state) or "no generator"

@@ -40,7 +40,8 @@ from trainer.distributed import (
     unwrap,
 )
 from trainer.ema import EMA
-from trainer.models import SUPER_RESOLUTION_ARCHS, TRANSLATION_ARCHS, build_models
+from trainer.families import family
+from trainer.models import build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 from trainer.packing import pack
 from trainer.precision import upcast
@@ -461,9 +462,9 @@ class Reporter:
         t, model = self.t, self.t.cfg.model
         state = next(iter(t.export().values()))
         g, _ = build_models(model)
-        if model.arch in TRANSLATION_ARCHS + SUPER_RESOLUTION_ARCHS:  # images in
+        if family(model.arch).takes == "image":
             g = g.g_ab if hasattr(g, "g_ab") else g  # CycleGAN: the A-to-B generator
-            side = model.resolution // (model.scale if model.arch in SUPER_RESOLUTION_ARCHS else 1)
+            side = model.resolution // (model.scale if model.arch == "esrgan" else 1)  # esrgan takes LR images
             example = torch.rand(2, model.channels, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
             state = {k.removeprefix("g_ab."): v for k, v in state.items() if not k.startswith("g_ba.")}
         else:
@@ -501,20 +502,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
 
 
 def make_trainer(cfg: Config, env: DistEnv) -> TrainerBase:
-    """The trainer for the config's model family."""
-    if cfg.model.arch in TRANSLATION_ARCHS:
-        from trainer.translation import TranslationTrainer
-
-        return TranslationTrainer(cfg, env)
-    if cfg.model.arch == "stylegan2":
-        from trainer.stylegan2_trainer import StyleGAN2Trainer
-
-        return StyleGAN2Trainer(cfg, env)
-    if cfg.model.arch == "esrgan":
-        from trainer.esrgan import ESRGANTrainer
-
-        return ESRGANTrainer(cfg, env)
-    return Trainer(cfg, env)
+    """The trainer for the config's model family (trainer/families.py)."""
+    return family(cfg.model.arch).make_trainer(cfg, env)
 
 
 def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:

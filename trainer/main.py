@@ -52,26 +52,9 @@ def prepare(config: str, overrides: list[str]):
             raise DataError(f"data.train: no {INDEX_NAME} in {cfg.data.train} (not written, or its volume "
                             f"not mounted yet); the same command can be retried") from None
         raise ConfigError("data.train", str(e)) from None
-    from trainer.models import POINT_ARCHS, SUPER_RESOLUTION_ARCHS, TRANSLATION_ARCHS
+    from trainer.families import family
 
-    if cfg.model.arch in TRANSLATION_ARCHS:
-        return check_translation_data(cfg, index)
-    if cfg.model.arch in SUPER_RESOLUTION_ARCHS:
-        return check_super_resolution_data(cfg, index)
-
-    if cfg.model.arch in POINT_ARCHS:
-        if index.kind != "points":
-            raise ConfigError("model.arch", f"{cfg.model.arch} models 2-D points; {cfg.data.train} holds {index.kind} samples")
-        dims = index.meta.get("dims", 2)
-        if dims != cfg.model.channels:
-            raise ConfigError("model.channels", f"{cfg.model.channels}, but {cfg.data.train} has {dims}-D points")
-        return cfg
-    check_images(cfg, "data.train", index, "image")
-    if cfg.model.num_classes and not index.meta.get("label_names"):
-        raise ConfigError("model.num_classes", f"{cfg.data.train} has no labels for a conditional model")
-    classes = len(index.meta.get("label_names") or [])
-    if cfg.model.num_classes and classes > cfg.model.num_classes:
-        raise ConfigError("model.num_classes", f"{cfg.model.num_classes}, but {cfg.data.train} has {classes} classes")
+    family(cfg.model.arch).check_data(cfg, index)
     return cfg
 
 
@@ -84,55 +67,6 @@ def check_run_dir(path: str) -> None:
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError("run.dir", f"{path} cannot be written ({probe} is not a writable directory)")
-
-
-def check_images(cfg, key: str, index, kind: str, at_least: bool = False) -> None:
-    """The shards at config `key` hold `kind` samples of the model's size (or, `at_least`, one a crop of
-    that size fits in) and channel count."""
-    from trainer.config import ConfigError
-
-    where = index.root
-    if index.kind != kind:
-        raise ConfigError(key, f"{where} holds {index.kind} samples; {cfg.model.arch} needs {kind} samples")
-    size, channels = index.meta.get("size"), index.meta.get("channels")
-    if size is not None and (size < cfg.model.resolution if at_least else size != cfg.model.resolution):
-        crops = "crops of " if at_least else ""
-        raise ConfigError("model.resolution", f"{crops}{cfg.model.resolution}, but {where} has {size}x{size} images")
-    if channels is not None and channels != cfg.model.channels:
-        raise ConfigError("model.channels", f"{cfg.model.channels}, but {where} has {channels}-channel images")
-
-
-def check_translation_data(cfg, index):
-    """CycleGAN: two image domains (and held-out ones); pix2pix: paired shards."""
-    from data_pipeline import DataError, load_index
-    from trainer.config import ConfigError
-
-    kind = "image" if cfg.model.arch == "cyclegan" else "paired"
-    check_images(cfg, "data.train", index, kind)
-    keys = ["data.val"] + (["data.train_b", "data.val_b"] if cfg.model.arch == "cyclegan" else [])
-    for key in keys:
-        location = getattr(cfg.data, key.split(".")[1])
-        if not location:
-            continue
-        try:
-            check_images(cfg, key, load_index(location), kind)
-        except DataError as e:
-            raise ConfigError(key, str(e)) from None
-    return cfg
-
-
-def check_super_resolution_data(cfg, index):
-    """esrgan: HR image shards to crop training pairs from; held-out HR images of exactly the crop size."""
-    from data_pipeline import DataError, load_index
-    from trainer.config import ConfigError
-
-    check_images(cfg, "data.train", index, "image", at_least=True)
-    if cfg.data.val:
-        try:
-            check_images(cfg, "data.val", load_index(cfg.data.val), "image")
-        except DataError as e:
-            raise ConfigError("data.val", str(e)) from None
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -263,13 +263,11 @@ def load_translator(run_dir: str, direction: str | None, checkpoint: str | None 
 
     `direction` None gives the whole generator: CycleGAN's pair (g_ab, g_ba), or pix2pix's one net."""
     from trainer.checkpoint import CheckpointError
+    from trainer.families import require_command
     from trainer.generate import load_checkpoint_state
-    from trainer.models import TRANSLATION_ARCHS
 
     path, state, cfg = load_checkpoint_state(run_dir, checkpoint)
-    if cfg.model.arch not in TRANSLATION_ARCHS:
-        raise CheckpointError(f"{path}: a {cfg.model.arch} run generates images from noise; "
-                              "`ganforge translate` needs a cyclegan or pix2pix run (use `ganforge sample`)")
+    require_command(cfg.model.arch, "translate", path)
     g, _ = build_models(cfg.model)
     g.load_state_dict(state["G"])
     if cfg.model.arch == "pix2pix":

@@ -16,10 +16,7 @@ from trainer.models.translation import (
     UnetGenerator,
 )
 
-IMAGE_ARCHS = ("dcgan", "stylegan2")
-POINT_ARCHS = ("mlp",)
 TRANSLATION_ARCHS = ("cyclegan", "pix2pix")
-SUPER_RESOLUTION_ARCHS = ("esrgan",)
 
 
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
