@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from launcher import config_cli, data_cli, eval_cli, export_cli, k8s, launch, runs_cli
@@ -13,6 +14,8 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ganforge", description="Distributed GAN training from WebDataset shards.")
+    p.add_argument("--plugin", action="append", metavar="MODULE",
+                   help="import this module's FAMILIES (model families from outside ganforge; also $GANFORGE_PLUGINS)")
     sub = p.add_subparsers(dest="cmd", required=True)
     data_cli.add_parser(sub)
     launch.add_parser(sub)
@@ -117,6 +120,10 @@ def demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # before anything imports torch: --help stays fast
+    if args.plugin:  # in the environment, so every process a launch starts loads them too
+        from trainer.plugins import ENV
+
+        os.environ[ENV] = ",".join(filter(None, [os.environ.get(ENV, ""), *args.plugin]))
     from trainer.logs import setup
 
     setup()

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from trainer.plugins import PluginError, discovered
+
 
 class ConfigError(Exception):
     """A bad configuration; `key` is the dotted name at fault."""
@@ -320,7 +322,12 @@ def load_config(path: str | list[str] | None, overrides: list[str] = ()) -> Conf
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Reject impossible values and combinations, naming the key."""
     flat = to_flat(cfg)
+    try:
+        plugged = discovered()
+    except PluginError as e:
+        raise ConfigError("model.arch", str(e)) from None
     for key, allowed in CHOICES.items():
+        allowed = allowed + tuple(plugged) if key == "model.arch" else allowed
         if flat[key] not in allowed:
             raise ConfigError(key, f"must be one of {', '.join(allowed)}; got {flat[key]!r}")
     positive = ["train.batch_size", "train.max_steps", "train.n_critic", "train.accumulate",
@@ -401,6 +408,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         validate_translation(cfg)
     elif cfg.model.arch == "esrgan":
         validate_esrgan(cfg)
+    elif cfg.model.arch in plugged and plugged[cfg.model.arch].validate:
+        plugged[cfg.model.arch].validate(cfg)  # a plug-in family checks its own keys
     elif cfg.model.norm == "instance" or cfg.model.d_norm == "instance":
         raise ConfigError("model.norm", f"instance norm is for the image-to-image models, not {cfg.model.arch}")
 

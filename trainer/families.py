@@ -14,8 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from torch import nn
+
 from data_pipeline import DataError, load_index
-from trainer.config import Config, ConfigError
+from trainer.config import Config, ConfigError, ModelConfig
+from trainer.plugins import discovered
 
 if TYPE_CHECKING:
     from data_pipeline.index import ShardIndex
@@ -92,6 +95,9 @@ class Family:
     takes: str  # what the generator takes: "noise" (latents) or "image" (it maps one image to another)
     command: str  # the command that uses a saved generator: sample | translate | upscale
     check_data: Callable[[Config, ShardIndex], None]  # what data.train (and the other datasets) must hold
+    # (generator, discriminator) from the model section; the built-in families' are in trainer/models
+    build: Callable[[ModelConfig], tuple[nn.Module, nn.Module]] | None = None
+    validate: Callable[[Config], None] | None = None  # a plug-in's own config checks (ConfigError naming the key)
 
     def make_trainer(self, cfg: Config, env: DistEnv) -> TrainerBase:
         module, name = self.trainer.split(":")
@@ -110,9 +116,12 @@ FAMILIES: dict[str, Family] = {
 
 
 def family(arch: str) -> Family:
-    if arch not in FAMILIES:
-        raise ConfigError("model.arch", f"unknown architecture {arch!r} (choose from {', '.join(FAMILIES)})")
-    return FAMILIES[arch]
+    """The built-in family `arch`, else the plug-in of that name (trainer/plugins.py)."""
+    found = FAMILIES.get(arch) or discovered().get(arch)
+    if found is None:
+        raise ConfigError("model.arch", f"unknown architecture {arch!r} (choose from "
+                                        f"{', '.join([*FAMILIES, *discovered()])})")
+    return found
 
 
 def require_command(arch: str, command: str, where: str) -> None:

@@ -44,8 +44,13 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
         g = RRDBNet(cfg.channels, cfg.scale, cfg.g_width, cfg.n_blocks, cfg.growth, cfg.skip)
         d = (UNetDiscriminatorSN(cfg.channels, cfg.d_width) if cfg.d_arch == "unet"
              else VGGStyleDiscriminator(cfg.channels, cfg.d_width, cfg.resolution))
-    else:
-        raise ValueError(f"unknown model.arch {cfg.arch!r}")
+    else:  # a plug-in family (trainer/plugins.py)
+        from trainer.families import family
+
+        build = family(cfg.arch).build
+        if build is None:
+            raise ValueError(f"model.arch {cfg.arch!r}: its family gives no build function for its networks")
+        g, d = build(cfg)
     if cfg.spectral_norm:
         add_spectral_norm(d)
     return g, d
