@@ -188,7 +188,7 @@ def test_bad_metric_names_are_refused_in_one_line(tmp_path):
     res = run_cli("eval", "--run", str(tmp_path), "--metrics", "fid,bogus")
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == ["ganforge: error: --metrics: unknown metric 'bogus' "
-                                               "(choose from fid, kid, pr, modes, classes, stacked)"]
+                                               "(choose from fid, kid, pr, modes, classes, stacked, psnr, ssim)"]
 
 
 # -- Inception weights --------------------------------------------------------------------------
