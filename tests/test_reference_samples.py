@@ -90,21 +90,20 @@ def image_to_image(recipe: str, run: str, data: list[str]) -> np.ndarray:
     """The raw generator on the first 4 held-out inputs (esrgan: their bicubic x4 downscalings)."""
     from data_pipeline.degrade import bicubic_down
     from trainer.data import to_unit_range
-    from trainer.translation import read_images
+    from trainer.translation import first_images
 
     val = next(d.split("=", 1)[1] for d in data if d.startswith("data.val="))
-    images = read_images(val, 4)
+    images = first_images(val, 4)
     if recipe == "esrgan_cpu":
         from trainer.esrgan import load_upscaler
 
         net, _, _ = load_upscaler(run, use_ema=False)
-        hr = ((images["image"] + 1) * 127.5).round().to(torch.uint8)
-        source = to_unit_range(bicubic_down(hr, 4))
+        source = to_unit_range(bicubic_down(images["image"], 4))
     else:
         from trainer.translation import load_translator
 
         net, _ = load_translator(run, "AtoB" if recipe == "cyclegan_sample_images" else None)
-        source = images["image"] if "image" in images else images["a"]
+        source = to_unit_range(images["image"] if "image" in images else images["a"])
     with torch.no_grad():  # float32, as `ganforge sample` writes its arrays
         return net.float()(source.float()).numpy()
 

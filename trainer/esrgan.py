@@ -148,8 +148,7 @@ class ESRGANTrainer(TrainerBase):
             return None, {}
         scale = self.cfg.model.scale
         lr, hr, bicubic = self.val["lr"], self.val["hr"], self.val["bicubic"]
-        sr = eight_bit(run_in_chunks(self.generator(), to_unit_range(lr.clone()), batch=16, device=self.env.device))
-        values = measure(sr, hr, bicubic, scale)
+        sr, values = measure(self.generator(), self.val, scale, self.env.device)
         pick = torch.linspace(0, len(hr) - 1, min(VAL_GRID, len(hr))).round().long().tolist()
         nearest = lr.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
         grid = to_unit_range(torch.cat([torch.stack([nearest[i], bicubic[i], sr[i], hr[i]]) for i in pick]))
@@ -171,19 +170,21 @@ class ESRGANTrainer(TrainerBase):
 
 def held_out(location: str, scale: int, n: int = VAL_MAX) -> dict[str, torch.Tensor]:
     """The first n HR images of `location` (uint8), their bicubic LR and the LR's bicubic upscaling."""
-    from data_pipeline import load_index
-    from data_pipeline.loader import decode_samples
+    from trainer.translation import first_images
 
-    index = load_index(location)
-    hr = torch.stack([it["image"] for it in decode_samples(index, range(min(n, index.num_samples)))])
+    hr = first_images(location, n)["image"]
     lr = bicubic_down(hr, scale)
     return {"hr": hr, "lr": lr, "bicubic": bicubic_up(lr, scale).round().to(torch.uint8)}
 
 
-def measure(sr: torch.Tensor, hr: torch.Tensor, bicubic: torch.Tensor, scale: int) -> dict[str, float]:
-    """Held-out PSNR (dB) and SSIM of the upscaled images and of bicubic's, BasicSR's convention."""
-    return {"val/psnr": psnr_y(sr, hr, scale), "val/ssim": ssim_y(sr, hr, scale),
-            "val/psnr_bicubic": psnr_y(bicubic, hr, scale), "val/ssim_bicubic": ssim_y(bicubic, hr, scale)}
+def measure(net: torch.nn.Module, val: dict[str, torch.Tensor], scale: int,
+            device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict[str, float]]:
+    """`net`'s 8-bit upscalings of the held-out LR images, and their PSNR (dB) and SSIM beside
+    bicubic's, BasicSR's convention."""
+    sr = eight_bit(run_in_chunks(net, to_unit_range(val["lr"].clone()), batch=16, device=device))
+    hr, bicubic = val["hr"], val["bicubic"]
+    return sr, {"val/psnr": psnr_y(sr, hr, scale), "val/ssim": ssim_y(sr, hr, scale),
+                "val/psnr_bicubic": psnr_y(bicubic, hr, scale), "val/ssim_bicubic": ssim_y(bicubic, hr, scale)}
 
 
 def load_upscaler(run_dir: str, checkpoint: str | None = None, use_ema: bool = True):
@@ -240,7 +241,5 @@ def evaluate_upscaling(run_dir: str, data: str | None = None, checkpoint: str | 
     data = data or cfg.data.val
     if not data:
         raise EvaluationError(f"{run_dir}: the run has no data.val; pass --data with held-out HR image shards")
-    val = held_out(data, cfg.model.scale, n or 10**9)
-    sr = eight_bit(run_in_chunks(net, to_unit_range(val["lr"].clone()), batch=16))
-    values = measure(sr, val["hr"], val["bicubic"], cfg.model.scale)
+    sr, values = measure(net, held_out(data, cfg.model.scale, n or 10**9), cfg.model.scale)
     return {"checkpoint": path, "n": len(sr), **{k.removeprefix("val/"): v for k, v in values.items()}}

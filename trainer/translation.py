@@ -74,11 +74,16 @@ class ImagePool:
         self.images = [img.to(device) for img in images][: self.size]
 
 
-def read_images(location: str, n: int) -> dict[str, torch.Tensor]:
-    """The first n samples of a shard directory, in [-1, 1]: {"image"} or, for pairs, {"a", "b"}."""
+def first_images(location: str, n: int) -> dict[str, torch.Tensor]:
+    """The first n samples of a shard directory as stored (uint8): {"image"} or, for pairs, {"a", "b"}."""
     index = load_index(location)
     items = decode_samples(index, range(min(n, index.num_samples)))
-    return {k: to_unit_range(torch.stack([it[k] for it in items])) for k in items[0] if k != "label"}
+    return {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "label"}
+
+
+def read_images(location: str, n: int) -> dict[str, torch.Tensor]:
+    """The first n samples of a shard directory, in [-1, 1]: {"image"} or, for pairs, {"a", "b"}."""
+    return {k: to_unit_range(v) for k, v in first_images(location, n).items()}
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
