@@ -37,7 +37,7 @@ from trainer.sampling import eight_bit, run_in_chunks, save_grid
 
 VAL_GRID = 8  # held-out examples pictured in each sample grid
 VAL_MAX = 64  # held-out examples measured at each sample step (the first ones of the split)
-TILE_CONTEXT = 16  # LR pixels of context around each tile of `upscale --tile`: see docs/super_resolution.md
+TILE_CONTEXT = 16  # LR pixels of context around each tile of `upscale --tile`: bench/tiling.py measures the seams
 
 
 @dataclass(frozen=True)
