@@ -105,8 +105,11 @@ def translate(args: argparse.Namespace) -> int:
 
 
 def upscale(args: argparse.Namespace) -> int:
+    from trainer.config import ConfigError
     from trainer.esrgan import upscale_path
 
+    if args.tile < 0:
+        raise ConfigError("--tile", f"tile side in LR pixels, 0 for the whole image; got {args.tile}")
     written = upscale_path(args.run, args.input, args.out, args.checkpoint, args.tile, not args.no_ema, log=log.info)
     print(f"wrote {len(written)} images to {args.out}")
     return 0

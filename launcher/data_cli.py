@@ -80,7 +80,7 @@ def make_shards(args: argparse.Namespace) -> int:
     elif args.source == "paired":
         src = sources.paired_source(args.input, size, args.format)
     elif args.source == "patches":
-        src = sources.patches_source(args.input, size, args.step or size // 2, args.format)
+        src = sources.patches_source(args.input, size, size // 2 if args.step is None else args.step, args.format)
     else:
         src = sources.gaussians_source(args.mixture, 100_000 if args.n is None else args.n, args.seed)
     per_shard = args.samples_per_shard or (10_000 if args.source == "gaussians" else 256)

@@ -131,6 +131,10 @@ def test_upscale_odd_size_gray_input_and_names(trained, tmp_path):
     assert gray.size == (96, 80) and gray.mode == "RGB"
     same = run_cli("upscale", "--run", trained, "--input", str(inputs), "--out", str(inputs))
     assert same.returncode == 1 and "overwritten" in same.stderr
+    negative = run_cli("upscale", "--run", trained, "--input", str(inputs), "--out", str(tmp_path / "neg"),
+                       "--tile", "-4")
+    assert negative.returncode == 2 and "config error: --tile:" in negative.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "neg")
     noise = run_cli("sample", "--run", trained, "--n", "4", "--out", str(tmp_path / "x.png"))
     assert noise.returncode == 1 and "ganforge upscale" in noise.stderr
 
@@ -247,6 +251,11 @@ def test_patches_source_cuts_native_resolution_windows(tmp_path):
     r = run_cli("data", "make-shards", "--source", "patches", "--input", str(photos), "--size", "48",
                 "--out", str(tmp_path / "shards"))
     assert r.returncode == 0, r.stderr
+    for bad, words in ((["--step", "0"], "--step must be > 0"), (["--size", "200"], "no image of at least 200x200")):
+        r = run_cli("data", "make-shards", "--source", "patches", "--input", str(photos), "--size", "48", *bad,
+                    "--out", str(tmp_path / "bad"))
+        assert r.returncode == 1 and words in r.stderr.strip().splitlines()[-1], r.stderr
+        assert not os.path.exists(tmp_path / "bad")
     index = load_index(str(tmp_path / "shards"))
     starts = [(y, x) for y in patch_offsets(70, 48, 24) for x in patch_offsets(100, 48, 24)]
     assert index.num_samples == len(starts) == 8 and index.meta["size"] == 48
