@@ -37,11 +37,11 @@ def main() -> None:
     from bench.workspace import digits_workspace
     from trainer.checkpoint import CheckpointManager, load_latest, read_checkpoint
     from trainer.distributed import init_distributed
-    from trainer.loop import Trainer
+    from trainer.families.gan import GANTrainer
 
     torch.set_num_threads(args.threads)
     cfg, _ = digits_workspace(args.config, "checkpoint", "log.mlflow_uri=none")
-    trainer = Trainer(cfg, init_distributed())
+    trainer = GANTrainer(cfg, init_distributed())
     for _ in range(5):  # warm-up
         trainer.train_step()
     n = args.saves * args.every

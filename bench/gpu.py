@@ -137,14 +137,14 @@ def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: boo
 def ganforge_step(cfg, batch: torch.Tensor, device: torch.device):
     from trainer.data import DataCursor
     from trainer.distributed import DistEnv
-    from trainer.loop import Trainer
+    from trainer.families.gan import GANTrainer
 
     labels = torch.zeros(batch.shape[0], dtype=torch.int64)
     if device.type == "cuda":  # as the loader's pinned batches: a pageable copy would block the host
         labels = labels.pin_memory()
     DataCursor.next = lambda self: {"image": batch.to(device, non_blocking=True),
                                     "label": labels.to(device, non_blocking=True)}
-    return Trainer(cfg, DistEnv(0, 1, 0, device)).train_step
+    return GANTrainer(cfg, DistEnv(0, 1, 0, device)).train_step
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ process) on the same in-memory uint8 batches, so only the loops differ:
   and unwrapped in the G step so only G's gradients flow and are reduced, fused Adam as ganforge
   uses it);
 - `examples`: pytorch/examples dcgan/main.py's loop as users write it;
-- `ganforge`: the real loop (`trainer.loop._run`) with everything at its default cadence:
+- `ganforge`: the real loop (`trainer.run._run`) with everything at its default cadence:
   MLflow (sqlite), progress lines, metrics.jsonl, EMA, sample grids and background checkpoints;
   only the data cursor is swapped for the in-memory batches (the loader has its own benchmark).
   Steps after a warm-up are timed from the start of one step to the start of the last one, so

@@ -37,7 +37,7 @@ def main() -> None:
 
     from trainer.data import DataCursor
     from trainer.distributed import DistEnv
-    from trainer.stylegan2_trainer import StyleGAN2Trainer
+    from trainer.families.stylegan2 import StyleGAN2Trainer
 
     device = torch.device(args.device)
     cfg, _ = digits_workspace(args.config, "stylegan2", f"train.threads={args.threads}", "log.mlflow_uri=none",

@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main() -> None:
     from trainer.data import to_unit_range
-    from trainer.esrgan import load_upscaler
+    from trainer.families.esrgan import load_upscaler
+    from trainer.families.image_to_image import first_images
     from trainer.sampling import eight_bit
     from trainer.tiling import upscale_tiled
-    from trainer.translation import first_images
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)

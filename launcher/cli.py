@@ -97,7 +97,7 @@ def sample(args: argparse.Namespace) -> int:
 
 
 def translate(args: argparse.Namespace) -> int:
-    from trainer.translation import translate_path
+    from trainer.families.image_to_image import translate_path
 
     written = translate_path(args.run, args.direction, args.input, args.out, args.checkpoint, log=log.info)
     print(f"wrote {len(written)} images to {args.out}")
@@ -106,7 +106,7 @@ def translate(args: argparse.Namespace) -> int:
 
 def upscale(args: argparse.Namespace) -> int:
     from trainer.config import ConfigError
-    from trainer.esrgan import upscale_path
+    from trainer.families.esrgan import upscale_path
 
     if args.tile < 0:
         raise ConfigError("--tile", f"tile side in LR pixels, 0 for the whole image; got {args.tile}")

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from trainer.config import load_config  # noqa: E402
 from trainer.distributed import init_distributed, shutdown, unwrap  # noqa: E402
-from trainer.loop import make_trainer  # noqa: E402
+from trainer.run import make_trainer  # noqa: E402
 
 
 def main() -> None:

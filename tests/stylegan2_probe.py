@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data import to_unit_range  # noqa: E402
 from trainer.distributed import init_distributed, mean_across, shutdown, unwrap  # noqa: E402
-from trainer.loop import make_trainer  # noqa: E402
+from trainer.run import make_trainer  # noqa: E402
 
 
 def record_grads(phase, into: list) -> None:

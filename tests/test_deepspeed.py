@@ -101,7 +101,7 @@ def test_a_checkpoint_of_the_other_strategy_is_refused_naming_strategy():
 
 
 def test_generated_deepspeed_config_makes_every_training_setting_explicit(digits_dir):
-    from trainer.deepspeed_strategy import deepspeed_config
+    from trainer.strategies.deepspeed import deepspeed_config
 
     cfg = load_config(RECIPE, [f"data.train={digits_dir}", "strategy=deepspeed", "deepspeed.zero_stage=1"])
     conf = deepspeed_config(cfg, "fp32", world_size=2, numel=1000)
@@ -117,7 +117,7 @@ def test_generated_deepspeed_config_makes_every_training_setting_explicit(digits
 
 
 def test_fp16_loss_scale_backs_off_on_overflow_and_grows_after_an_interval():
-    from trainer.deepspeed_strategy import LossScale
+    from trainer.strategies.deepspeed import LossScale
 
     s = LossScale(init_scale=8.0, growth_interval=2)
     s.update(False)

@@ -31,7 +31,7 @@ def on_cpu(fetch):
 @pytest.mark.parametrize("family", ["dcgan", "wgan_gp", "cyclegan", "pix2pix", "stylegan2"])
 def test_a_step_builds_no_tensor_off_the_trainer_device(family, digits_dir, packaged, tmp_path, monkeypatch):
     from trainer.distributed import DistEnv
-    from trainer.loop import make_trainer
+    from trainer.run import make_trainer
 
     recipe, args = family_args(family, digits_dir, packaged)
     cfg = load_config(recipe, [f"run.dir={tmp_path}/run", "log.mlflow_uri=none", *args, "precision=fp32",

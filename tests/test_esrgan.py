@@ -61,7 +61,7 @@ def test_pairs_depend_on_seed_epoch_and_sample_only(photos):
     of it (crop and every degradation): what a pair is does not depend on the world size."""
     from data_pipeline.degrade import Degradation
     from data_pipeline.loader import ShardStream, StreamSpec
-    from trainer.esrgan import PairsFromImages
+    from trainer.families.esrgan import PairsFromImages
 
     pairs = PairsFromImages(Degradation(scale=4, crop=32, blur=0.5, noise=0.5, jpeg=0.5))
 
@@ -141,7 +141,7 @@ def test_upscale_odd_size_gray_input_and_names(trained, tmp_path):
 
 def test_tiled_upscale_matches_the_whole_image(trained, tmp_path):
     """--tile with the default context reproduces the one-pass output of a 50x37 image."""
-    from trainer.esrgan import load_upscaler
+    from trainer.families.esrgan import load_upscaler
 
     net, _, _ = load_upscaler(trained)
     image = tmp_path / "in" / "odd.png"

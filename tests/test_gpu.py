@@ -57,7 +57,7 @@ def family_args(family: str, digits_dir: str, packaged: dict[str, str]) -> tuple
 
 def train(recipe: str, run_dir: str, *overrides: str) -> dict:
     """A whole run in this process (reporter, samples, checkpoint and EMA included)."""
-    from trainer.loop import run_training
+    from trainer.run import run_training
 
     cfg = load_config(recipe, [f"run.dir={run_dir}", *COMMON, *overrides])
     return run_training(cfg)
@@ -88,7 +88,7 @@ def test_every_family_trains_logs_and_checkpoints_in_half_precision(family, prec
 @pytest.mark.parametrize("family", ["dcgan", "wgan_gp", "cyclegan", "pix2pix", "stylegan2"])
 def test_every_statistic_of_a_step_lives_on_the_trainer_device(family, digits_dir, packaged, tmp_path):
     from trainer.distributed import init_distributed
-    from trainer.loop import make_trainer
+    from trainer.run import make_trainer
 
     recipe, args = family_args(family, digits_dir, packaged)
     cfg = load_config(recipe, [f"run.dir={tmp_path}/run", *COMMON, *args, "precision=bf16"])
@@ -103,11 +103,11 @@ def test_every_statistic_of_a_step_lives_on_the_trainer_device(family, digits_di
 @pytest.mark.parametrize("compile_", [False, True])
 def test_channels_last_or_compiled_networks_train(compile_, digits_dir, tmp_path):
     from trainer.distributed import init_distributed, unwrap
-    from trainer.loop import Trainer
+    from trainer.families.gan import GANTrainer
 
     cfg = load_config("configs/dcgan_digits.yaml", [f"run.dir={tmp_path}/run", *COMMON, f"data.train={digits_dir}",
                                                     *DIGITS, "precision=bf16", f"train.compile={compile_}"])
-    trainer = Trainer(cfg, init_distributed())
+    trainer = GANTrainer(cfg, init_distributed())
     convs = [p for p in unwrap(trainer.D.module).parameters() if p.dim() == 4]
     # channels_last on the GPU, except under compile (inductor picks the layout itself)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) == (
@@ -122,11 +122,11 @@ def test_channels_last_or_compiled_networks_train(compile_, digits_dir, tmp_path
 def test_ema_follows_its_formula_on_the_device(digits_dir, tmp_path):
     from trainer.distributed import init_distributed, unwrap
     from trainer.ema import ema_beta
-    from trainer.loop import Trainer
+    from trainer.families.gan import GANTrainer
 
     cfg = load_config("configs/dcgan_digits.yaml", [f"run.dir={tmp_path}/run", *COMMON, f"data.train={digits_dir}",
                                                     *DIGITS, "precision=bf16"])
-    t = Trainer(cfg, init_distributed())
+    t = GANTrainer(cfg, init_distributed())
     t.train_step()
     ema_before = [p.clone() for p in t.ema.model.parameters()]
     t.train_step()

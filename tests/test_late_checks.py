@@ -14,14 +14,14 @@ TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", "train.batch_siz
 @pytest.fixture()
 def make_trainer(digits_dir, tmp_path, monkeypatch):
     from trainer.distributed import init_distributed
-    from trainer.loop import Trainer
+    from trainer.families.gan import GANTrainer
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
 
-    def make(*overrides: str) -> Trainer:
+    def make(*overrides: str) -> GANTrainer:
         cfg = load_config(RECIPE, [f"data.train={digits_dir}", f"run.dir={tmp_path}/run", *TINY, *overrides])
-        return Trainer(cfg, init_distributed())
+        return GANTrainer(cfg, init_distributed())
 
     return make
 
@@ -54,7 +54,7 @@ def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(make_trainer, m
 def test_a_skipped_translation_step_leaves_batchnorm_statistics_as_they_were(packaged, tmp_path, monkeypatch):
     from tests.test_translation import pix_data
     from trainer.distributed import DistEnv
-    from trainer.translation import TranslationTrainer
+    from trainer.families.image_to_image import TranslationTrainer
 
     cfg = load_config("configs/pix2pix_edges.yaml", [*pix_data(packaged["ep"]), f"run.dir={tmp_path}/run",
                                                      "model.resolution=32", "model.g_width=8", "model.d_width=8",

@@ -74,8 +74,8 @@ import logging, sys
 from trainer.logs import setup
 setup(rank=int(sys.argv[1]))
 import mlflow  # installs its own handler at import; ganforge keeps it quiet
-logging.getLogger("trainer.loop").info("ours at info")
-logging.getLogger("trainer.loop").warning("ours at warning")
+logging.getLogger("trainer.run").info("ours at info")
+logging.getLogger("trainer.run").warning("ours at warning")
 logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
 logging.getLogger("urllib3.connectionpool").info("Starting new HTTP connection")
 logging.getLogger("urllib3.connectionpool").warning("Retrying")

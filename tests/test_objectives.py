@@ -40,16 +40,16 @@ def test_gradient_penalty_and_r1_of_a_linear_critic_are_exact():
 @pytest.fixture()
 def make_trainer(digits_dir, tmp_path, monkeypatch):
     from trainer.distributed import init_distributed
-    from trainer.loop import Trainer
+    from trainer.families.gan import GANTrainer
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
 
-    def make(recipe: str = "configs/dcgan_digits.yaml", *overrides: str) -> Trainer:
+    def make(recipe: str = "configs/dcgan_digits.yaml", *overrides: str) -> GANTrainer:
         cfg = load_config(recipe, [f"data.train={digits_dir}", f"run.dir={tmp_path}/run", "log.mlflow_uri=none",
                                    "model.g_width=8", "model.d_width=8", "model.z_dim=16",
                                    "train.batch_size=16", *overrides])
-        return Trainer(cfg, init_distributed())
+        return GANTrainer(cfg, init_distributed())
 
     return make
 
@@ -74,7 +74,7 @@ def test_gradient_accumulation_equals_the_full_batch(make_trainer):
 
 
 def test_nonfinite_step_is_skipped_and_repeated_ones_abort(make_trainer):
-    from trainer.loop import TrainingError
+    from trainer.core import TrainingError
 
     t = make_trainer("configs/dcgan_digits.yaml", "train.max_nonfinite=3")
     assert t.D.opt.defaults["fused"]  # the skip is decided on the device, by the fused kernel

@@ -90,11 +90,11 @@ def test_a_pack_is_the_global_positions_q_and_q_plus_batch_over_k(digits_dir):
 
 def make_trainer(digits_dir: str, tmp_path, *overrides: str):
     from trainer.distributed import init_distributed
-    from trainer.loop import Trainer
+    from trainer.families.gan import GANTrainer
 
     cfg = load_config(RECIPE, [f"data.train={digits_dir}", f"run.dir={tmp_path}/run", *TINY, "model.norm=none",
                                *overrides])
-    return Trainer(cfg, init_distributed())
+    return GANTrainer(cfg, init_distributed())
 
 
 @pytest.fixture()

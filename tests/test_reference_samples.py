@@ -90,17 +90,17 @@ def image_to_image(recipe: str, run: str, data: list[str]) -> np.ndarray:
     """The raw generator on the first 4 held-out inputs (esrgan: their bicubic x4 downscalings)."""
     from data_pipeline.degrade import bicubic_down
     from trainer.data import to_unit_range
-    from trainer.translation import first_images
+    from trainer.families.image_to_image import first_images
 
     val = next(d.split("=", 1)[1] for d in data if d.startswith("data.val="))
     images = first_images(val, 4)
     if recipe == "esrgan_cpu":
-        from trainer.esrgan import load_upscaler
+        from trainer.families.esrgan import load_upscaler
 
         net, _, _ = load_upscaler(run, use_ema=False)
         source = to_unit_range(bicubic_down(images["image"], 4))
     else:
-        from trainer.translation import load_translator
+        from trainer.families.image_to_image import load_translator
 
         net, _ = load_translator(run, "AtoB" if recipe == "cyclegan_sample_images" else None)
         source = to_unit_range(images["image"] if "image" in images else images["a"])

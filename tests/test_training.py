@@ -21,12 +21,12 @@ TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", "train.batch_siz
 def single_trainer(digits_dir, tmp_path, monkeypatch):
     from trainer.config import load_config
     from trainer.distributed import init_distributed
-    from trainer.loop import Trainer
+    from trainer.families.gan import GANTrainer
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     cfg = load_config(RECIPE, [f"data.train={digits_dir}", f"run.dir={tmp_path}/run", *TINY])
-    return Trainer(cfg, init_distributed())
+    return GANTrainer(cfg, init_distributed())
 
 
 def record_gradients(module: torch.nn.Module) -> list[str]:

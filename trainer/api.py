@@ -25,8 +25,8 @@ from trainer.sampling import class_cycle, latents, run_in_chunks
 def train(config: str | list[str], overrides: list[str] = ()) -> dict[str, Any]:
     """Train per the YAML recipe(s) and dotted overrides, resuming from run.dir's newest checkpoint;
     returns the summary (step, checkpoint, samples, run_dir, MLflow run) on rank 0."""
-    from trainer.loop import run_training
     from trainer.main import prepare
+    from trainer.run import run_training
 
     return run_training(prepare(config, list(overrides)))
 
@@ -40,11 +40,11 @@ def load_generator(run_dir: str, checkpoint: str | None = None, use_ema: bool = 
     _, _, cfg = load_checkpoint_state(run_dir, checkpoint)
     command = family(cfg.model.arch).command
     if command == "translate":
-        from trainer.translation import load_translator
+        from trainer.families.image_to_image import load_translator
 
         return load_translator(run_dir, None, checkpoint)
     if command == "upscale":
-        from trainer.esrgan import load_upscaler
+        from trainer.families.esrgan import load_upscaler
 
         return load_upscaler(run_dir, checkpoint, use_ema)[:2]
     from trainer.generate import load_generator as load

@@ -1,7 +1,7 @@
 """What every trainer shares: phases, counters, precision, seeds and the learning-rate schedule.
 
 `trainer.loop.Trainer` (unconditional and class-conditional GANs) and
-`trainer.translation.TranslationTrainer` (CycleGAN, pix2pix) build on `TrainerBase`; the run
+`trainer.families.image_to_image.TranslationTrainer` (CycleGAN, pix2pix) build on `TrainerBase`; the run
 loop in `trainer.loop` drives either through the same small surface: `train_step`,
 `phases`, `state`, `data`, `state_dict`/`load_state_dict`, `write_samples` and `export`.
 """
@@ -11,18 +11,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from trainer import __version__
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, to_dict
-from trainer.distributed import DistEnv, unwrap, wrap
+from trainer.distributed import DistEnv, unwrap
 from trainer.precision import default_dtype, resolve_precision
 from trainer.redact import redact
 from trainer.running_stats import (
@@ -31,6 +31,7 @@ from trainer.running_stats import (
     running_stats,
     snapshot_running_stats,
 )
+from trainer.strategies import strategy
 
 
 def derive_seed(*parts: int) -> int:
@@ -58,51 +59,79 @@ class TrainingError(Exception):
 
 
 @dataclass
+class Update:
+    """What one phase update reports, every tensor on the device: its loss terms (means over the
+    micro-batches), the gradient norm, and whether the step was skipped (a bool)."""
+
+    terms: dict[str, torch.Tensor]
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor
+
+    def stats(self, suffix: str) -> dict[str, torch.Tensor]:
+        """The terms, then `grad_norm/<suffix>` and `skipped/<suffix>` (0/1 in the default dtype)."""
+        return self.terms | {f"grad_norm/{suffix}": self.grad_norm,
+                             f"skipped/{suffix}": self.skipped.to(torch.get_default_dtype())}
+
+
+LossFn = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
 class Phase:
-    """One network's update: its (possibly DDP-wrapped) module, optimiser and own loss scaler."""
+    """One network's update: its module (as the strategy wraps it), optimiser and own loss scaler.
+
+    `update` is the one update path of every family; a strategy (trainer/strategies) supplies
+    how gradients are made, reduced and applied: `backward`, `accumulating` and `apply`.
+    """
 
     name: str
     module: nn.Module
     opt: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    scaler: Any
     grad_clip: float = 0.0
+    params: list[torch.Tensor] = field(default_factory=list, repr=False)  # the trainable ones (not frozen)
     skipped: torch.Tensor | None = None  # whether the last apply() skipped its step: a bool on the device
-    params: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def update(self, loss_fn: LossFn, frozen: Phase | None = None, micro_batches: int = 1) -> Update:
+        """One optimiser step of this phase's network.
+
+        `loss_fn(i)` returns (loss, terms) of micro-batch i; the losses are backpropagated (each
+        divided by `micro_batches`) with the gradient reduction held back until the last one,
+        then `apply` unscales, measures, clips and steps. The `frozen` phase's network takes no
+        gradient meanwhile (and is trainable again after).
+        """
+        if frozen is not None:
+            frozen.set_trainable(False)
+        self.set_trainable(True)
+        terms: dict[str, list[torch.Tensor]] = {}
+        for i in range(micro_batches):
+            with self.accumulating(last=i == micro_batches - 1):
+                loss, parts = loss_fn(i)
+                self.backward(loss / micro_batches if micro_batches > 1 else loss)
+            for key, value in parts.items():
+                terms.setdefault(key, []).append(value.detach())
+        norm, skipped = self.apply()
+        if frozen is not None:
+            frozen.set_trainable(True)
+        return Update({k: v[0] if len(v) == 1 else torch.stack(v).mean() for k, v in terms.items()}, norm, skipped)
+
+    def set_trainable(self, flag: bool) -> None:
+        """requires_grad of this phase's trainable parameters (frozen ones stay fixed)."""
+        for p in self.params:
+            p.requires_grad_(flag)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of (the scaled) `loss` into this phase's network."""
-        self.scaler.scale(loss).backward()
+        raise NotImplementedError
 
-    def accumulating(self, last: bool):
-        """Skip DDP's gradient all-reduce on all but the last micro-batch."""
-        if last or not isinstance(self.module, DistributedDataParallel):
-            return contextlib.nullcontext()
-        return self.module.no_sync()
+    def accumulating(self, last: bool) -> contextlib.AbstractContextManager:
+        """The context of one micro-batch's backward: hold the gradient reduction unless `last`."""
+        raise NotImplementedError
 
     def apply(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscale, measure (and clip) the gradient norm, then step unless it is non-finite.
-
-        Returns (norm, skipped), both on the device. Gradients are already averaged over ranks
-        here, so every rank takes the same decision; a fused optimiser takes it on the device,
-        so the host does not wait for the GPU (see `step_unless`).
-        """
-        self.scaler.unscale_(self.opt)
-        if self.params is None:  # the same tensors every step: found once
-            self.params = list(self.module.parameters())
-        params = [p for p in self.params if p.grad is not None]
-        grads = [p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.scaler._device)
-        skipped = torch.isfinite(norm).logical_not()
-        if self.grad_clip > 0:  # a non-finite norm turns the gradients to 0 or NaN; the step is skipped anyway
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)  # takes the parameters
-        if self.scaler.is_enabled():  # the fp16 scaler skips the step and lowers its scale itself
-            self.scaler.step(self.opt)
-        else:
-            step_unless(self.opt, skipped)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
-        self.skipped = skipped
-        return norm.detach(), skipped
+        Returns (norm, skipped), both on the device, the same on every rank."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def clamp_weights(self, bound: float) -> None:
@@ -111,7 +140,7 @@ class Phase:
             p.clamp_(-bound, bound)
 
     def gather_state(self) -> None:
-        """Every rank, before a checkpoint: collect state other ranks hold (nothing to do for DDP)."""
+        """Every rank, before a checkpoint: collect state other ranks hold (nothing to do by default)."""
 
     def optimizer_state(self) -> Any:
         return self.opt.state_dict()
@@ -127,23 +156,6 @@ class TrainState:
     nonfinite: int = 0  # steps skipped for a non-finite loss or gradient, in total
     nonfinite_run: int = 0  # ... in a row, up to now
     mlflow_run_id: str | None = None
-
-
-def step_unless(opt: torch.optim.Optimizer, skip: torch.Tensor) -> None:
-    """`opt.step()` unless `skip` (a bool on the device).
-
-    An optimiser with a fused kernel (Adam with fused=True) reads the decision on the device, as
-    it reads the fp16 scaler's `found_inf`: nothing moves and its step counts stay. Any other
-    optimiser (RMSprop) needs the decision on the host: one device sync.
-    """
-    if getattr(opt, "_step_supports_amp_scaling", False):
-        opt.grad_scale, opt.found_inf = None, skip.to(torch.float32)
-        try:
-            opt.step()
-        finally:
-            del opt.grad_scale, opt.found_inf
-    elif not bool(skip):
-        opt.step()
 
 
 def make_optimizer(kind: str, params, lr: float, betas: tuple[float, float],
@@ -175,9 +187,7 @@ class TrainerBase:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         self.state = TrainState()
-        self._flags: torch.Tensor | None = None
         self._running: list[torch.Tensor] | None = None
-        self._trainable: dict[nn.Module, list[nn.Parameter]] = {}
         self.frozen: set[int] = set()  # ids of parameters that never train (see freeze)
         self._nonfinite: torch.Tensor | None = None  # [skipped since last settled, skipped in a row]
 
@@ -193,14 +203,9 @@ class TrainerBase:
         """`module` wrapped for the job, with its own optimiser and (fp16) loss scaler."""
         t = self.cfg.train
         params = [p for p in module.parameters() if id(p) not in self.frozen]
-        opt = make_optimizer(t.optimizer, params, lr, (t.beta1, t.beta2),
-                             fused=self.cfg.strategy == "ddp")  # DeepSpeed steps its own flat partitions
-        if self.cfg.strategy == "deepspeed":
-            from trainer.deepspeed_strategy import make_deepspeed_phase
-
-            return make_deepspeed_phase(name, module, opt, self.cfg, self.env, self.precision)
-        return Phase(name, wrap(module, self.env), opt,
-                     torch.amp.GradScaler(self.env.device.type, enabled=self.precision == "fp16"), t.grad_clip)
+        chosen = strategy(self.cfg.strategy)
+        opt = make_optimizer(t.optimizer, params, lr, (t.beta1, t.beta2), fused=chosen.FUSED_OPTIMIZER)
+        return chosen.make_phase(name, module, params, opt, self.cfg, self.env, self.precision)
 
     def add_phases(self, g: nn.Module, d: nn.Module) -> None:
         """The G and D phases (each network compiled first when train.compile is set)."""
@@ -232,25 +237,6 @@ class TrainerBase:
         for phase in self.phases:
             for group in phase.opt.param_groups:
                 group["lr"] = base[phase.name] * factor
-
-    def flag(self, value: torch.Tensor | bool) -> torch.Tensor:
-        """A 0/1 statistic on the trainer's device in the default dtype, where every statistic of a
-        step lives (the reporter reduces them in one tensor): from a device bool such as
-        `Phase.skipped`, or from a host bool."""
-        if isinstance(value, torch.Tensor):
-            return value.to(torch.get_default_dtype())
-        if self._flags is None:  # built once: a fresh tensor per call would be a host-to-device copy
-            self._flags = torch.tensor([0.0, 1.0], device=self.env.device)
-        return self._flags[int(value)]
-
-    def trainable(self, module: nn.Module, flag: bool) -> None:
-        """`module.requires_grad_(flag)` over a parameter list found once (it runs several times a
-        step; walking the module tree each time costs the host more than the toggles)."""
-        params = self._trainable.get(module)
-        if params is None:
-            params = self._trainable[module] = [p for p in module.parameters() if id(p) not in self.frozen]
-        for p in params:
-            p.requires_grad_(flag)
 
     def snapshot_running_stats(self, *modules: nn.Module) -> Snapshot:
         """A copy of the running statistics of `modules` (the same modules every step: their buffer

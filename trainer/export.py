@@ -80,8 +80,8 @@ def exportable(run_dir: str, checkpoint: str | None = None, use_ema: bool = True
                direction: str | None = None) -> Exportable:
     """The run's generator (its EMA unless `use_ema` is False; translation runs have no EMA) behind
     the signature it is exported with, and fixed inputs to check an export against."""
+    from trainer.families.image_to_image import load_translator
     from trainer.generate import load_checkpoint_state, load_generator
-    from trainer.translation import load_translator
 
     _, _, cfg = load_checkpoint_state(run_dir, checkpoint)
     m = cfg.model
@@ -99,7 +99,7 @@ def exportable(run_dir: str, checkpoint: str | None = None, use_ema: bool = True
         raise ConfigError("--direction", f"a {m.arch} run has one generator; --direction is for cyclegan and "
                                          "pix2pix runs")
     if command == "upscale":
-        from trainer.esrgan import load_upscaler
+        from trainer.families.esrgan import load_upscaler
 
         net, cfg, _ = load_upscaler(run_dir, checkpoint, use_ema)
         side = m.resolution // m.scale

@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"ganforge: error: {e}", file=sys.stderr)
         return 1
-    from trainer.loop import TrainingError, run_training
+    from trainer.core import TrainingError
     from trainer.preemption import EXIT_PREEMPTED, Preempted
+    from trainer.run import run_training
 
     try:
         run_training(cfg)

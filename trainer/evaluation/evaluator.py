@@ -70,7 +70,7 @@ def evaluate(source: str | nn.Module, metrics: str | Sequence[str] = ("fid",), n
         if not set(names) <= {"psnr", "ssim"} or not isinstance(source, str):
             raise EvaluationError("--metrics psnr,ssim measure a super-resolution run on held-out images; "
                                   "ask for them alone, of an esrgan run directory")
-        from trainer.esrgan import evaluate_upscaling
+        from trainer.families.esrgan import evaluate_upscaling
 
         return evaluate_upscaling(source, data, checkpoint, use_ema, n)
     env = env or current_env()

@@ -47,5 +47,5 @@ def validate(cfg) -> None:
         raise ConfigError("model.num_classes", "tinygan is unconditional; set model.num_classes=0")
 
 
-FAMILY = Family(trainer="trainer.loop:Trainer", takes="noise", command="sample", check_data=labelled_images,
+FAMILY = Family(trainer="trainer.families.gan:GANTrainer", takes="noise", command="sample", check_data=labelled_images,
                 build=build, validate=validate)

@@ -104,14 +104,14 @@ class Family:
         return getattr(importlib.import_module(module), name)(cfg, env)
 
 
-GAN = "trainer.loop:Trainer"
+GAN = "trainer.families.gan:GANTrainer"
 FAMILIES: dict[str, Family] = {
     "dcgan": Family(GAN, "noise", "sample", labelled_images),
     "mlp": Family(GAN, "noise", "sample", points),
-    "stylegan2": Family("trainer.stylegan2_trainer:StyleGAN2Trainer", "noise", "sample", labelled_images),
-    "cyclegan": Family("trainer.translation:TranslationTrainer", "image", "translate", two_domains),
-    "pix2pix": Family("trainer.translation:TranslationTrainer", "image", "translate", pairs),
-    "esrgan": Family("trainer.esrgan:ESRGANTrainer", "image", "upscale", crops),
+    "stylegan2": Family("trainer.families.stylegan2:StyleGAN2Trainer", "noise", "sample", labelled_images),
+    "cyclegan": Family("trainer.families.image_to_image:TranslationTrainer", "image", "translate", two_domains),
+    "pix2pix": Family("trainer.families.image_to_image:TranslationTrainer", "image", "translate", pairs),
+    "esrgan": Family("trainer.families.esrgan:ESRGANTrainer", "image", "upscale", crops),
 }
 
 

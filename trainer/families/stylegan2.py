@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from trainer.augment import RANDOM_COLUMNS, AdaptiveP, augment
 from trainer.config import Config
-from trainer.core import TrainerBase, derive_seed, global_draw
+from trainer.core import TrainerBase, Update, derive_seed, global_draw
 from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import DistEnv, average_buffers, mean_across, unwrap
 from trainer.ema import EMA
@@ -77,7 +77,7 @@ class StyleGAN2Trainer(TrainerBase):
         self.ada = AdaptiveP(cfg.train.augment_p, cfg.train.ada_target, cfg.train.ada_interval,
                              cfg.train.ada_kimg, cfg.train.batch_size, adaptive=cfg.train.augment == "ada")
         # The regularisers' latest figures, reported every step (they run every k steps).
-        zero = torch.zeros((), device=env.device)
+        zero = self.zero = torch.zeros((), device=env.device)  # host figures reach the statistics as zero + x
         self.last_reg = ({"loss/pl": zero, "grad_norm/g_reg": zero} if loss.pl_weight > 0 else {}) | \
             ({"loss/r1": zero, "grad_norm/d_reg": zero} if loss.r1_gamma > 0 else {})
         self.data = DataCursor(cfg.data.train, cfg, env)
@@ -111,15 +111,14 @@ class StyleGAN2Trainer(TrainerBase):
     def g_main(self) -> dict[str, torch.Tensor]:
         """Gmain: softplus(-D(augment(G(z)))), D frozen and unwrapped so DDP reduces only G."""
         d = unwrap(self.D.module)
-        self.trainable(d, False)
-        self.trainable(self.G.module, True)
-        with self.autocast():
-            fake = self.G.module(**self.g_inputs(GMAIN, self.cfg.train.batch_size))
-            loss = F.softplus(-upcast(d(self.augmented(fake, GMAIN, 0)))).mean()
-        self.G.backward(loss)
-        norm, skipped = self.G.apply()
-        self.trainable(d, True)
-        return {"loss/g": loss.detach(), "grad_norm/g": norm, "skipped/g": self.flag(skipped)}
+
+        def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with self.autocast():
+                fake = self.G.module(**self.g_inputs(GMAIN, self.cfg.train.batch_size))
+                loss = F.softplus(-upcast(d(self.augmented(fake, GMAIN, 0)))).mean()
+            return loss, {"loss/g": loss}
+
+        return self.G.update(loss_fn, frozen=self.D).stats("g")
 
     def path_length(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(penalty of this rank's rows, the updated running mean): E[(|J_w^T y| - a)^2], y ~ N(0, I) / sqrt(HW).
@@ -139,32 +138,31 @@ class StyleGAN2Trainer(TrainerBase):
         # img[:, 0, 0, 0] * 0 ties every G parameter into the graph, which DDP's reducer expects.
         return (lengths - pl_mean).square().mean() + upcast(img[:, 0, 0, 0]).mean() * 0, pl_mean
 
-    def g_reg(self) -> dict[str, torch.Tensor]:
+    def g_reg(self) -> Update:
         """Greg: the lazy path-length penalty, weighted by pl_weight * pl_every."""
-        self.trainable(unwrap(self.D.module), False)
-        self.trainable(self.G.module, True)
-        penalty, self.pl_mean = self.path_length()
-        self.G.backward(penalty * self.cfg.loss.pl_weight * self.cfg.loss.pl_every)
-        norm, skipped = self.G.apply()
-        self.trainable(unwrap(self.D.module), True)
-        return {"loss/pl": penalty.detach(), "grad_norm/g_reg": norm, "skipped/g": self.flag(skipped)}
+
+        def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            penalty, self.pl_mean = self.path_length()
+            return penalty * self.cfg.loss.pl_weight * self.cfg.loss.pl_every, {"loss/pl": penalty}
+
+        return self.G.update(loss_fn, frozen=self.D)
 
     def d_main(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dmain: softplus(D(augment(G(z)))) + softplus(-D(augment(x))); counts sign(D(real)) for ADA."""
         g = unwrap(self.G.module)
-        self.trainable(g, False)
-        with torch.no_grad(), self.autocast():
-            fake = g(**self.g_inputs(DMAIN, self.cfg.train.batch_size), update_w_avg=True)
-        with self.autocast():
-            fake_out = self.D.module(self.augmented(fake, DMAIN, 0))
-            real_out = self.D.module(self.augmented(real, DMAIN, 1))
-            loss = F.softplus(upcast(fake_out)).mean() + F.softplus(-upcast(real_out)).mean()
-        self.ada.observe(real_out)
-        self.D.backward(loss)
-        norm, skipped = self.D.apply()
-        self.trainable(g, True)
-        return {"loss/d": loss.detach(), "d/real": upcast(real_out.detach()).mean(),
-                "d/fake": upcast(fake_out.detach()).mean(), "grad_norm/d": norm, "skipped/d": self.flag(skipped)}
+
+        def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with torch.no_grad(), self.autocast():
+                fake = g(**self.g_inputs(DMAIN, self.cfg.train.batch_size), update_w_avg=True)
+            with self.autocast():
+                fake_out = self.D.module(self.augmented(fake, DMAIN, 0))
+                real_out = self.D.module(self.augmented(real, DMAIN, 1))
+                loss = F.softplus(upcast(fake_out)).mean() + F.softplus(-upcast(real_out)).mean()
+            self.ada.observe(real_out)
+            return loss, {"loss/d": loss, "d/real": upcast(real_out.detach()).mean(),
+                          "d/fake": upcast(fake_out.detach()).mean()}
+
+        return self.D.update(loss_fn, frozen=self.G).stats("d")
 
     def r1(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(R1 of this rank's rows, D's outputs): E||grad_x D(augment(x))||^2 at the un-augmented reals."""
@@ -173,15 +171,15 @@ class StyleGAN2Trainer(TrainerBase):
             out = self.D.module(self.augmented(x, DREG, 0))
         return r1_penalty(out, x), out
 
-    def d_reg(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
+    def d_reg(self, real: torch.Tensor) -> Update:
         """Dreg: lazy R1, weighted by r1_gamma / 2 * r1_every."""
-        self.trainable(unwrap(self.G.module), False)
-        penalty, out = self.r1(real)
-        loss = penalty * (self.cfg.loss.r1_gamma / 2) * self.cfg.loss.r1_every + upcast(out).mean() * 0
-        self.D.backward(loss)
-        norm, skipped = self.D.apply()
-        self.trainable(unwrap(self.G.module), True)
-        return {"loss/r1": penalty.detach(), "grad_norm/d_reg": norm, "skipped/d": self.flag(skipped)}
+
+        def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            penalty, out = self.r1(real)
+            loss = penalty * (self.cfg.loss.r1_gamma / 2) * self.cfg.loss.r1_every + upcast(out).mean() * 0
+            return loss, {"loss/r1": penalty}
+
+        return self.D.update(loss_fn, frozen=self.G)
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
@@ -191,23 +189,21 @@ class StyleGAN2Trainer(TrainerBase):
         skipped = [self.G.skipped]
         if cfg.loss.pl_weight > 0 and step % cfg.loss.pl_every == 0:
             reg = self.g_reg()
-            reg.pop("skipped/g")
-            skipped.append(self.G.skipped)
-            self.last_reg |= reg
+            skipped.append(reg.skipped)
+            self.last_reg |= reg.terms | {"grad_norm/g_reg": reg.grad_norm}
         stats |= self.d_main(real)
         skipped.append(self.D.skipped)
         if cfg.loss.r1_gamma > 0 and step % cfg.loss.r1_every == 0:
             reg = self.d_reg(real)
-            reg.pop("skipped/d")
-            skipped.append(self.D.skipped)
-            self.last_reg |= reg
+            skipped.append(reg.skipped)
+            self.last_reg |= reg.terms | {"grad_norm/d_reg": reg.grad_norm}
         self.ada.update(step, env)
         average_buffers(self.G.module, env)  # w_avg: the mean over ranks is the mean over the global batch
         self.state.step += 1
         self.state.nimg += cfg.train.batch_size
         self.ema.update(unwrap(self.G.module), cfg.train.batch_size, self.state.nimg)
         self.finish_step(skipped, [])  # no running statistics in StyleGAN2
-        return stats | self.last_reg | {"augment/p": self.flag(0) + self.ada.p, "augment/rt": self.flag(0) + self.ada.rt,
+        return stats | self.last_reg | {"augment/p": self.zero + self.ada.p, "augment/rt": self.zero + self.ada.rt,
                                         "loss/pl_mean": self.pl_mean.detach().clone()}
 
     # -- outputs --------------------------------------------------------------------------------

@@ -143,58 +143,64 @@ class TranslationTrainer(TrainerBase):
         return stats
 
     def cycle_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
+        """Both generators: fool the other domain's D, cycle back (and map each domain to itself); D frozen."""
         cfg, d = self.cfg.loss, unwrap(self.D.module)
-        self.trainable(d, False)
-        with self.autocast():
-            out = self.G.module(a, b, identity=cfg.identity_weight > 0)
-            adv = adversarial(cfg.type, d.d_b(out["fake_b"]), True) + adversarial(cfg.type, d.d_a(out["fake_a"]), True)
-            cycle = F.l1_loss(upcast(out["rec_a"]), a) + F.l1_loss(upcast(out["rec_b"]), b)
-            loss = adv + cfg.cycle_weight * cycle
-            stats = {"loss/g_adv": adv.detach(), "loss/cycle": cycle.detach()}
-            if cfg.identity_weight > 0:
-                idt = F.l1_loss(upcast(out["same_b"]), b) + F.l1_loss(upcast(out["same_a"]), a)
-                loss = loss + cfg.cycle_weight * cfg.identity_weight * idt
-                stats["loss/identity"] = idt.detach()
-        self.G.backward(loss)
-        norm, skipped = self.G.apply()
-        self.trainable(d, True)
-        return stats | {"loss/g": loss.detach(), "grad_norm/g": norm,
-                        "skipped/g": self.flag(skipped)}, (out["fake_a"], out["fake_b"])
+        made: dict[str, torch.Tensor] = {}
+
+        def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with self.autocast():
+                out = made["out"] = self.G.module(a, b, identity=cfg.identity_weight > 0)
+                adv = adversarial(cfg.type, d.d_b(out["fake_b"]), True) + adversarial(cfg.type, d.d_a(out["fake_a"]), True)
+                cycle = F.l1_loss(upcast(out["rec_a"]), a) + F.l1_loss(upcast(out["rec_b"]), b)
+                loss = adv + cfg.cycle_weight * cycle
+                terms = {"loss/g_adv": adv, "loss/cycle": cycle}
+                if cfg.identity_weight > 0:
+                    idt = F.l1_loss(upcast(out["same_b"]), b) + F.l1_loss(upcast(out["same_a"]), a)
+                    loss = loss + cfg.cycle_weight * cfg.identity_weight * idt
+                    terms["loss/identity"] = idt
+            return loss, terms | {"loss/g": loss}
+
+        stats = self.G.update(loss_fn, frozen=self.D).stats("g")
+        return stats, (made["out"]["fake_a"], made["out"]["fake_b"])
 
     def pix2pix_g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
+        """G(a): fool D on (a, G(a)) and stay near b in L1; D frozen."""
         cfg, d = self.cfg.loss, unwrap(self.D.module)
-        self.trainable(d, False)
-        with self.autocast():
-            fake = self.G.module(a)
-            adv = adversarial(cfg.type, d(torch.cat([a, fake], 1)), True)
-            l1 = F.l1_loss(upcast(fake), b)
-            loss = adv + cfg.l1_weight * l1
-        self.G.backward(loss)
-        norm, skipped = self.G.apply()
-        self.trainable(d, True)
-        return {"loss/g": loss.detach(), "loss/g_adv": adv.detach(), "loss/l1": l1.detach(), "grad_norm/g": norm,
-                "skipped/g": self.flag(skipped)}, (fake,)
+        made: list[torch.Tensor] = []
+
+        def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with self.autocast():
+                fake = self.G.module(a)
+                made.append(fake)
+                adv = adversarial(cfg.type, d(torch.cat([a, fake], 1)), True)
+                l1 = F.l1_loss(upcast(fake), b)
+                loss = adv + cfg.l1_weight * l1
+            return loss, {"loss/g": loss, "loss/g_adv": adv, "loss/l1": l1}
+
+        return self.G.update(loss_fn, frozen=self.D).stats("g"), (made[0],)
 
     def d_step(self, a: torch.Tensor, b: torch.Tensor, fakes: tuple) -> dict[str, torch.Tensor]:
         kind, env, step = self.cfg.loss.type, self.env, self.state.step
-        with self.autocast():
-            if self.cycle:
-                fake_a, fake_b = (pool.query(f.detach(), derive_seed(self.cfg.seed, step, 9 + i, env.rank))
-                                  for i, (pool, f) in enumerate(zip(self.pools, fakes, strict=True)))
-                real_a, real_b = self.D.module(a, b)
-                out_a, out_b = self.D.module(fake_a, fake_b)
-                loss_a = 0.5 * (adversarial(kind, real_a, True) + adversarial(kind, out_a, False))
-                loss_b = 0.5 * (adversarial(kind, real_b, True) + adversarial(kind, out_b, False))
-                loss = loss_a + loss_b
-                stats = {"loss/d_a": loss_a.detach(), "loss/d_b": loss_b.detach()}
-            else:
-                real_out = self.D.module(torch.cat([a, b], 1))
-                fake_out = self.D.module(torch.cat([a, fakes[0].detach()], 1))
-                loss = 0.5 * (adversarial(kind, real_out, True) + adversarial(kind, fake_out, False))
-                stats = {"d/real": upcast(real_out.detach()).mean(), "d/fake": upcast(fake_out.detach()).mean()}
-        self.D.backward(loss)
-        norm, skipped = self.D.apply()
-        return stats | {"loss/d": loss.detach(), "grad_norm/d": norm, "skipped/d": self.flag(skipped)}
+
+        def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with self.autocast():
+                if self.cycle:
+                    fake_a, fake_b = (pool.query(f.detach(), derive_seed(self.cfg.seed, step, 9 + i, env.rank))
+                                      for i, (pool, f) in enumerate(zip(self.pools, fakes, strict=True)))
+                    real_a, real_b = self.D.module(a, b)
+                    out_a, out_b = self.D.module(fake_a, fake_b)
+                    loss_a = 0.5 * (adversarial(kind, real_a, True) + adversarial(kind, out_a, False))
+                    loss_b = 0.5 * (adversarial(kind, real_b, True) + adversarial(kind, out_b, False))
+                    loss = loss_a + loss_b
+                    terms = {"loss/d_a": loss_a, "loss/d_b": loss_b}
+                else:
+                    real_out = self.D.module(torch.cat([a, b], 1))
+                    fake_out = self.D.module(torch.cat([a, fakes[0].detach()], 1))
+                    loss = 0.5 * (adversarial(kind, real_out, True) + adversarial(kind, fake_out, False))
+                    terms = {"d/real": upcast(real_out.detach()).mean(), "d/fake": upcast(fake_out.detach()).mean()}
+            return loss, terms | {"loss/d": loss}
+
+        return self.D.update(loss_fn).stats("d")
 
     # -- outputs --------------------------------------------------------------------------------
     @torch.no_grad()

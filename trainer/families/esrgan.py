@@ -105,38 +105,43 @@ class ESRGANTrainer(TrainerBase):
         return stats
 
     def g_step(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """L1 to the HR image, and in the GAN stage the perceptual and adversarial terms; D frozen."""
         loss_cfg, d = self.cfg.loss, unwrap(self.D.module)
-        self.trainable(d, False)
-        with self.autocast():
-            fake = self.G.module(lr)
-            pixel = F.l1_loss(upcast(fake), hr)
-            loss = loss_cfg.pixel_weight * pixel
-            stats = {"loss/pixel": pixel.detach()}
-            if self.gan_stage:
-                if self.perceptual is not None:
-                    perceptual = self.perceptual(upcast(fake), hr)
-                    loss = loss + loss_cfg.perceptual_weight * perceptual
-                    stats["loss/perceptual"] = perceptual.detach()
-                fake_out, real_out = d(fake), d(hr).detach()
-                adv = 0.5 * (gan_term(loss_cfg.type, fake_out, real_out, True) +
-                             gan_term(loss_cfg.type, real_out, fake_out, False)) if loss_cfg.type == "ragan" \
-                    else gan_term(loss_cfg.type, fake_out, None, True)
-                loss = loss + loss_cfg.gan_weight * adv
-                stats["loss/g_adv"] = adv.detach()
-        self.G.backward(loss)
-        norm, skipped = self.G.apply()
-        self.trainable(d, True)
-        return stats | {"loss/g": loss.detach(), "grad_norm/g": norm, "skipped/g": self.flag(skipped)}, fake
+        made: list[torch.Tensor] = []
+
+        def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with self.autocast():
+                fake = self.G.module(lr)
+                made.append(fake)
+                pixel = F.l1_loss(upcast(fake), hr)
+                loss = loss_cfg.pixel_weight * pixel
+                terms = {"loss/pixel": pixel}
+                if self.gan_stage:
+                    if self.perceptual is not None:
+                        perceptual = self.perceptual(upcast(fake), hr)
+                        loss = loss + loss_cfg.perceptual_weight * perceptual
+                        terms["loss/perceptual"] = perceptual
+                    fake_out, real_out = d(fake), d(hr).detach()
+                    adv = 0.5 * (gan_term(loss_cfg.type, fake_out, real_out, True) +
+                                 gan_term(loss_cfg.type, real_out, fake_out, False)) if loss_cfg.type == "ragan" \
+                        else gan_term(loss_cfg.type, fake_out, None, True)
+                    loss = loss + loss_cfg.gan_weight * adv
+                    terms["loss/g_adv"] = adv
+            return loss, terms | {"loss/g": loss}
+
+        return self.G.update(loss_fn, frozen=self.D).stats("g"), made[0]
 
     def d_step(self, hr: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
         kind = self.cfg.loss.type
-        with self.autocast():
-            real_out, fake_out = self.D.module(hr), self.D.module(fake.detach())  # apart, as BN should see them
-            loss = 0.5 * (gan_term(kind, real_out, fake_out, True) + gan_term(kind, fake_out, real_out, False))
-        self.D.backward(loss)
-        norm, skipped = self.D.apply()
-        return {"loss/d": loss.detach(), "d/real": upcast(real_out.detach()).mean(),
-                "d/fake": upcast(fake_out.detach()).mean(), "grad_norm/d": norm, "skipped/d": self.flag(skipped)}
+
+        def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            with self.autocast():
+                real_out, fake_out = self.D.module(hr), self.D.module(fake.detach())  # apart, as BN should see them
+                loss = 0.5 * (gan_term(kind, real_out, fake_out, True) + gan_term(kind, fake_out, real_out, False))
+            return loss, {"loss/d": loss, "d/real": upcast(real_out.detach()).mean(),
+                          "d/fake": upcast(fake_out.detach()).mean()}
+
+        return self.D.update(loss_fn).stats("d")
 
     # -- outputs --------------------------------------------------------------------------------
     def generator(self) -> torch.nn.Module:
@@ -170,7 +175,7 @@ class ESRGANTrainer(TrainerBase):
 
 def held_out(location: str, scale: int, n: int = VAL_MAX) -> dict[str, torch.Tensor]:
     """The first n HR images of `location` (uint8), their bicubic LR and the LR's bicubic upscaling."""
-    from trainer.translation import first_images
+    from trainer.families.image_to_image import first_images
 
     hr = first_images(location, n)["image"]
     lr = bicubic_down(hr, scale)
@@ -211,8 +216,8 @@ def upscale_path(run_dir: str, source: str, out_dir: str, checkpoint: str | None
     pixels (with overlapping context, so no seams) to bound memory. Returns the paths written."""
     from PIL import Image
 
+    from trainer.families.image_to_image import input_images, open_image
     from trainer.tiling import upscale_tiled
-    from trainer.translation import input_images, open_image
 
     net, cfg, _ = load_upscaler(run_dir, checkpoint, use_ema)
     root, files = input_images(source, out_dir)

@@ -3,7 +3,7 @@
 ZeRO-1 splits the optimiser state (Adam's fp32 master weights, exp_avg, exp_avg_sq) over the
 ranks, ZeRO-2 also the reduced gradients; the weights themselves stay whole on every rank, so
 EMA, sampling, weight clipping and BN-statistics averaging work on them as under DDP. The loop
-sees a `DeepSpeedPhase` with the surface of `trainer.core.Phase`.
+sees a `DeepSpeedPhase`: a `trainer.core.Phase` like any other strategy's.
 
 The DeepSpeed config is generated from the ganforge config (`deepspeed_config`) and saved as
 run.dir/deepspeed_<phase>.json. Checkpoints stay ganforge's own: `gather_state` sends every
@@ -221,8 +221,11 @@ def settle_loaded_state(opt: torch.optim.Optimizer) -> None:
                 state["step"] = step if on_device else step.cpu()
 
 
-def make_deepspeed_phase(name: str, module: nn.Module, opt: torch.optim.Optimizer, cfg: Config,
-                         env: DistEnv, precision: str) -> DeepSpeedPhase:
+FUSED_OPTIMIZER = False  # DeepSpeed steps its own flat partitions
+
+
+def make_phase(name: str, module: nn.Module, params: list[torch.Tensor], opt: torch.optim.Optimizer,
+               cfg: Config, env: DistEnv, precision: str) -> DeepSpeedPhase:
     """`module` and `opt` handed to deepspeed.initialize; its config saved as run.dir/deepspeed_<name>.json."""
     prepare_environment(env)
     deepspeed = import_deepspeed()
@@ -238,4 +241,4 @@ def make_deepspeed_phase(name: str, module: nn.Module, opt: torch.optim.Optimize
         scaler = LossScale()
     else:
         scaler = torch.amp.GradScaler(env.device.type, enabled=False)
-    return DeepSpeedPhase(name, engine, optimizer, scaler, cfg.train.grad_clip)
+    return DeepSpeedPhase(name, engine, optimizer, scaler, cfg.train.grad_clip, params)
