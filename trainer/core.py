@@ -8,6 +8,7 @@ loop in `trainer.loop` drives either through the same small surface: `train_step
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import os
@@ -166,10 +167,38 @@ def make_optimizer(kind: str, params, lr: float, betas: tuple[float, float],
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused or None)
 
 
-class TrainerBase:
-    """Precision, threads, counters and the lr schedule; subclasses own the networks and the step."""
+class TrainerBase(abc.ABC):
+    """The trainer contract: what the run loop, the reporter and the checkpoints use of a family's
+    trainer, and nothing else. It also keeps precision, threads, counters and the lr schedule;
+    a family's trainer (trainer/families) owns the networks, their phases and the step.
+
+    A subclass sets `data` (its DataCursor; `datasets()` lists every cursor it reads) and the
+    phases (`add_phases`), and implements `train_step`, `write_samples` and `export`.
+    """
 
     phases: tuple[Phase, ...] = ()
+    data: Any  # trainer.data.DataCursor: the training stream, whose position checkpoints keep
+
+    @abc.abstractmethod
+    def train_step(self) -> dict[str, torch.Tensor]:
+        """One step (every phase of it); returns its statistics, each a scalar on the device."""
+
+    @abc.abstractmethod
+    def write_samples(self, samples_dir: str, step: int) -> tuple[str | None, dict[str, float]]:
+        """Rank 0: the sample grid of this step (its path, or None) and held-out figures that come with it."""
+
+    @abc.abstractmethod
+    def export(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The final generator's weights, by the name a saved generator file keeps them under."""
+
+    def datasets(self) -> list[Any]:
+        """Every DataCursor this trainer reads (the reporter times them, preemption rewinds them)."""
+        return [self.data]
+
+    def generator(self) -> nn.Module:
+        """The generator to evaluate and sample: the EMA copy when the run keeps one."""
+        ema = getattr(self, "ema", None)
+        return ema.model if ema is not None and self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env

@@ -186,8 +186,7 @@ class GANTrainer(TrainerBase):
         return path, {}
 
     def export(self) -> dict[str, Any]:
-        g = self.ema.model if self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
-        return {"G_ema": g.state_dict()}
+        return {"G_ema": self.generator().state_dict()}
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

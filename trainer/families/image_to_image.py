@@ -108,6 +108,9 @@ class TranslationTrainer(TrainerBase):
         self.gathered_pools: list[dict[str, torch.Tensor]] | None = None
         self.val = self._held_out() if env.is_main else None
 
+    def datasets(self) -> list[DataCursor]:
+        return [self.data, self.data_b] if self.cycle else [self.data]
+
     def _held_out(self) -> dict[str, torch.Tensor] | None:
         cfg = self.cfg
         if not cfg.data.val:

@@ -217,8 +217,7 @@ class StyleGAN2Trainer(TrainerBase):
         return path, {}
 
     def export(self) -> dict[str, Any]:
-        g = self.ema.model if self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
-        return {"G_ema": g.state_dict()}
+        return {"G_ema": self.generator().state_dict()}
 
     # -- state ----------------------------------------------------------------------------------
     def gather_state(self) -> None:
