@@ -113,26 +113,27 @@ def tight_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> floa
 
 
 def ganforge_loop(cfg, batches, steps: int, warmup: int, env=None) -> float:
-    from trainer import loop
+    from trainer import run
     from trainer.data import DataCursor
     from trainer.distributed import DistEnv
+    from trainer.families.gan import GANTrainer
 
     feed = itertools.cycle(batches)
     marks: list[float] = []
-    original_step = loop.Trainer.train_step
+    original_step = GANTrainer.train_step
 
     def timed_step(self):
         marks.append(time.perf_counter())
         return original_step(self)
 
     DataCursor.next = lambda self: dict(next(feed))
-    loop.Trainer.train_step = timed_step
+    GANTrainer.train_step = timed_step
     cfg.train.max_steps = steps + warmup + 1
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            loop._run(cfg, env or DistEnv(0, 1, 0, torch.device("cpu")))
+            run._run(cfg, env or DistEnv(0, 1, 0, torch.device("cpu")))
     finally:
-        loop.Trainer.train_step = original_step
+        GANTrainer.train_step = original_step
     return steps * cfg.train.batch_size / (marks[-1] - marks[warmup])
 
 

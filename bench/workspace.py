@@ -10,7 +10,7 @@ def digits_workspace(config: str, name: str, *overrides: str):
     """(config, data dir) for `config` trained on freshly written digits shards in a temp dir."""
     from data_pipeline.sources import digits_source
     from data_pipeline.writer import write_shards
-    from trainer.config import load_config
+    from trainer.families import load_config
 
     work = tempfile.mkdtemp(prefix=f"ganforge-bench-{name}-")
     data = os.path.join(work, "data")

@@ -279,10 +279,6 @@ class ShardStream(IterableDataset):
             return 0
         return ShardCache(self.spec.cache_dir, self.spec.cache_limit, self.index, RemoteClient()).size()
 
-    def batches_left(self) -> int:
-        n, b = len(self.positions()), self.spec.batch_size
-        return n // b if self.spec.drop_last else -(-n // b)
-
     def __iter__(self):
         s = self.spec
         info = get_worker_info()

@@ -53,8 +53,9 @@ def config_keys(prefix: str = "") -> list[Key]:
                 walk(type(default), f"{name}.")
                 continue
             typ = str(f.type)
-            if name in module.CHOICES:
-                typ += " (" + " | ".join(repr(c) if c == "" else c for c in module.CHOICES[name]) + ")"
+            if name in module.CHOICES:  # Literal[...]: the choices' type, then the choices
+                choices = module.CHOICES[name]
+                typ = type(choices[0]).__name__ + " (" + " | ".join(repr(c) if c == "" else str(c) for c in choices) + ")"
             text = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
             keys.append(Key(name, typ, text, comments.get((cls.__name__, f.name), "")))
 
@@ -94,7 +95,8 @@ def keys_cli(args: argparse.Namespace) -> int:
 def show_cli(args: argparse.Namespace) -> int:
     import yaml
 
-    from trainer.config import load_config, to_dict
+    from trainer.config import to_dict
+    from trainer.families import load_config
     from trainer.redact import redact
 
     cfg = load_config(args.config, args.overrides)

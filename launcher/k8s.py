@@ -175,7 +175,8 @@ def write_listed(command: str, files, out: str, force: bool) -> int:
 def run_config(path: str, overrides: list[str], opts: RenderOptions) -> tuple[Any, str]:
     """The config as the pods will see it (paths on the volumes, metrics on, tracking from the
     env), validated, and the YAML text to embed: the recipe as written plus those settings."""
-    from trainer.config import ConfigError, load_config, parse_override, validate
+    from trainer.config import ConfigError, parse_override
+    from trainer.families import check_config, load_config
 
     check_options(opts)
     cfg = load_config(path, overrides)  # ConfigError (exit 2) names the key
@@ -191,7 +192,7 @@ def run_config(path: str, overrides: list[str], opts: RenderOptions) -> tuple[An
     worlds = [n * nproc for n in range(opts.min_nodes or opts.nodes, opts.nodes + 1)]
     for world in worlds:
         try:
-            validate(cfg, world_size=world)
+            check_config(cfg, world_size=world)
         except ConfigError as e:
             if e.key != "train.batch_size" or len(worlds) == 1:
                 raise

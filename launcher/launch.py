@@ -147,10 +147,10 @@ def resolve_nproc(text: str, device: str) -> int:
 
 def check_world_sizes(cfg, nnodes: tuple[int, int], nproc: int) -> None:
     """Every world size the job may take must divide the global batch (an elastic job takes several)."""
-    from trainer.config import validate
+    from trainer.families import check_config
 
     for n in range(nnodes[0], nnodes[1] + 1):
-        validate(cfg, world_size=n * nproc)
+        check_config(cfg, world_size=n * nproc)
 
 
 def rdzv_id(run_name: str) -> str:

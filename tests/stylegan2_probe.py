@@ -15,9 +15,9 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from trainer.config import load_config  # noqa: E402
 from trainer.data import to_unit_range  # noqa: E402
 from trainer.distributed import init_distributed, mean_across, shutdown, unwrap  # noqa: E402
+from trainer.families import load_config  # noqa: E402
 from trainer.run import make_trainer  # noqa: E402
 
 

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from typing import Literal
+
 import pytest
 
 from tests.conftest import run_cli
-from trainer.config import ConfigError, from_dict, load_config, to_dict
+from trainer.config import (
+    Config,
+    ConfigError,
+    DegradeConfig,
+    ModelConfig,
+    apply,
+    from_dict,
+    resolve,
+    to_dict,
+    validate,
+)
+from trainer.families import check_config, load_config
 
 RECIPE = "configs/dcgan_digits.yaml"
 
@@ -34,10 +49,46 @@ def test_bad_override_names_the_key(override, key):
     assert e.value.key == key and key in str(e.value)
 
 
-def test_global_batch_must_split_over_ranks(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "3")
+def test_global_batch_must_split_over_ranks():
     with pytest.raises(ConfigError, match="train.batch_size"):
-        load_config(RECIPE, [])
+        load_config(RECIPE, [], world_size=3)
+
+
+def test_validate_changes_nothing_and_reads_no_environment(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # 64 does not split over 3 ranks: only the caller's world size counts
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")  # checked at startup (prepare), not here
+    cfg = apply(Config(), {"data": {"train": "unused"}, "train": {"batch_size": 64}})
+    before = to_dict(cfg)
+    validate(cfg, world_size=1)
+    check_config(cfg, world_size=1)
+    assert to_dict(cfg) == before and cfg.run.dir == ""  # run.dir is resolve's (load_config's) to fill in
+    assert resolve(cfg).run.dir == "runs/run"
+
+
+def test_declared_bounds_and_choices_are_enforced_by_the_generic_pass():
+    """degrade.jpeg_quality and model.skip are named by no check: only their declarations hold them."""
+    bounds = {f.name: f.metadata.get("bounds") for f in dataclasses.fields(DegradeConfig)}
+    assert bounds["jpeg_quality"] == (1, None, 95)
+    assert typing.get_type_hints(ModelConfig)["skip"] == Literal["none", "bicubic"]
+    cfg = apply(Config(), {"data": {"train": "unused"}})
+    cfg.degrade.jpeg_quality = 0  # set directly: no coercion on the way in
+    with pytest.raises(ConfigError, match=r"config error: degrade\.jpeg_quality: must be in 1\.\.95; got 0$"):
+        validate(cfg)
+    cfg.degrade.jpeg_quality, cfg.model.skip = 95, "residual"
+    with pytest.raises(ConfigError, match=r"config error: model\.skip: must be one of none, bicubic; got 'residual'$"):
+        validate(cfg)
+    cfg.model.skip, cfg.loss.pl_decay = "bicubic", 0.0  # gt and le: an open lower end
+    with pytest.raises(ConfigError, match=r"loss\.pl_decay: must be in \(0, 1\]; got 0\.0$"):
+        validate(cfg)
+
+
+def test_literal_keys_are_coerced_to_their_choices_type_then_checked():
+    assert load_config(RECIPE, ["model.scale=2"]).model.scale == 2
+    for override, key in (("model.scale=3", "model.scale"), ("model.norm=group", "model.norm"),
+                          ("model.scale=two", "model.scale")):
+        with pytest.raises(ConfigError) as e:
+            load_config(RECIPE, [override])
+        assert e.value.key == key
 
 
 def test_cli_exits_2_with_one_line_naming_the_key():

@@ -13,7 +13,8 @@ import torch
 
 from tests.conftest import REPO, run_cli
 from trainer.checkpoint import read_checkpoint
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.families import load_config
 
 RECIPE = "configs/wgan_gp_digits.yaml"
 TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", "train.batch_size=16", "log.mlflow_uri=none",

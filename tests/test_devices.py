@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.test_gpu import family_args
-from trainer.config import load_config
+from trainer.families import load_config
 
 
 def on_cpu(fetch):

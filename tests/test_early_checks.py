@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import run_cli
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.families import load_config
 
 RECIPE = "configs/dcgan_digits.yaml"
 

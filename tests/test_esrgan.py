@@ -87,16 +87,17 @@ def test_pairs_depend_on_seed_epoch_and_sample_only(photos):
 
 
 @pytest.mark.parametrize("overrides, key, words", [
-    (["model.scale=3"], "model.scale", "2 or 4"),
+    (["model.scale=3"], "model.scale", "one of 2, 4"),
     (["model.resolution=66", "model.d_arch=unet", "model.scale=4"], "model.scale", "does not divide"),
     (["loss.perceptual_weights=/nonexistent/vgg19.pth"], "loss.perceptual_weights", "no such file"),
     (["loss.type=hinge"], "loss.type", "ragan"),
     (["model.d_arch=unet", "model.spectral_norm=true"], "model.spectral_norm", "already"),
-    (["degrade.jpeg=1.5"], "degrade.jpeg", "probability"),
+    (["degrade.jpeg=1.5"], "degrade.jpeg", "in 0..1"),
     (["strategy=deepspeed"], "strategy", "ddp"),
 ])
 def test_config_errors_name_the_key(overrides, key, words):
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError
+    from trainer.families import load_config
 
     with pytest.raises(ConfigError) as e:
         load_config(RECIPE, overrides)
@@ -104,7 +105,8 @@ def test_config_errors_name_the_key(overrides, key, words):
 
 
 def test_ragan_is_refused_outside_esrgan():
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError
+    from trainer.families import load_config
 
     with pytest.raises(ConfigError, match="loss.type: ragan"):
         load_config("configs/dcgan_digits.yaml", ["loss.type=ragan"])

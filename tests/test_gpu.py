@@ -20,7 +20,7 @@ import torch
 from tests.conftest import REPO, free_port
 from tests.test_translation import cycle_data, pix_data
 from trainer.checkpoint import read_checkpoint
-from trainer.config import load_config
+from trainer.families import load_config
 
 SMOKE = os.environ.get("GPU_CHECK_CPU_SMOKE") == "1"
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")

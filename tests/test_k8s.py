@@ -107,7 +107,7 @@ def test_pods_are_unprivileged_gpu_pods_with_tracking_and_metrics(rendered, tmp_
     # ... keeping the exporter's `job` label, and selected by kube-prometheus-stack's default selector
     assert all(e["honorLabels"] is True for e in objs["PodMonitor"]["spec"]["podMetricsEndpoints"])
     assert objs["PodMonitor"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    from trainer.config import load_config
+    from trainer.families import load_config
 
     path = tmp_path / "config.yaml"
     path.write_text(objs["ConfigMap"]["data"]["config.yaml"])
@@ -243,7 +243,7 @@ def test_mlflow_uri_none_turns_tracking_off_in_the_run_itself(tmp_path):
     r = render(out, "--mlflow-uri", "none")
     assert r.returncode == 0, r.stderr
     objs = by_kind(load_dir(out))
-    from trainer.config import load_config
+    from trainer.families import load_config
     from trainer.telemetry.mlflow import resolve_tracking_uri
 
     path = tmp_path / "config.yaml"

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tests.conftest import BIN, REPO, free_port, run_cli
-from trainer.config import APPLIES_WHEN, Config, applicable_params, apply, to_flat
+from trainer.config import APPLIES_WHEN, Config, apply, to_flat
+from trainer.families import FAMILIES, applicable_params
 
 RECIPE = "configs/dcgan_digits.yaml"
 TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", "train.batch_size=16"]
@@ -47,6 +48,9 @@ def test_every_rule_names_real_keys():
     for name, (decider, values) in APPLIES_WHEN.items():
         assert any(k == name or k.startswith(name) for k in flat), name
         assert decider in flat and values, name
+    for arch, family in FAMILIES.items():
+        for name in family.keys:
+            assert any(k == name or k.startswith(name) for k in flat), (arch, name)
 
 
 def test_the_served_conditional_generator_reads_labels_from_the_last_column():
@@ -97,7 +101,7 @@ def test_a_finished_run_in_mlflow_has_source_tags_its_params_a_loadable_model_an
     from mlflow.tracking import MlflowClient
 
     from data_pipeline import load_index
-    from trainer.config import load_config
+    from trainer.families import load_config
     from trainer.generate import load_generator
 
     run_dir = tmp_path / "run"

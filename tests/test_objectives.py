@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.config import load_config
+from trainer.families import load_config
 from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
 
 

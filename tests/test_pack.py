@@ -14,7 +14,8 @@ import torch
 
 from tests.conftest import accelerate_cpu, run_cli
 from tests.test_training import assert_two_equal_one
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.families import load_config
 from trainer.packing import pack
 
 RECIPE = "configs/dcgan_digits.yaml"
@@ -180,10 +181,9 @@ def test_pack_one_builds_the_same_networks_as_before():
     (["model.pack=0"], 1, ">= 1"),
     (["model.pack=2", "model.arch=stylegan2", "model.resolution=16"], 1, "not stylegan2"),
 ])
-def test_packs_that_do_not_fit_are_refused_naming_model_pack(digits_dir, overrides, world_size, words, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+def test_packs_that_do_not_fit_are_refused_naming_model_pack(digits_dir, overrides, world_size, words):
     with pytest.raises(ConfigError) as e:
-        load_config(RECIPE, [f"data.train={digits_dir}", "run.dir=unused", *TINY, *overrides])
+        load_config(RECIPE, [f"data.train={digits_dir}", "run.dir=unused", *TINY, *overrides], world_size=world_size)
     assert e.value.key == "model.pack" and words in str(e.value)
 
 

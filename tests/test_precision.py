@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
 from trainer.data import to_unit_range
-from trainer.precision import resolve_precision, upcast
+from trainer.families import load_config
+from trainer.main import prepare
+from trainer.precision import check_launcher_precision, resolve_precision, upcast
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 RECIPE = "configs/dcgan_digits.yaml"
@@ -26,12 +28,15 @@ def test_auto_follows_the_launchers_mixed_precision_unless_the_config_names_one(
 
 
 def test_a_launcher_precision_ganforge_does_not_train_in_stops_auto_naming_the_key(monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    cfg = load_config(RECIPE, ["data.train=unused"])  # the config alone is fine: the launcher is checked at startup
     with pytest.raises(ConfigError) as e:
-        load_config(RECIPE, ["data.train=unused"])
+        prepare(RECIPE, ["data.train=unused"])
     assert e.value.key == "precision" and "fp8" in str(e.value)
-    assert load_config(RECIPE, ["data.train=unused", "precision=bf16"]).precision == "bf16"
+    with pytest.raises(ConfigError, match="precision"):
+        check_launcher_precision(cfg.precision, {"ACCELERATE_MIXED_PRECISION": "fp8"})
+    check_launcher_precision("bf16", {"ACCELERATE_MIXED_PRECISION": "fp8"})
+    check_launcher_precision("auto", {"ACCELERATE_MIXED_PRECISION": "fp16"})
 
 
 def test_fp64_is_a_precision_without_deepspeed_or_evaluation_during_training(monkeypatch):

@@ -200,9 +200,9 @@ def test_the_data_cursor_reports_fetch_counters_and_prometheus_serves_them(serve
     import urllib.request
 
     from tests.conftest import free_port
-    from trainer.config import load_config
     from trainer.data import DataCursor
     from trainer.distributed import DistEnv
+    from trainer.families import load_config
     from trainer.telemetry.prometheus import PrometheusExporter
 
     cfg = load_config("configs/dcgan_digits.yaml", [f"data.train={served.url}", f"data.cache_dir={tmp_path / 'c'}",
@@ -227,7 +227,8 @@ def test_the_data_cursor_reports_fetch_counters_and_prometheus_serves_them(serve
 
 @pytest.mark.parametrize("key", ["cache_limit", "prefetch_shards", "partition_nodes"])
 def test_a_negative_data_setting_is_a_config_error_naming_the_key(key, tmp_path):
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError
+    from trainer.families import load_config
 
     with pytest.raises(ConfigError, match=rf"config error: data\.{key}: must be >= 0; got -1"):
         load_config("configs/dcgan_digits.yaml", [f"data.{key}=-1", f"run.dir={tmp_path}"])
@@ -265,9 +266,9 @@ def test_a_cached_shard_cut_short_on_disk_is_downloaded_again(served, tmp_path):
 
 
 def test_settings_that_multiply_downloads_are_named_in_one_warning_line_each(served, tmp_path, monkeypatch, caplog):
-    from trainer.config import load_config
     from trainer.data import DataCursor
     from trainer.distributed import DistEnv
+    from trainer.families import load_config
 
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     cfg = load_config("configs/dcgan_digits.yaml", [f"data.train={served.url}", "data.partition_nodes=2",

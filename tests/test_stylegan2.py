@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import BIN, REPO, accelerate_cpu, free_port, run_cli
-from trainer.config import ConfigError, load_config, to_dict
+from trainer.config import ConfigError, to_dict
+from trainer.families import load_config
 
 RECIPE = "configs/stylegan2_digits.yaml"
 # A smaller net than the recipe's, with every phase and ADA active within a few steps.

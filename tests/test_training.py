@@ -19,8 +19,8 @@ TINY = ["model.g_width=8", "model.d_width=8", "model.z_dim=16", "train.batch_siz
 
 @pytest.fixture()
 def single_trainer(digits_dir, tmp_path, monkeypatch):
-    from trainer.config import load_config
     from trainer.distributed import init_distributed
+    from trainer.families import load_config
     from trainer.families.gan import GANTrainer
 
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):

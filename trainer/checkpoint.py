@@ -17,11 +17,28 @@ import re
 import shutil
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from trainer.config import Config
+    from trainer.distributed import DistEnv
 
 log = logging.getLogger(__name__)
+
+
+class Checkpointed(Protocol):
+    """What a checkpoint takes of a trainer (trainer.core.TrainerBase has it)."""
+
+    env: DistEnv
+    state: Any  # .step: the step a checkpoint is named after
+
+    def gather_state(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
 
 NAME = re.compile(r"^step_(\d{8})$")
 STATE = "state.pt"
@@ -261,17 +278,47 @@ def set_aside_newer(run_dir: str, step: int) -> str | None:
     return aside
 
 
+def pick_checkpoint(cfg: Config, env: DistEnv) -> tuple[str, dict[str, Any]] | None:
+    """Rank 0 chooses the checkpoint to resume from (checkpoint.resume); every rank loads that same file."""
+    choice: list[Any] = [None]
+    if env.is_main:
+        recover_checkpoints(cfg.run.dir)
+        if cfg.checkpoint.resume == "latest":
+            found = load_latest(cfg.run.dir)
+            choice[0] = found[0] if found else None
+        elif cfg.checkpoint.resume != "none":
+            choice[0] = cfg.checkpoint.resume
+    if env.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return (choice[0], read_checkpoint(choice[0])) if choice[0] else None
+
+
+def read_init(location: str) -> tuple[str, dict[str, Any]]:
+    """(path, state) of checkpoint.init_from: a run directory (its newest valid checkpoint) or a checkpoint."""
+    if os.path.isdir(os.path.join(location, "checkpoints")):
+        found = load_latest(location)
+        if found is None:
+            raise CheckpointError(f"checkpoint.init_from: no valid checkpoint in {location}/checkpoints")
+        return found
+    return location, read_checkpoint(location)
+
+
 class CheckpointManager:
-    """Saves on a background thread (one in flight); keeps the newest `keep` valid ones plus milestones.
+    """Decides when to save (`due`), saves on a background thread (one in flight); keeps the newest
+    `keep` valid ones plus milestones.
 
     Retention counts only checkpoints that verify, and never deletes the newest valid one or
     the one this run resumed from, so a damaged or foreign directory cannot push out the only
     usable checkpoint.
     """
 
-    def __init__(self, run_dir: str, keep: int, milestone_every: int = 0, resumed_from: str | None = None):
+    def __init__(self, run_dir: str, keep: int, milestone_every: int = 0, resumed_from: str | None = None, *,
+                 every_steps: int = 0, saved_step: int = -1, on_save: Callable[[], None] | None = None):
         self.run_dir, self.keep, self.milestone_every = run_dir, keep, milestone_every
         self.resumed_from = os.path.realpath(resumed_from) if resumed_from else None
+        self.every_steps = every_steps  # checkpoint.every_steps: the cadence of due(); 0 = never
+        self.saved_step = saved_step  # the newest step on disk or being written (the resumed one at start)
+        self.on_save = on_save  # rank 0, right after a save of the run's state started (save_run)
         self._verified: dict[tuple[str, int], bool] = {}  # (path, marker mtime) -> verifies
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -279,6 +326,37 @@ class CheckpointManager:
         self.last_stall_s = 0.0  # time the training loop was blocked by the last save
         self.last_write_s = 0.0  # time the last write took (in the background)
         self.last_time = 0.0  # wall-clock time of the last completed save
+
+    def due(self, step: int) -> bool:
+        """Whether the run saves at `step` by its cadence (it also saves at the end and when stopped)."""
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def save_run(self, trainer: Checkpointed, blocking: bool = False) -> None:
+        """Every rank: checkpoint the trainer at its step, unless that step is saved already.
+
+        Every rank gathers its state (a collective); rank 0 writes it in the background, or,
+        with `blocking`, waits until it is on disk while every rank waits at a barrier, so that
+        no rank exits (and gets the job torn down) before the save is complete.
+        """
+        env, step = trainer.env, trainer.state.step
+        if step != self.saved_step:
+            trainer.gather_state()
+            if env.is_main:
+                self.save(step, trainer.state_dict(), blocking)
+                if self.on_save:
+                    self.on_save()
+        if blocking:
+            if env.is_main:
+                self.wait()
+            if env.world_size > 1:
+                dist.barrier()
+        self.saved_step = step
+
+    def raise_failed(self) -> NoReturn:
+        """Every rank, once the ranks agree that rank 0's background save failed: rank 0 raises
+        its error, the others one that points to it."""
+        self.check()
+        raise CheckpointError(f"rank 0 could not save a checkpoint in {self.run_dir} (see its error)")
 
     def save(self, step: int, state: dict[str, Any], blocking: bool = False) -> str:
         t0 = time.perf_counter()

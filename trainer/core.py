@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import enum
 import functools
 import os
 from collections.abc import Callable
@@ -33,6 +34,21 @@ from trainer.running_stats import (
     snapshot_running_stats,
 )
 from trainer.strategies import strategy
+
+
+class Purpose(enum.IntEnum):
+    """What a draw is for: the part of its seed, `derive_seed(seed, [step,] purpose, ...)`, that
+    tells the draws of one step apart. The values are part of every run's numbers: never renumber."""
+
+    WEIGHTS = 0  # (seed, WEIGHTS): the initial weights, identical on every rank
+    D_LATENTS = 1  # (seed, step, D_LATENTS, i): G's latents for the i-th D update of the step
+    GP_MIX = 2  # (seed, step, GP_MIX, i): WGAN-GP's interpolation weights
+    G_LATENTS = 3  # (seed, step, G_LATENTS): G's latents for its update (when not reusing the D step's)
+    D_LABELS = 4  # (seed, step, D_LABELS, i): class labels of the fakes in the i-th D update
+    G_LABELS = 5  # (seed, step, G_LABELS): class labels of the fakes in the G update
+    SECOND_DOMAIN = 7  # (seed, SECOND_DOMAIN): the sample order of CycleGAN's second domain
+    DROPOUT = 8  # (seed, step, DROPOUT, rank): dropout masks (pix2pix)
+    POOL_A = 9  # (seed, step, POOL_A, rank): the image pool's coin flips, domain A (POOL_A + 1: domain B)
 
 
 def derive_seed(*parts: int) -> int:

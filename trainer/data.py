@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,14 @@ from trainer.config import Config
 from trainer.distributed import DistEnv
 
 log = logging.getLogger(__name__)
+
+
+class Waits(NamedTuple):
+    """What a cursor's `next()` calls cost since the last `take_waits()`."""
+
+    seconds: float  # time spent inside next(), fetching included
+    images: int  # samples it delivered
+    first_request: float | None  # perf_counter() when the first of those calls began (None: no call)
 
 
 class DataCursor:
@@ -42,6 +52,13 @@ class DataCursor:
         self.epoch, self.consumed, self.skipped = 0, 0, 0  # skipped: bad samples of every rank, whole run
         self.fetched = dict.fromkeys(FETCH_FIELDS, 0.0)  # this rank's remote reads, all its workers, whole process
         self._it = None
+        self._wait_s, self._images, self._first_request = 0.0, 0, None
+
+    def take_waits(self) -> Waits:
+        """The time spent in next() and the images delivered since the last call, and start counting anew."""
+        waits = Waits(self._wait_s, self._images, self._first_request)
+        self._wait_s, self._images, self._first_request = 0.0, 0, None
+        return waits
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "consumed": self.consumed, "skipped": self.skipped}
@@ -52,7 +69,16 @@ class DataCursor:
         self._it = None
 
     def next(self) -> dict[str, torch.Tensor]:
-        """The next batch on the device (uint8 images as they were stored)."""
+        """The next batch on the device (uint8 images as they were stored); its wait counts in take_waits()."""
+        t0 = time.perf_counter()
+        if self._first_request is None:
+            self._first_request = t0
+        batch = self._fetch()
+        self._wait_s += time.perf_counter() - t0
+        self._images += len(next(iter(batch.values())))
+        return batch
+
+    def _fetch(self) -> dict[str, torch.Tensor]:
         for _ in range(2):
             if self._it is None:
                 self.stream.set_position(self.epoch, self.consumed)

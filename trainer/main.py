@@ -29,9 +29,12 @@ def prepare(config: str, overrides: list[str]):
     """Load and check the config against the data, before any process group exists."""
     from data_pipeline import DataError, load_index
     from data_pipeline.index import INDEX_NAME, is_url
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError
+    from trainer.families import family, load_config
+    from trainer.precision import check_launcher_precision
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    check_launcher_precision(cfg.precision)
     check_run_dir(cfg.run.dir)
     if cfg.checkpoint.init_from and not os.path.exists(cfg.checkpoint.init_from):
         raise ConfigError("checkpoint.init_from", f"no such run directory or checkpoint: {cfg.checkpoint.init_from}")
@@ -52,8 +55,6 @@ def prepare(config: str, overrides: list[str]):
             raise DataError(f"data.train: no {INDEX_NAME} in {cfg.data.train} (not written, or its volume "
                             f"not mounted yet); the same command can be retried") from None
         raise ConfigError("data.train", str(e)) from None
-    from trainer.families import family
-
     family(cfg.model.arch).check_data(cfg, index)
     return cfg
 

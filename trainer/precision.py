@@ -10,8 +10,11 @@ widens autocast's half-precision results and leaves float32 and float64 alone.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import torch
+
+from trainer.config import ConfigError
 
 LAUNCHER_VARIABLE = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch --mixed_precision`
 
@@ -25,6 +28,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if launcher in ("bf16", "fp16"):
         return launcher
     return "bf16" if device.type == "cuda" else "fp32"
+
+
+def check_launcher_precision(precision: str, environ: Mapping[str, str] = os.environ) -> None:
+    """precision=auto follows accelerate's --mixed_precision: refuse (naming `precision`) one that
+    ganforge does not train in, at startup before anything is built."""
+    launcher = environ.get(LAUNCHER_VARIABLE, "")
+    if precision == "auto" and launcher.lower() not in ("", "no", "bf16", "fp16"):
+        raise ConfigError("precision", f"auto follows accelerate's --mixed_precision, but {launcher!r} is not "
+                                       f"one ganforge trains in (no, bf16, fp16); set precision explicitly")
 
 
 def default_dtype(precision: str) -> torch.dtype:

@@ -14,7 +14,10 @@ import os
 import signal
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from trainer.core import TrainerBase
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +61,9 @@ class StopFlag:
                     signal.Signals(signum).name)
 
 
-def data_marks(trainer: Any) -> list[tuple[Any, dict[str, int]]]:
+def data_marks(trainer: TrainerBase) -> list[tuple[Any, dict[str, int]]]:
     """The positions of the trainer's data cursors at a step boundary (see rewind_after_lost_worker)."""
-    cursors = [trainer.data, getattr(trainer, "data_b", None)]
-    return [(c, c.state_dict()) for c in cursors if c is not None]
+    return [(c, c.state_dict()) for c in trainer.datasets()]
 
 
 LOST_WORKER_ERRORS = (RuntimeError, ConnectionError, EOFError)

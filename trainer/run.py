@@ -10,7 +10,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from trainer.checkpoint import CheckpointError, CheckpointManager, load_latest, read_checkpoint
+from trainer.checkpoint import CheckpointManager, pick_checkpoint, read_init, set_aside_newer
 from trainer.config import Config, dump_yaml
 from trainer.core import TrainerBase
 from trainer.distributed import (
@@ -20,39 +20,17 @@ from trainer.distributed import (
     stop_votes,
 )
 from trainer.families import family
-from trainer.preemption import Preempted, StopFlag
+from trainer.preemption import (
+    LOST_WORKER_ERRORS,
+    Preempted,
+    StopFlag,
+    data_marks,
+    rewind_after_lost_worker,
+)
 from trainer.redact import redact
 from trainer.reporting import Reporter
 
 log = logging.getLogger(__name__)
-
-# The training line's names for the statistics every family reports; other losses show as loss_<name>.
-def pick_checkpoint(cfg: Config, env: DistEnv) -> tuple[str, dict[str, Any]] | None:
-    """Rank 0 chooses the checkpoint to resume from; every rank loads that same file."""
-    from trainer.checkpoint import recover_checkpoints
-
-    choice: list[Any] = [None]
-    if env.is_main:
-        recover_checkpoints(cfg.run.dir)
-        if cfg.checkpoint.resume == "latest":
-            found = load_latest(cfg.run.dir)
-            choice[0] = found[0] if found else None
-        elif cfg.checkpoint.resume != "none":
-            choice[0] = cfg.checkpoint.resume
-    if env.world_size > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return (choice[0], read_checkpoint(choice[0])) if choice[0] else None
-
-
-def read_init(location: str) -> tuple[str, dict[str, Any]]:
-    """(path, state) of checkpoint.init_from: a run directory (its newest valid checkpoint) or a checkpoint."""
-    if os.path.isdir(os.path.join(location, "checkpoints")):
-        found = load_latest(location)
-        if found is None:
-            raise CheckpointError(f"checkpoint.init_from: no valid checkpoint in {location}/checkpoints")
-        return found
-    return location, read_checkpoint(location)
-
 
 
 def run_training(cfg: Config) -> dict[str, Any]:
@@ -80,51 +58,16 @@ def make_trainer(cfg: Config, env: DistEnv) -> TrainerBase:
 
 
 def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
-    from trainer.checkpoint import set_aside_newer
-    from trainer.preemption import LOST_WORKER_ERRORS, data_marks, rewind_after_lost_worker
-
-    trainer = make_trainer(cfg, env)
-    resumed = pick_checkpoint(cfg, env)
-    if resumed:
-        trainer.load_state_dict(resumed[1], resumed[0])
-    elif cfg.checkpoint.init_from:  # a fresh run only: once it has checkpoints of its own, it resumes from them
-        path, state = read_init(cfg.checkpoint.init_from)
-        trainer.init_weights(state, path)
-        if env.is_main:
-            log.info("initialised the networks from %s", cfg.checkpoint.init_from)
-    if env.is_main:
-        os.makedirs(cfg.run.dir, exist_ok=True)
-        set_aside_newer(cfg.run.dir, trainer.state.step if resumed else 0)  # not this run's past
-        with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
-            f.write(dump_yaml(redact(cfg)))  # the running process keeps the real values
-        where = f"resuming from {resumed[0]} at step {trainer.state.step}" if resumed else "starting"
-        log.info("%s; world size %d on %s, precision %s, global batch %d", where, env.world_size, env.device.type,
-                 trainer.precision, cfg.train.batch_size)
+    trainer, resumed = start(cfg, env)
     reporter = Reporter(trainer, trainer.state.step if resumed else -1)
     if reporter.tracker:
         trainer.state.mlflow_run_id = reporter.tracker.wait_ready(timeout=30)
-
     ckpt = CheckpointManager(cfg.run.dir, cfg.checkpoint.keep, cfg.checkpoint.milestone_every,
-                             resumed_from=resumed[0] if resumed else None)
+                             resumed_from=resumed[0] if resumed else None, every_steps=cfg.checkpoint.every_steps,
+                             saved_step=trainer.state.step if resumed else -1, on_save=reporter.checkpoint_model)
     reporter.watch_checkpoints(ckpt)
-    saved_step = trainer.state.step if resumed else -1
-
-    def checkpoint(blocking: bool = False) -> None:
-        nonlocal saved_step
-        if saved_step != trainer.state.step:
-            trainer.gather_state()
-        if env.is_main and saved_step != trainer.state.step:
-            ckpt.save(trainer.state.step, trainer.state_dict(), blocking)
-            reporter.checkpoint_model()
-        if blocking:
-            if env.is_main:
-                ckpt.wait()
-            if env.world_size > 1:
-                dist.barrier()  # no rank exits (and gets the job torn down) before the save is on disk
-        saved_step = trainer.state.step
-
     flag = StopFlag().install()
-    start, status = time.perf_counter(), "FAILED"
+    started, status = time.perf_counter(), "FAILED"
     budget = cfg.train.max_minutes * 60
     try:
         redone = -1
@@ -142,36 +85,57 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
                 continue
             reporter.log(stats)
             reporter.samples()
-            if trainer.state.step % cfg.checkpoint.every_steps == 0:
-                checkpoint()
-            if cfg.eval.every_steps and trainer.state.step % cfg.eval.every_steps == 0:
+            if ckpt.due(trainer.state.step):
+                ckpt.save_run(trainer)
+            if reporter.evaluation_due(trainer.state.step):
                 reporter.evaluate()
             preempt, over_budget, save_failed = stop_votes(
-                [flag.requested, budget > 0 and time.perf_counter() - start > budget, ckpt.failed], env)
+                [flag.requested, budget > 0 and time.perf_counter() - started > budget, ckpt.failed], env)
             if save_failed:  # reported at the step after it happened, on every rank, not at the next save
-                ckpt.check()
-                raise CheckpointError(f"rank 0 could not save a checkpoint in {cfg.run.dir} (see its error)")
+                ckpt.raise_failed()
             if preempt:
-                checkpoint(blocking=True)
+                ckpt.save_run(trainer, blocking=True)
                 status = "KILLED"
                 raise Preempted(trainer.state.step, flag.signum or 15)
             if over_budget:
                 if env.is_main:
                     log.info("time budget of %s min reached at step %d", cfg.train.max_minutes, trainer.state.step)
                 break
-        checkpoint(blocking=True)
+        ckpt.save_run(trainer, blocking=True)
         grid = reporter.samples(final=True)
         status = "FINISHED"
     finally:
         flag.uninstall()
         reporter.close(status)
-    last_ckpt = ckpt.last_path or (resumed[0] if resumed else None)
-    summary = {"step": trainer.state.step, "checkpoint": last_ckpt, "samples": grid,
-               "run_dir": cfg.run.dir, "mlflow_uri": getattr(reporter, "uri", None),
+    summary = {"step": trainer.state.step, "checkpoint": ckpt.last_path or (resumed[0] if resumed else None),
+               "samples": grid, "run_dir": cfg.run.dir, "mlflow_uri": getattr(reporter, "uri", None),
                "mlflow_run_id": trainer.state.mlflow_run_id}
     if env.is_main:
         print_summary(summary)
     return summary
+
+
+def start(cfg: Config, env: DistEnv) -> tuple[TrainerBase, tuple[str, dict[str, Any]] | None]:
+    """The trainer, resumed from the chosen checkpoint (or initialised per checkpoint.init_from),
+    and that checkpoint; rank 0 readies run.dir (config.yaml, newer checkpoints set aside)."""
+    trainer = make_trainer(cfg, env)
+    resumed = pick_checkpoint(cfg, env)
+    if resumed:
+        trainer.load_state_dict(resumed[1], resumed[0])
+    elif cfg.checkpoint.init_from:  # a fresh run only: once it has checkpoints of its own, it resumes from them
+        path, state = read_init(cfg.checkpoint.init_from)
+        trainer.init_weights(state, path)
+        if env.is_main:
+            log.info("initialised the networks from %s", cfg.checkpoint.init_from)
+    if env.is_main:
+        os.makedirs(cfg.run.dir, exist_ok=True)
+        set_aside_newer(cfg.run.dir, trainer.state.step if resumed else 0)  # not this run's past
+        with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
+            f.write(dump_yaml(redact(cfg)))  # the running process keeps the real values
+        where = f"resuming from {resumed[0]} at step {trainer.state.step}" if resumed else "starting"
+        log.info("%s; world size %d on %s, precision %s, global batch %d", where, env.world_size, env.device.type,
+                 trainer.precision, cfg.train.batch_size)
+    return trainer, resumed
 
 
 def print_summary(s: dict[str, Any]) -> None:

@@ -1,10 +1,11 @@
 """Model families: what each `model.arch` is, in one table.
 
 A family names the trainer that trains it, what its generator takes (latents, or an image it
-maps to another), the command that uses a saved generator, and what its data must hold. The
-run loop, `prepare`, `sample`, `translate`, `upscale`, export and MLflow's model logging look
-the family up here instead of naming architectures. (The networks are built in
-trainer/models, the config's own checks live in trainer/config.)
+maps to another), the command that uses a saved generator, what its data must hold, and its
+config: its own checks, the optional features it implements, the keys only it reads. The run
+loop, `prepare`, `sample`, `translate`, `upscale`, export and MLflow's model logging look the
+family up here instead of naming architectures. (The networks are built in trainer/models; the
+checks every family shares live in trainer/config, `check_config` runs both.)
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from data_pipeline import DataError, load_index
+from trainer import config as schema
 from trainer.config import Config, ConfigError, ModelConfig
-from trainer.plugins import discovered
+from trainer.plugins import PluginError, discovered
 
 if TYPE_CHECKING:
     from data_pipeline.index import ShardIndex
@@ -97,21 +99,73 @@ class Family:
     check_data: Callable[[Config, ShardIndex], None]  # what data.train (and the other datasets) must hold
     # (generator, discriminator) from the model section; the built-in families' are in trainer/models
     build: Callable[[ModelConfig], tuple[nn.Module, nn.Module]] | None = None
-    validate: Callable[[Config], None] | None = None  # a plug-in's own config checks (ConfigError naming the key)
+    # (cfg, world_size) -> None: the family's own config checks, a ConfigError naming the key
+    validate: Callable[[Config, int], None] | None = None
+    supports: frozenset[str] = frozenset()  # the optional FEATURES it implements: pack, augment, freeze_d, ...
+    keys: tuple[str, ...] = ()  # config keys (or "prefix." / "prefix_") that only the families naming them read
 
     def make_trainer(self, cfg: Config, env: DistEnv) -> TrainerBase:
         module, name = self.trainer.split(":")
         return getattr(importlib.import_module(module), name)(cfg, env)
 
 
+def lazy(ref: str) -> Callable[..., Any]:
+    """The function "module:name", imported when first called (the table imports no trainer)."""
+    def call(*args: Any) -> Any:
+        module, name = ref.split(":")
+        return getattr(importlib.import_module(module), name)(*args)
+
+    call.__qualname__ = ref
+    return call
+
+
+@dataclass(frozen=True)
+class Feature:
+    """An option only some families implement: those whose Family.supports names it."""
+
+    key: str  # the config key a refusal names
+    used: Callable[[Config], bool]  # whether this run asks for it
+    what: str  # how a refusal names it
+    fix: str  # what to set instead
+
+
+FEATURES: dict[str, Feature] = {
+    "pack": Feature("model.pack", lambda c: c.model.pack > 1, "packing (PacGAN)", "set model.pack=1"),
+    "augment": Feature("train.augment", lambda c: c.train.augment != "none", "adaptive augmentation",
+                       "set train.augment=none"),
+    "freeze_d": Feature("model.freeze_d", lambda c: c.model.freeze_d > 0, "freezing D blocks", "set model.freeze_d=0"),
+    "deepspeed": Feature("strategy", lambda c: c.strategy == "deepspeed", "strategy=deepspeed", "use strategy=ddp"),
+    "instance_norm": Feature("model.norm", lambda c: "instance" in (c.model.norm, c.model.d_norm), "instance norm",
+                             "set model.norm (and model.d_norm) to batch or none"),
+    "ragan": Feature("loss.type", lambda c: c.loss.type == "ragan", "ragan (relativistic average)",
+                     "choose another loss.type"),
+}
+
 GAN = "trainer.families.gan:GANTrainer"
+STYLEGAN2_KEYS = ("model.w_dim", "model.map_layers", "model.style_mixing", "model.channel_base", "model.mbstd_group",
+                  "model.freeze_d", "loss.pl_", "train.augment", "train.augment_p", "train.ada_")
+ESRGAN_KEYS = ("degrade.", "model.scale", "model.growth", "model.d_arch", "model.skip", "loss.pixel_weight",
+               "loss.gan_weight", "loss.perceptual_", "train.pretrain_steps")
 FAMILIES: dict[str, Family] = {
-    "dcgan": Family(GAN, "noise", "sample", labelled_images),
-    "mlp": Family(GAN, "noise", "sample", points),
-    "stylegan2": Family("trainer.families.stylegan2:StyleGAN2Trainer", "noise", "sample", labelled_images),
-    "cyclegan": Family("trainer.families.image_to_image:TranslationTrainer", "image", "translate", two_domains),
-    "pix2pix": Family("trainer.families.image_to_image:TranslationTrainer", "image", "translate", pairs),
-    "esrgan": Family("trainer.families.esrgan:ESRGANTrainer", "image", "upscale", crops),
+    "dcgan": Family(GAN, "noise", "sample", labelled_images, validate=lazy("trainer.families.gan:check_dcgan"),
+                    supports=frozenset({"pack", "deepspeed"}), keys=("model.z_dim", "model.pack")),
+    "mlp": Family(GAN, "noise", "sample", points, supports=frozenset({"pack", "deepspeed"}),
+                  keys=("model.z_dim", "model.pack", "model.depth", "model.point_scale")),
+    "stylegan2": Family("trainer.families.stylegan2:StyleGAN2Trainer", "noise", "sample", labelled_images,
+                        validate=lazy("trainer.families.stylegan2:check_stylegan2"),
+                        supports=frozenset({"augment", "freeze_d"}), keys=("model.z_dim", *STYLEGAN2_KEYS)),
+    "cyclegan": Family("trainer.families.image_to_image:TranslationTrainer", "image", "translate", two_domains,
+                       validate=lazy("trainer.families.image_to_image:check_cyclegan"),
+                       supports=frozenset({"instance_norm"}),
+                       keys=("model.n_blocks", "model.d_layers", "data.train_b", "data.val_b", "loss.cycle_weight",
+                             "loss.identity_weight", "train.pool_size")),
+    "pix2pix": Family("trainer.families.image_to_image:TranslationTrainer", "image", "translate", pairs,
+                      validate=lazy("trainer.families.image_to_image:check_pix2pix"),
+                      supports=frozenset({"instance_norm"}),
+                      keys=("model.d_layers", "model.dropout", "model.direction", "loss.l1_weight")),
+    "esrgan": Family("trainer.families.esrgan:ESRGANTrainer", "image", "upscale", crops,
+                     validate=lazy("trainer.families.esrgan:check_esrgan"), supports=frozenset({"ragan"}),
+                     keys=("model.n_blocks", *ESRGAN_KEYS)),
 }
 
 
@@ -122,6 +176,48 @@ def family(arch: str) -> Family:
         raise ConfigError("model.arch", f"unknown architecture {arch!r} (choose from "
                                         f"{', '.join([*FAMILIES, *discovered()])})")
     return found
+
+
+def every_family() -> dict[str, Family]:
+    """The built-in families and the plug-ins; a broken plug-in is a ConfigError on model.arch."""
+    try:
+        return {**FAMILIES, **discovered()}
+    except PluginError as e:
+        raise ConfigError("model.arch", str(e)) from None
+
+
+def check_config(cfg: Config, world_size: int = 1) -> None:
+    """Every check of a run's config, naming the key at fault: the model family exists, implements
+    the optional features the run asks for, and accepts its section; and config's own `validate`
+    (bounds, choices, and the rules every family shares). Changes nothing, reads no environment."""
+    families = every_family()
+    chosen = family(cfg.model.arch)
+    for name, feature in FEATURES.items():
+        if feature.used(cfg) and name not in chosen.supports:
+            which = ", ".join(arch for arch, f in families.items() if name in f.supports) or "no family"
+            raise ConfigError(feature.key, f"{feature.what} is implemented for {which}, not {cfg.model.arch}; "
+                                           f"{feature.fix}")
+    schema.validate(cfg, world_size)
+    if chosen.validate:
+        chosen.validate(cfg, world_size)
+
+
+def load_config(path: str | list[str] | None, overrides: list[str] = (), world_size: int = 1) -> Config:
+    """trainer.config.load_config with every check (`check_config`): what a run, `config show`,
+    `launch` and `k8s render` use."""
+    return schema.load_config(path, overrides, world_size, check=check_config)
+
+
+def applicable_params(cfg: Config) -> dict[str, Any]:
+    """The run's flat config less the keys it does not use: those only other families read (their
+    Family.keys), and those config.APPLIES_WHEN rules out for its loss and strategy."""
+    mine = family(cfg.model.arch).keys
+    owned = {key for f in every_family().values() for key in f.keys}
+
+    def named(key: str, names: Any) -> bool:
+        return any(key == n or (n.endswith((".", "_")) and key.startswith(n)) for n in names)
+
+    return schema.applicable_params(cfg, lambda key: not named(key, owned) or named(key, mine))
 
 
 def require_command(arch: str, command: str, where: str) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from data_pipeline.degrade import Degradation, bicubic_down, bicubic_up
 from trainer.config import Config
-from trainer.core import TrainerBase, derive_seed
+from trainer.core import Purpose, TrainerBase, derive_seed
 from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import DistEnv, unwrap
 from trainer.ema import EMA
@@ -71,7 +71,7 @@ class ESRGANTrainer(TrainerBase):
 
     def __init__(self, cfg: Config, env: DistEnv):
         super().__init__(cfg, env)
-        torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
+        torch.manual_seed(derive_seed(cfg.seed, Purpose.WEIGHTS))  # identical initial weights on every rank
         g, d = (m.to(env.device) for m in build_models(cfg.model))
         self.add_phases(g, d)
         self.ema = EMA(unwrap(self.G.module), cfg.train.ema_kimg, cfg.train.ema_rampup)
@@ -214,25 +214,17 @@ def upscale_path(run_dir: str, source: str, out_dir: str, checkpoint: str | None
     """Upscale an image file, or every image under a folder, into `out_dir` under the same names (and
     relative paths), `model.scale` times larger; `tile` > 0 runs the network on tiles of that many LR
     pixels (with overlapping context, so no seams) to bound memory. Returns the paths written."""
-    from PIL import Image
-
-    from trainer.families.image_to_image import input_images, open_image
+    from trainer.image_files import as_input, input_images, open_image, save_output
     from trainer.tiling import upscale_tiled
 
     net, cfg, _ = load_upscaler(run_dir, checkpoint, use_ema)
     root, files = input_images(source, out_dir)
-    mode = "RGB" if cfg.model.channels == 3 else "L"
     written = []
     for name in files:
-        pixels = torch.from_numpy(np.asarray(open_image(os.path.join(root, name), mode)).copy())
-        lr = to_unit_range(pixels.reshape(*pixels.shape[:2], -1).permute(2, 0, 1)[None])
-        out = eight_bit(upscale_tiled(net, lr, cfg.model.scale, tile, TILE_CONTEXT))[0].permute(1, 2, 0).numpy()
-        path = os.path.join(out_dir, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out).save(path)
-        written.append(path)
-        log(f"upscaled {len(written)}/{len(files)}: {name} {pixels.shape[1]}x{pixels.shape[0]} -> "
-            f"{out.shape[1]}x{out.shape[0]}")
+        lr = as_input(open_image(os.path.join(root, name), cfg.model.channels))
+        out = upscale_tiled(net, lr, cfg.model.scale, tile, TILE_CONTEXT)[0]
+        written.append(save_output(out, out_dir, name))
+        log(f"upscaled {len(written)}/{len(files)}: {name} {lr.shape[3]}x{lr.shape[2]} -> {out.shape[2]}x{out.shape[1]}")
     return written
 
 
@@ -248,3 +240,32 @@ def evaluate_upscaling(run_dir: str, data: str | None = None, checkpoint: str | 
         raise EvaluationError(f"{run_dir}: the run has no data.val; pass --data with held-out HR image shards")
     sr, values = measure(net, held_out(data, cfg.model.scale, n or 10**9), cfg.model.scale)
     return {"checkpoint": path, "n": len(sr), **{k.removeprefix("val/"): v for k, v in values.items()}}
+
+
+# -- config checks -------------------------------------------------------------------------------
+from trainer.config import ConfigError  # noqa: E402  (with the checks it serves)
+
+
+def check_esrgan(cfg: Config, world_size: int) -> None:
+    """What super-resolution needs: a crop the scale divides, a D that takes it, its losses, and a
+    local VGG19 file when the perceptual term is asked for (the bounds are declared in config)."""
+    m, t, loss = cfg.model, cfg.train, cfg.loss
+    if m.resolution % m.scale:
+        raise ConfigError("model.scale", f"{m.scale} does not divide the HR crop model.resolution={m.resolution}")
+    if m.d_arch == "vgg" and (m.resolution < 32 or m.resolution & (m.resolution - 1)):
+        raise ConfigError("model.resolution", f"the VGG-style D takes a power of two >= 32; got {m.resolution}")
+    if m.d_arch == "unet" and m.resolution % 8:
+        raise ConfigError("model.resolution", f"the U-Net D takes a multiple of 8; got {m.resolution}")
+    if m.d_arch == "unet" and m.spectral_norm:
+        raise ConfigError("model.spectral_norm", "the U-Net D has spectral norm already; leave model.spectral_norm off")
+    if loss.type not in ("ragan", "bce"):
+        raise ConfigError("loss.type", f"esrgan trains with ragan (ESRGAN) or bce (Real-ESRGAN); got {loss.type!r}")
+    for key, value, ok in (("train.n_critic", t.n_critic, 1), ("train.accumulate", t.accumulate, 1),
+                           ("model.num_classes", m.num_classes, 0), ("eval.every_steps", cfg.eval.every_steps, 0)):
+        if value != ok:
+            raise ConfigError(key, f"esrgan runs take {key}={ok} (held-out PSNR/SSIM is logged with the samples); got {value}")
+    if m.n_blocks <= 0:
+        raise ConfigError("model.n_blocks", f"must be > 0 (RRDB blocks); got {m.n_blocks}")
+    if loss.perceptual_weights and not os.path.isfile(loss.perceptual_weights):
+        raise ConfigError("loss.perceptual_weights", f"no such file {loss.perceptual_weights!r} (a local torchvision "
+                                                     f"VGG19 state dict; nothing is downloaded)")

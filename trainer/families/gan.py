@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from trainer.config import Config
-from trainer.core import TrainerBase, derive_seed, global_draw
+from trainer.core import Purpose, TrainerBase, derive_seed, global_draw
 from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import (
     DistEnv,
@@ -36,7 +36,7 @@ class GANTrainer(TrainerBase):
     def __init__(self, cfg: Config, env: DistEnv):
         super().__init__(cfg, env)
         gpu = env.device.type == "cuda"
-        torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
+        torch.manual_seed(derive_seed(cfg.seed, Purpose.WEIGHTS))  # identical initial weights on every rank
         g, d = build_models(cfg.model)
         if cfg.model.sync_bn and env.world_size > 1:
             g, d = (convert_sync_batchnorm(m, env.device) for m in (g, d))
@@ -151,12 +151,12 @@ class GANTrainer(TrainerBase):
         reuse = cfg.train.accumulate == 1  # the last D step's G(z) feeds the G step
         for i in range(cfg.train.n_critic):
             real, real_labels = self.real_batch()
-            z = global_draw(derive_seed(cfg.seed, step, 1, i), (gb, zd), env)
+            z = global_draw(derive_seed(cfg.seed, step, Purpose.D_LATENTS, i), (gb, zd), env)
             eps = None
             if cfg.loss.type == "wgan_gp":
-                eps = global_draw(derive_seed(cfg.seed, step, 2, i), (gb,), env, uniform=True)
+                eps = global_draw(derive_seed(cfg.seed, step, Purpose.GP_MIX, i), (gb,), env, uniform=True)
             r1 = cfg.loss.r1_gamma > 0 and (step * cfg.train.n_critic + i) % cfg.loss.r1_every == 0
-            stats = self.d_step(real, z, eps, real_labels, self.fake_labels(derive_seed(cfg.seed, step, 4, i)), r1,
+            stats = self.d_step(real, z, eps, real_labels, self.fake_labels(derive_seed(cfg.seed, step, Purpose.D_LABELS, i)), r1,
                                 keep_fake=reuse and i == cfg.train.n_critic - 1)
             skipped.append(self.D.skipped)
         if reuse:
@@ -164,8 +164,8 @@ class GANTrainer(TrainerBase):
             self.kept_fake = None
             stats |= self.g_step(None, labels, fake=fake)
         else:
-            stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, 3), (gb, zd), env),
-                                 self.fake_labels(derive_seed(cfg.seed, step, 5)))
+            stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, Purpose.G_LATENTS), (gb, zd), env),
+                                 self.fake_labels(derive_seed(cfg.seed, step, Purpose.G_LABELS)))
         self.finish_step([*skipped, self.G.skipped], norm_stats)
         average_buffers(self.G.module, env)
         average_buffers(self.D.module, env)
@@ -196,3 +196,17 @@ class GANTrainer(TrainerBase):
         super().load_state_dict(state, path)
         self.ema.model.load_state_dict(state["G_ema"])
 
+
+
+# -- config checks -------------------------------------------------------------------------------
+from trainer.config import ConfigError  # noqa: E402  (with the checks it serves)
+
+
+def check_dcgan(cfg: Config, world_size: int) -> None:
+    """DCGAN's D and G halve or double the side down to 4x4, and its D's batch norm is per batch."""
+    res = cfg.model.resolution
+    if res < 16 or res & (res - 1):
+        raise ConfigError("model.resolution", f"must be a power of two >= 16; got {res}")
+    if cfg.loss.type == "wgan_gp" and (cfg.model.d_norm or cfg.model.norm) == "batch":
+        raise ConfigError("model.norm", "wgan_gp penalises per-sample gradients; batch norm in D breaks "
+                                        "that (set model.norm=none or model.d_norm=none)")

@@ -15,7 +15,6 @@ import math
 import os
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from data_pipeline import load_index
 from data_pipeline.loader import decode_samples
 from trainer.config import Config
-from trainer.core import TrainerBase, derive_seed
+from trainer.core import Purpose, TrainerBase, derive_seed
 from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import DistEnv, unwrap
 from trainer.models import build_models
@@ -98,12 +97,12 @@ class TranslationTrainer(TrainerBase):
     def __init__(self, cfg: Config, env: DistEnv):
         super().__init__(cfg, env)
         self.cycle = cfg.model.arch == "cyclegan"
-        torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
+        torch.manual_seed(derive_seed(cfg.seed, Purpose.WEIGHTS))  # identical initial weights on every rank
         g, d = (m.to(env.device) for m in build_models(cfg.model))
         self.add_phases(g, d)
         self.data = DataCursor(cfg.data.train, cfg, env)
         # The second domain streams on its own: its own order (seed) and its own position.
-        self.data_b = DataCursor(cfg.data.train_b, cfg, env, seed=derive_seed(cfg.seed, 7)) if self.cycle else None
+        self.data_b = DataCursor(cfg.data.train_b, cfg, env, seed=derive_seed(cfg.seed, Purpose.SECOND_DOMAIN)) if self.cycle else None
         self.pools = (ImagePool(cfg.train.pool_size), ImagePool(cfg.train.pool_size)) if self.cycle else ()
         self.gathered_pools: list[dict[str, torch.Tensor]] | None = None
         self.val = self._held_out() if env.is_main else None
@@ -135,7 +134,7 @@ class TranslationTrainer(TrainerBase):
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
         self.set_learning_rates(step, {"G": cfg.train.lr_g, "D": cfg.train.lr_d})
-        torch.manual_seed(derive_seed(cfg.seed, step, 8, env.rank))  # dropout: fixed by (seed, step, rank)
+        torch.manual_seed(derive_seed(cfg.seed, step, Purpose.DROPOUT, env.rank))
         a, b = self.real_batch()
         norm_stats = self.snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped
         stats, fakes = (self.cycle_g_step if self.cycle else self.pix2pix_g_step)(a, b)
@@ -188,7 +187,7 @@ class TranslationTrainer(TrainerBase):
         def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with self.autocast():
                 if self.cycle:
-                    fake_a, fake_b = (pool.query(f.detach(), derive_seed(self.cfg.seed, step, 9 + i, env.rank))
+                    fake_a, fake_b = (pool.query(f.detach(), derive_seed(self.cfg.seed, step, Purpose.POOL_A + i, env.rank))
                                       for i, (pool, f) in enumerate(zip(self.pools, fakes, strict=True)))
                     real_a, real_b = self.D.module(a, b)
                     out_a, out_b = self.D.module(fake_a, fake_b)
@@ -269,9 +268,6 @@ class TranslationTrainer(TrainerBase):
             self.pools[1].load_state_dict(mine["b"], self.env.device)
 
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
 def load_translator(run_dir: str, direction: str | None, checkpoint: str | None = None):
     """(network for `direction` in eval mode, config) from a CycleGAN or pix2pix run.
 
@@ -294,64 +290,57 @@ def load_translator(run_dir: str, direction: str | None, checkpoint: str | None 
     return net.eval(), cfg
 
 
-def input_images(source: str, out_dir: str) -> tuple[str, list[str]]:
-    """(folder, image paths relative to it) for an image file or a folder searched recursively;
-    refuses an `out_dir` that is that folder, so no input is overwritten."""
-    from data_pipeline import DataError
-
-    if os.path.isdir(source):
-        files = sorted(os.path.relpath(os.path.join(d, f), source) for d, _, names in os.walk(source)
-                       for f in names if f.lower().endswith(IMAGE_EXTS))
-        root = source
-    elif os.path.isfile(source):
-        files, root = [os.path.basename(source)], os.path.dirname(os.path.abspath(source))
-    else:
-        raise DataError(f"{source}: no such file or folder")
-    if not files:
-        raise DataError(f"{source}: no images found (looked for {', '.join(IMAGE_EXTS)})")
-    if os.path.abspath(out_dir) == os.path.abspath(root):
-        raise DataError(f"{out_dir}: is the input folder; choose another --out so no input is overwritten")
-    return root, files
-
-
-def open_image(path: str, mode: str):
-    """A PIL image converted to `mode`; a DataError naming the file when it cannot be read."""
-    from PIL import Image, UnidentifiedImageError
-
-    from data_pipeline import DataError
-
-    try:
-        return Image.open(path).convert(mode)
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
-
-
 def translate_path(run_dir: str, direction: str, source: str, out_dir: str, checkpoint: str | None = None,
                    batch: int = 16, log=print) -> list[str]:
     """Translate an image file, or every image under a folder, into `out_dir` with the same names
     (and relative paths) and the same sizes; returns the paths written."""
     from PIL import Image
 
+    from trainer.image_files import as_input, input_images, open_image, save_output
+
     net, cfg = load_translator(run_dir, direction, checkpoint)
     root, files = input_images(source, out_dir)
-    mode, side = ("RGB" if cfg.model.channels == 3 else "L"), cfg.model.resolution
+    side = cfg.model.resolution
     written = []
     for start in range(0, len(files), batch):
         names = files[start:start + batch]
-        images, sizes = [], []
-        for name in names:
-            img = open_image(os.path.join(root, name), mode)
-            sizes.append(img.size)
-            images.append(torch.from_numpy(np.asarray(img.resize((side, side), Image.Resampling.BICUBIC)).copy()))
-        x = torch.stack(images)
-        x = (x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)).float() / 127.5 - 1
+        images = [open_image(os.path.join(root, name), cfg.model.channels) for name in names]
+        x = torch.cat([as_input(img.resize((side, side), Image.Resampling.BICUBIC)) for img in images])
         y = run_in_chunks(net, x, batch=32)
-        pixels = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        for name, size, arr in zip(names, sizes, pixels, strict=True):
-            path = os.path.join(out_dir, name)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).resize(size, Image.Resampling.BICUBIC)
-            img.save(path)
-            written.append(path)
+        written += [save_output(out, out_dir, name, img.size) for name, img, out in zip(names, images, y, strict=True)]
         log(f"translated {len(written)}/{len(files)}")
     return written
+
+
+# -- config checks -------------------------------------------------------------------------------
+from trainer.config import ConfigError  # noqa: E402  (with the checks it serves)
+
+
+def check_translation(cfg: Config) -> None:
+    """What CycleGAN and pix2pix both need, and the GAN options they do not take."""
+    m, t = cfg.model, cfg.train
+    if cfg.loss.type not in ("lsgan", "bce"):
+        raise ConfigError("loss.type", f"{m.arch} trains with lsgan or bce; got {cfg.loss.type!r}")
+    for key, value, ok in (("train.n_critic", t.n_critic, 1), ("train.accumulate", t.accumulate, 1),
+                           ("model.num_classes", m.num_classes, 0), ("eval.every_steps", cfg.eval.every_steps, 0)):
+        if value != ok:
+            raise ConfigError(key, f"{m.arch} runs take {key}={ok} (held-out L1 is logged with the samples); got {value}")
+
+
+def check_cyclegan(cfg: Config, world_size: int) -> None:
+    """CycleGAN: two domains (held-out shards of both or neither) and a side its ResNet G keeps."""
+    check_translation(cfg)
+    if not cfg.data.train_b:
+        raise ConfigError("data.train_b", "cyclegan needs the second domain's shards")
+    if bool(cfg.data.val) != bool(cfg.data.val_b):
+        raise ConfigError("data.val_b" if cfg.data.val else "data.val", "cyclegan needs held-out shards of both domains, or neither")
+    if cfg.model.resolution % 4:
+        raise ConfigError("model.resolution", f"must be a multiple of 4 for the ResNet generator; got {cfg.model.resolution}")
+
+
+def check_pix2pix(cfg: Config, world_size: int) -> None:
+    """pix2pix: a side its U-Net halves down to 1x1."""
+    check_translation(cfg)
+    res = cfg.model.resolution
+    if res < 16 or res & (res - 1):
+        raise ConfigError("model.resolution", f"must be a power of two >= 16 for the U-Net; got {res}")

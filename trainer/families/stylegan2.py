@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from trainer.augment import RANDOM_COLUMNS, AdaptiveP, augment
 from trainer.config import Config
-from trainer.core import TrainerBase, Update, derive_seed, global_draw
+from trainer.core import Purpose, TrainerBase, Update, derive_seed, global_draw
 from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import DistEnv, average_buffers, mean_across, unwrap
 from trainer.ema import EMA
@@ -60,7 +60,7 @@ class StyleGAN2Trainer(TrainerBase):
 
     def __init__(self, cfg: Config, env: DistEnv):
         super().__init__(cfg, env)
-        torch.manual_seed(derive_seed(cfg.seed, 0))  # identical initial weights on every rank
+        torch.manual_seed(derive_seed(cfg.seed, Purpose.WEIGHTS))  # identical initial weights on every rank
         g, d = (m.to(env.device) for m in build_models(cfg.model))
         self.ema = EMA(g, cfg.train.ema_kimg, cfg.train.ema_rampup)
         if cfg.model.freeze_d:  # Freeze-D (the ADA paper's transfer setting): the input side of D stays fixed
@@ -233,3 +233,29 @@ class StyleGAN2Trainer(TrainerBase):
         self.ema.model.load_state_dict(state["G_ema"])
         self.ada.load_state_dict(state["augment"], self.env)
         self.pl_mean = state["pl_mean"].to(self.env.device)
+
+
+# -- config checks -------------------------------------------------------------------------------
+from trainer.config import ConfigError  # noqa: E402  (with the checks it serves)
+
+
+def check_stylegan2(cfg: Config, world_size: int) -> None:
+    """What the StyleGAN2 trainer needs: its sizes, the logistic loss, one D step per G step, and a
+    path-length batch that splits over the ranks (the bounds of its keys are declared in config)."""
+    m, t, loss = cfg.model, cfg.train, cfg.loss
+    if m.resolution < 8 or m.resolution & (m.resolution - 1):
+        raise ConfigError("model.resolution", f"must be a power of two >= 8 for stylegan2; got {m.resolution}")
+    if loss.type != "bce":
+        raise ConfigError("loss.type", f"stylegan2 trains with the logistic loss (bce); got {loss.type!r}")
+    for key, value, ok in (("model.num_classes", m.num_classes, 0), ("train.n_critic", t.n_critic, 1),
+                           ("train.accumulate", t.accumulate, 1)):
+        if value != ok:
+            raise ConfigError(key, f"stylegan2 runs take {key}={ok}; got {value!r}")
+    blocks = max(m.resolution.bit_length() - 3, 0)  # one D block per halving from the resolution down to 4x4
+    if m.freeze_d > blocks:
+        raise ConfigError("model.freeze_d", f"must be in 0..{blocks} (D's blocks at {m.resolution}x{m.resolution}); "
+                                            f"got {m.freeze_d}")
+    pl_batch = t.batch_size // loss.pl_batch_shrink
+    if loss.pl_weight > 0 and (pl_batch == 0 or pl_batch % world_size):
+        raise ConfigError("loss.pl_batch_shrink", f"the path-length batch {t.batch_size} // {loss.pl_batch_shrink} "
+                                                  f"= {pl_batch} does not split over {world_size} rank(s)")

@@ -86,3 +86,10 @@ def init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
     elif isinstance(m, nn.Embedding):
         nn.init.normal_(m.weight, 0.0, 0.02)
+
+
+def build(cfg) -> tuple[nn.Module, nn.Module]:
+    """`model.arch=dcgan`: (G, D) from the model section; D takes packs of `cfg.pack` images."""
+    g = DCGANGenerator(cfg.z_dim, cfg.g_width, cfg.channels, cfg.resolution, cfg.norm, cfg.num_classes)
+    d = DCGANDiscriminator(cfg.d_width, cfg.channels * cfg.pack, cfg.resolution, cfg.d_norm or cfg.norm, cfg.num_classes)
+    return g, d

@@ -271,3 +271,11 @@ def load_vgg19_features(features: nn.Sequential, path: str) -> None:
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
             raise bad(f"features.{k} has shape {shape}, vgg19 needs {tuple(v.shape)}")
     features.load_state_dict({k: state[f"features.{k}"] for k in expected})
+
+
+def build(cfg) -> tuple[nn.Module, nn.Module]:
+    """`model.arch=esrgan`: the RRDB generator and the VGG-style or U-Net discriminator."""
+    g = RRDBNet(cfg.channels, cfg.scale, cfg.g_width, cfg.n_blocks, cfg.growth, cfg.skip)
+    d = (UNetDiscriminatorSN(cfg.channels, cfg.d_width) if cfg.d_arch == "unet"
+         else VGGStyleDiscriminator(cfg.channels, cfg.d_width, cfg.resolution))
+    return g, d

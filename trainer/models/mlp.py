@@ -37,3 +37,10 @@ class MLPDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x / self.scale).flatten()
+
+
+def build(cfg) -> tuple[nn.Module, nn.Module]:
+    """`model.arch=mlp`: (G, D) for points; D takes packs of `cfg.pack` points."""
+    g = MLPGenerator(cfg.z_dim, cfg.g_width, cfg.depth, cfg.channels, cfg.point_scale)
+    d = MLPDiscriminator(cfg.d_width, cfg.depth, cfg.channels * cfg.pack, cfg.point_scale)
+    return g, d

@@ -327,3 +327,11 @@ class StyleGAN2Discriminator(nn.Module):
             x = minibatch_stddev(x, self.mbstd_group)
         x = self.conv(x)
         return self.out(self.fc(x.flatten(1))).squeeze(1)
+
+
+def build(cfg) -> tuple[nn.Module, nn.Module]:
+    """`model.arch=stylegan2`: (G, D) from the model section."""
+    g = StyleGAN2Generator(cfg.z_dim, cfg.w_dim, cfg.map_layers, cfg.resolution, cfg.channels, cfg.channel_base,
+                           cfg.g_width)
+    d = StyleGAN2Discriminator(cfg.resolution, cfg.channels, cfg.channel_base, cfg.d_width, cfg.mbstd_group)
+    return g, d

@@ -141,3 +141,28 @@ class CycleDiscriminators(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.d_a(a), self.d_b(b)
+
+
+def build_cyclegan(cfg) -> tuple[nn.Module, nn.Module]:
+    """`model.arch=cyclegan`: the generator pair (G_AB, G_BA) and discriminator pair (D_A, D_B)."""
+    c = cfg.channels
+    g = CycleGenerators(*(ResnetGenerator(c, c, cfg.g_width, cfg.n_blocks, cfg.norm) for _ in range(2)))
+    d = CycleDiscriminators(*(PatchDiscriminator(c, cfg.d_width, cfg.d_layers, cfg.d_norm or cfg.norm) for _ in range(2)))
+    return reference_init(g, d)
+
+
+def build_pix2pix(cfg) -> tuple[nn.Module, nn.Module]:
+    """`model.arch=pix2pix`: the U-Net and the conditional PatchGAN, which sees (input, output) stacked."""
+    c = cfg.channels
+    g = UnetGenerator(c, c, cfg.resolution.bit_length() - 1, cfg.g_width, cfg.norm, cfg.dropout)
+    d = PatchDiscriminator(2 * c, cfg.d_width, cfg.d_layers, cfg.d_norm or cfg.norm)
+    return reference_init(g, d)
+
+
+def reference_init(g: nn.Module, d: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Weights N(0, 0.02), as in the reference CycleGAN and pix2pix."""
+    from trainer.models.dcgan import init_weights
+
+    for m in (g, d):
+        m.apply(init_weights)
+    return g, d

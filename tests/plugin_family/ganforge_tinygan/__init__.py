@@ -42,10 +42,10 @@ def build(m):
             Discriminator(m.d_width, m.channels, m.resolution))
 
 
-def validate(cfg) -> None:
+def validate(cfg, world_size: int) -> None:
     if cfg.model.num_classes:
         raise ConfigError("model.num_classes", "tinygan is unconditional; set model.num_classes=0")
 
 
 FAMILY = Family(trainer="trainer.families.gan:GANTrainer", takes="noise", command="sample", check_data=labelled_images,
-                build=build, validate=validate)
+                build=build, validate=validate, supports=frozenset({"deepspeed"}), keys=("model.z_dim",))
