@@ -51,12 +51,12 @@ def runs(tmp_path_factory, digits_dir, packaged) -> dict[str, str]:
 
 def reference(run: str, direction: str | None):
     """(the run's generator as a function of plain tensors, inputs of 3 rows, their input names, config)."""
+    from trainer.families import family
     from trainer.families.image_to_image import load_translator
     from trainer.generate import load_checkpoint_state, load_generator
-    from trainer.models import TRANSLATION_ARCHS
 
     gen = torch.Generator().manual_seed(7)
-    if load_checkpoint_state(run)[2].model.arch in TRANSLATION_ARCHS:
+    if family(load_checkpoint_state(run)[2].model.arch).command == "translate":
         g, cfg = load_translator(run, direction)
         m = cfg.model
         a, b = (torch.rand(3, m.channels, m.resolution, m.resolution, generator=gen) * 2 - 1 for _ in range(2))

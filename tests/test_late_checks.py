@@ -54,12 +54,12 @@ def test_a_skipped_step_leaves_batchnorm_statistics_as_they_were(make_trainer, m
 def test_a_skipped_translation_step_leaves_batchnorm_statistics_as_they_were(packaged, tmp_path, monkeypatch):
     from tests.test_translation import pix_data
     from trainer.distributed import DistEnv
-    from trainer.families.image_to_image import TranslationTrainer
+    from trainer.families.pix2pix import Pix2PixTrainer
 
     cfg = load_config("configs/pix2pix_edges.yaml", [*pix_data(packaged["ep"]), f"run.dir={tmp_path}/run",
                                                      "model.resolution=32", "model.g_width=8", "model.d_width=8",
                                                      "train.batch_size=4", "model.norm=batch", "log.mlflow_uri=none"])
-    t = TranslationTrainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+    t = Pix2PixTrainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
     t.train_step()
     before = bn_buffers(t.G.module, t.D.module)
     assert before, "pix2pix's networks hold BatchNorm statistics"

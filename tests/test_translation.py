@@ -34,7 +34,7 @@ def metrics(run_dir: str) -> list[dict]:
 
 
 def test_image_pool_keeps_at_most_its_size_and_returns_real_history():
-    from trainer.families.image_to_image import ImagePool
+    from trainer.families.cyclegan import ImagePool
 
     pool = ImagePool(3)
     seen = []

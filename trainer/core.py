@@ -1,9 +1,9 @@
-"""What every trainer shares: phases, counters, precision, seeds and the learning-rate schedule.
+"""The trainer contract and what every family's trainer shares: phases and their one update path
+(`Phase.update`), counters, precision, seeds and the learning-rate schedule.
 
-`trainer.loop.Trainer` (unconditional and class-conditional GANs) and
-`trainer.families.image_to_image.TranslationTrainer` (CycleGAN, pix2pix) build on `TrainerBase`; the run
-loop in `trainer.loop` drives either through the same small surface: `train_step`,
-`phases`, `state`, `data`, `state_dict`/`load_state_dict`, `write_samples` and `export`.
+Each family's trainer (trainer/families: GANTrainer, StyleGAN2Trainer, CycleGANTrainer,
+Pix2PixTrainer, ESRGANTrainer, or a plug-in's) subclasses the abstract `TrainerBase`; the run loop
+(trainer/run.py) and the reporter (trainer/reporting.py) use nothing else of it.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def exportable(run_dir: str, checkpoint: str | None = None, use_ema: bool = True
         from trainer.families.esrgan import load_upscaler
 
         net, cfg, _ = load_upscaler(run_dir, checkpoint, use_ema)
-        side = m.resolution // m.scale
+        side = family(m.arch).input_side(m)
         lr = torch.rand(CHECK_ROWS, m.channels, side, side, generator=torch.Generator().manual_seed(CHECK_SEED)) * 2 - 1
         return Exportable(net, "", ImageToImage(net).eval(), (lr,), ("image",), to_dict(cfg))
     net, cfg, _ = load_generator(run_dir, checkpoint, use_ema)

@@ -287,9 +287,10 @@ class Reporter:
         t, model = self.t, self.t.cfg.model
         state = next(iter(t.export().values()))
         g, _ = build_models(model)
-        if family(model.arch).takes == "image":
+        chosen = family(model.arch)
+        if chosen.takes == "image":
             g = g.g_ab if hasattr(g, "g_ab") else g  # CycleGAN: the A-to-B generator
-            side = model.resolution // (model.scale if model.arch == "esrgan" else 1)  # esrgan takes LR images
+            side = chosen.input_side(model)
             example = torch.rand(2, model.channels, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
             state = {k.removeprefix("g_ab."): v for k, v in state.items() if not k.startswith("g_ba.")}
         else:

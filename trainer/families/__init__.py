@@ -97,12 +97,15 @@ class Family:
     takes: str  # what the generator takes: "noise" (latents) or "image" (it maps one image to another)
     command: str  # the command that uses a saved generator: sample | translate | upscale
     check_data: Callable[[Config, ShardIndex], None]  # what data.train (and the other datasets) must hold
-    # (generator, discriminator) from the model section; the built-in families' are in trainer/models
+    # (generator, discriminator) from the model section (the built-in families' are next to their
+    # networks in trainer/models); spectral norm is added by build_models when model.spectral_norm is set
     build: Callable[[ModelConfig], tuple[nn.Module, nn.Module]] | None = None
     # (cfg, world_size) -> None: the family's own config checks, a ConfigError naming the key
     validate: Callable[[Config, int], None] | None = None
     supports: frozenset[str] = frozenset()  # the optional FEATURES it implements: pack, augment, freeze_d, ...
     keys: tuple[str, ...] = ()  # config keys (or "prefix." / "prefix_") that only the families naming them read
+    # image families: the side of the images the generator takes (default model.resolution; esrgan: LR side)
+    input_side: Callable[[ModelConfig], int] = lambda m: m.resolution
 
     def make_trainer(self, cfg: Config, env: DistEnv) -> TrainerBase:
         module, name = self.trainer.split(":")
@@ -147,23 +150,29 @@ STYLEGAN2_KEYS = ("model.w_dim", "model.map_layers", "model.style_mixing", "mode
 ESRGAN_KEYS = ("degrade.", "model.scale", "model.growth", "model.d_arch", "model.skip", "loss.pixel_weight",
                "loss.gan_weight", "loss.perceptual_", "train.pretrain_steps")
 FAMILIES: dict[str, Family] = {
-    "dcgan": Family(GAN, "noise", "sample", labelled_images, validate=lazy("trainer.families.gan:check_dcgan"),
+    "dcgan": Family(GAN, "noise", "sample", labelled_images, build=lazy("trainer.models.dcgan:build"),
+                    validate=lazy("trainer.families.gan:check_dcgan"),
                     supports=frozenset({"pack", "deepspeed"}), keys=("model.z_dim", "model.pack")),
-    "mlp": Family(GAN, "noise", "sample", points, supports=frozenset({"pack", "deepspeed"}),
+    "mlp": Family(GAN, "noise", "sample", points, build=lazy("trainer.models.mlp:build"), supports=frozenset({"pack", "deepspeed"}),
                   keys=("model.z_dim", "model.pack", "model.depth", "model.point_scale")),
     "stylegan2": Family("trainer.families.stylegan2:StyleGAN2Trainer", "noise", "sample", labelled_images,
+                        build=lazy("trainer.models.stylegan2:build"),
                         validate=lazy("trainer.families.stylegan2:check_stylegan2"),
                         supports=frozenset({"augment", "freeze_d"}), keys=("model.z_dim", *STYLEGAN2_KEYS)),
-    "cyclegan": Family("trainer.families.image_to_image:TranslationTrainer", "image", "translate", two_domains,
-                       validate=lazy("trainer.families.image_to_image:check_cyclegan"),
+    "cyclegan": Family("trainer.families.cyclegan:CycleGANTrainer", "image", "translate", two_domains,
+                       build=lazy("trainer.models.translation:build_cyclegan"),
+                       validate=lazy("trainer.families.cyclegan:check_cyclegan"),
                        supports=frozenset({"instance_norm"}),
                        keys=("model.n_blocks", "model.d_layers", "data.train_b", "data.val_b", "loss.cycle_weight",
                              "loss.identity_weight", "train.pool_size")),
-    "pix2pix": Family("trainer.families.image_to_image:TranslationTrainer", "image", "translate", pairs,
-                      validate=lazy("trainer.families.image_to_image:check_pix2pix"),
+    "pix2pix": Family("trainer.families.pix2pix:Pix2PixTrainer", "image", "translate", pairs,
+                      build=lazy("trainer.models.translation:build_pix2pix"),
+                      validate=lazy("trainer.families.pix2pix:check_pix2pix"),
                       supports=frozenset({"instance_norm"}),
                       keys=("model.d_layers", "model.dropout", "model.direction", "loss.l1_weight")),
     "esrgan": Family("trainer.families.esrgan:ESRGANTrainer", "image", "upscale", crops,
+                     build=lazy("trainer.models.esrgan:build"),
+                     input_side=lambda m: m.resolution // m.scale,
                      validate=lazy("trainer.families.esrgan:check_esrgan"), supports=frozenset({"ragan"}),
                      keys=("model.n_blocks", *ESRGAN_KEYS)),
 }
