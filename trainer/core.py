@@ -189,7 +189,8 @@ class TrainerBase(abc.ABC):
     a family's trainer (trainer/families) owns the networks, their phases and the step.
 
     A subclass sets `data` (its DataCursor; `datasets()` lists every cursor it reads) and the
-    phases (`add_phases`), and implements `train_step`, `write_samples` and `export`.
+    phases (`add_phases`), `ema` if it keeps an EMA generator, and implements `train_step` and
+    `write_samples`.
     """
 
     phases: tuple[Phase, ...] = ()
@@ -203,9 +204,10 @@ class TrainerBase(abc.ABC):
     def write_samples(self, samples_dir: str, step: int) -> tuple[str | None, dict[str, float]]:
         """Rank 0: the sample grid of this step (its path, or None) and held-out figures that come with it."""
 
-    @abc.abstractmethod
     def export(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The final generator's weights, by the name a saved generator file keeps them under."""
+        """The final generator's weights, by the name a saved generator file keeps them under:
+        G_ema for a run that keeps an EMA generator (even with ema_kimg=0: then the raw one), else G."""
+        return {"G_ema" if self.ema is not None else "G": self.generator().state_dict()}
 
     def datasets(self) -> list[Any]:
         """Every DataCursor this trainer reads (the reporter times them, preemption rewinds them)."""
@@ -213,8 +215,7 @@ class TrainerBase(abc.ABC):
 
     def generator(self) -> nn.Module:
         """The generator to evaluate and sample: the EMA copy when the run keeps one."""
-        ema = getattr(self, "ema", None)
-        return ema.model if ema is not None and self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
+        return self.ema.model if self.ema is not None and self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -232,6 +233,7 @@ class TrainerBase(abc.ABC):
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         self.state = TrainState()
+        self.ema: Any = None  # trainer.ema.EMA of G, for a family that keeps one (set after add_phases)
         self._running: list[torch.Tensor] | None = None
         self.frozen: set[int] = set()  # ids of parameters that never train (see freeze)
         self._nonfinite: torch.Tensor | None = None  # [skipped since last settled, skipped in a row]
@@ -334,6 +336,8 @@ class TrainerBase(abc.ABC):
         for p in self.phases:
             out |= {p.name: unwrap(p.module).state_dict(), f"opt_{p.name}": p.optimizer_state(),
                     f"scaler_{p.name}": p.scaler.state_dict()}
+        if self.ema is not None:
+            out["G_ema"] = self.ema.model.state_dict()
         return out
 
     def init_weights(self, state: dict[str, Any], path: str) -> None:
@@ -343,9 +347,8 @@ class TrainerBase(abc.ABC):
         Every rank loads the same file, so the replicas stay equal without a broadcast."""
         for p in self.phases:
             load_weights(unwrap(p.module), state.get(p.name), f"{path}: {p.name}")
-        ema = getattr(self, "ema", None)
-        if ema is not None:
-            load_weights(ema.model, state.get("G_ema", state.get("G")), f"{path}: G_ema")
+        if self.ema is not None:
+            load_weights(self.ema.model, state.get("G_ema", state.get("G")), f"{path}: G_ema")
 
     def load_state_dict(self, state: dict[str, Any], path: str) -> None:
         check_compatible(state.get("config", {}), to_dict(self.cfg), path)
@@ -357,6 +360,8 @@ class TrainerBase(abc.ABC):
         self.state.step, self.state.nimg = int(state["step"]), int(state["nimg"])
         self.state.nonfinite = int(state.get("nonfinite", 0))
         self.state.mlflow_run_id = state.get("mlflow_run_id")
+        if self.ema is not None:
+            self.ema.model.load_state_dict(state["G_ema"])
 
 
 def load_weights(module: nn.Module, weights: dict[str, torch.Tensor] | None, where: str) -> None:

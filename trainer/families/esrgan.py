@@ -144,9 +144,6 @@ class ESRGANTrainer(TrainerBase):
         return self.D.update(loss_fn).stats("d")
 
     # -- outputs --------------------------------------------------------------------------------
-    def generator(self) -> torch.nn.Module:
-        return self.ema.model if self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
-
     def write_samples(self, samples_dir: str, step: int) -> tuple[str | None, dict[str, float]]:
         """Held-out grid (rows: LR nearest-upscaled | bicubic | ganforge | HR) and PSNR/SSIM beside bicubic's."""
         if self.val is None:
@@ -161,16 +158,6 @@ class ESRGANTrainer(TrainerBase):
         save_grid(grid, os.path.join(samples_dir, "latest.png"), nrow=4)
         return path, values
 
-    def export(self) -> dict[str, Any]:
-        return {"G_ema": self.generator().state_dict()}
-
-    # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"G_ema": self.ema.model.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any], path: str) -> None:
-        super().load_state_dict(state, path)
-        self.ema.model.load_state_dict(state["G_ema"])
 
 
 def held_out(location: str, scale: int, n: int = VAL_MAX) -> dict[str, torch.Tensor]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import torch
 
@@ -185,16 +184,6 @@ class GANTrainer(TrainerBase):
         save_samples(images, os.path.join(samples_dir, "latest.png"), centres)
         return path, {}
 
-    def export(self) -> dict[str, Any]:
-        return {"G_ema": self.generator().state_dict()}
-
-    # -- state ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"G_ema": self.ema.model.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any], path: str) -> None:
-        super().load_state_dict(state, path)
-        self.ema.model.load_state_dict(state["G_ema"])
 
 
 

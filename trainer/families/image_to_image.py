@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +120,6 @@ class TranslationTrainer(TrainerBase):
         save_grid(grid, os.path.join(samples_dir, "latest.png"), nrow=columns)
         return path, values
 
-    def export(self) -> dict[str, Any]:
-        return {"G": unwrap(self.G.module).state_dict()}
 
 
 def load_translator(run_dir: str, direction: str | None, checkpoint: str | None = None):

@@ -216,8 +216,6 @@ class StyleGAN2Trainer(TrainerBase):
         save_samples(images, os.path.join(samples_dir, "latest.png"))
         return path, {}
 
-    def export(self) -> dict[str, Any]:
-        return {"G_ema": self.generator().state_dict()}
 
     # -- state ----------------------------------------------------------------------------------
     def gather_state(self) -> None:
@@ -225,12 +223,11 @@ class StyleGAN2Trainer(TrainerBase):
         self.ada.gather(self.env)
 
     def state_dict(self) -> dict[str, Any]:
-        return super().state_dict() | {"G_ema": self.ema.model.state_dict(), "augment": self.ada.state_dict(),
+        return super().state_dict() | {"augment": self.ada.state_dict(),
                                        "pl_mean": self.pl_mean.cpu()}
 
     def load_state_dict(self, state: dict[str, Any], path: str) -> None:
         super().load_state_dict(state, path)
-        self.ema.model.load_state_dict(state["G_ema"])
         self.ada.load_state_dict(state["augment"], self.env)
         self.pl_mean = state["pl_mean"].to(self.env.device)
 
