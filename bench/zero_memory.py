@@ -53,7 +53,6 @@ def measure(name: str, settings: dict, width: int, run_dir: str, env) -> dict[st
 
     from trainer.config import Config, apply
     from trainer.core import TrainerBase
-    from trainer.distributed import unwrap
     from trainer.models import build_models
 
     cfg = apply(Config(), {"run": {"dir": os.path.join(run_dir, name)}, "train": {"batch_size": 4, "threads": 1},
@@ -66,7 +65,7 @@ def measure(name: str, settings: dict, width: int, run_dir: str, env) -> dict[st
     phase.backward(phase.module(z).float().square().mean())
     phase.apply()
     opt = getattr(phase.opt, "optimizer", phase.opt)  # DeepSpeed's ZeRO optimiser wraps a torch one
-    model = unwrap(phase.module)
+    model = phase.network
     return {"optimizer_bytes": optimizer_bytes(opt), "model_bytes": tensor_bytes(model.parameters()), "parameters": sum(p.numel() for p in model.parameters())}
 
 

@@ -14,7 +14,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from trainer.distributed import init_distributed, shutdown, unwrap  # noqa: E402
+from trainer.distributed import init_distributed, shutdown  # noqa: E402
 from trainer.families import load_config  # noqa: E402
 from trainer.run import make_trainer  # noqa: E402
 
@@ -24,7 +24,7 @@ def main() -> None:
     cfg = load_config(os.environ.get("PROBE_CONFIG", "configs/dcgan_digits.yaml"), overrides)
     env = init_distributed()
     trainer = make_trainer(cfg, env)
-    init_g = {k: v.clone() for k, v in unwrap(trainer.G.module).state_dict().items()}
+    init_g = {k: v.clone() for k, v in trainer.G.network.state_dict().items()}
     positions = []
     next_batch = trainer.data.next
 
@@ -40,8 +40,8 @@ def main() -> None:
     torch.save({
         "world_size": env.world_size,
         "device": env.device.type,
-        "G": unwrap(trainer.G.module).state_dict(),
-        "D": unwrap(trainer.D.module).state_dict(),
+        "G": trainer.G.network.state_dict(),
+        "D": trainer.D.network.state_dict(),
         "G_init": init_g,
         "positions": positions,
     }, os.path.join(out, f"rank{env.rank}.pt"))

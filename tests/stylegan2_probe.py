@@ -16,7 +16,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from trainer.data import to_unit_range  # noqa: E402
-from trainer.distributed import init_distributed, mean_across, shutdown, unwrap  # noqa: E402
+from trainer.distributed import init_distributed, mean_across, shutdown  # noqa: E402
 from trainer.families import load_config  # noqa: E402
 from trainer.run import make_trainer  # noqa: E402
 
@@ -26,7 +26,7 @@ def record_grads(phase, into: list) -> None:
     apply = phase.apply
 
     def recording_apply():
-        into.append([p.grad.detach().clone() for p in unwrap(phase.module).parameters()])
+        into.append([p.grad.detach().clone() for p in phase.network.parameters()])
         return apply()
 
     phase.apply = recording_apply

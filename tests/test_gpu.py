@@ -102,25 +102,25 @@ def test_every_statistic_of_a_step_lives_on_the_trainer_device(family, digits_di
 
 @pytest.mark.parametrize("compile_", [False, True])
 def test_channels_last_or_compiled_networks_train(compile_, digits_dir, tmp_path):
-    from trainer.distributed import init_distributed, unwrap
+    from trainer.distributed import init_distributed
     from trainer.families.gan import GANTrainer
 
     cfg = load_config("configs/dcgan_digits.yaml", [f"run.dir={tmp_path}/run", *COMMON, f"data.train={digits_dir}",
                                                     *DIGITS, "precision=bf16", f"train.compile={compile_}"])
     trainer = GANTrainer(cfg, init_distributed())
-    convs = [p for p in unwrap(trainer.D.module).parameters() if p.dim() == 4]
+    convs = [p for p in trainer.D.network.parameters() if p.dim() == 4]
     # channels_last on the GPU, except under compile (inductor picks the layout itself)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) == (
         DEVICE.type == "cuda" and not compile_)
-    before = [p.detach().clone() for p in unwrap(trainer.G.module).parameters()]
+    before = [p.detach().clone() for p in trainer.G.network.parameters()]
     for _ in range(3):
         stats = trainer.train_step()
     assert all(torch.isfinite(v) for v in stats.values())
-    assert all(not torch.equal(a, b) for a, b in zip(before, unwrap(trainer.G.module).parameters(), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.G.network.parameters(), strict=True))
 
 
 def test_ema_follows_its_formula_on_the_device(digits_dir, tmp_path):
-    from trainer.distributed import init_distributed, unwrap
+    from trainer.distributed import init_distributed
     from trainer.ema import ema_beta
     from trainer.families.gan import GANTrainer
 
@@ -131,7 +131,7 @@ def test_ema_follows_its_formula_on_the_device(digits_dir, tmp_path):
     ema_before = [p.clone() for p in t.ema.model.parameters()]
     t.train_step()
     beta = ema_beta(32, 64, cfg.train.ema_kimg, cfg.train.ema_rampup)
-    for e0, e1, g in zip(ema_before, t.ema.model.parameters(), unwrap(t.G.module).parameters(), strict=True):
+    for e0, e1, g in zip(ema_before, t.ema.model.parameters(), t.G.network.parameters(), strict=True):
         assert e1.device == DEVICE
         torch.testing.assert_close(e1, g.detach() + beta * (e0 - g.detach()))
 

@@ -24,7 +24,7 @@ from torch import nn
 from trainer import __version__
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, to_dict
-from trainer.distributed import DistEnv, unwrap
+from trainer.distributed import DistEnv
 from trainer.precision import default_dtype, resolve_precision
 from trainer.redact import redact
 from trainer.running_stats import (
@@ -107,6 +107,7 @@ class Phase:
     scaler: Any
     grad_clip: float = 0.0
     params: list[torch.Tensor] = field(default_factory=list, repr=False)  # the trainable ones (not frozen)
+    network: nn.Module | None = field(default=None, repr=False)  # the network itself, as built (module wraps it)
     skipped: torch.Tensor | None = None  # whether the last apply() skipped its step: a bool on the device
 
     def update(self, loss_fn: LossFn, frozen: Phase | None = None, micro_batches: int = 1) -> Update:
@@ -153,7 +154,7 @@ class Phase:
     @torch.no_grad()
     def clamp_weights(self, bound: float) -> None:
         """Clip every weight to [-bound, bound] (WGAN's Lipschitz constraint)."""
-        for p in unwrap(self.module).parameters():
+        for p in self.network.parameters():
             p.clamp_(-bound, bound)
 
     def gather_state(self) -> None:
@@ -215,7 +216,7 @@ class TrainerBase(abc.ABC):
 
     def generator(self) -> nn.Module:
         """The generator to evaluate and sample: the EMA copy when the run keeps one."""
-        return self.ema.model if self.ema is not None and self.cfg.train.ema_kimg > 0 else unwrap(self.G.module)
+        return self.ema.model if self.ema is not None and self.cfg.train.ema_kimg > 0 else self.G.network
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -334,7 +335,7 @@ class TrainerBase(abc.ABC):
                "config": to_dict(redact(self.cfg)), "data": self.data.state_dict(),
                "mlflow_run_id": self.state.mlflow_run_id}
         for p in self.phases:
-            out |= {p.name: unwrap(p.module).state_dict(), f"opt_{p.name}": p.optimizer_state(),
+            out |= {p.name: p.network.state_dict(), f"opt_{p.name}": p.optimizer_state(),
                     f"scaler_{p.name}": p.scaler.state_dict()}
         if self.ema is not None:
             out["G_ema"] = self.ema.model.state_dict()
@@ -346,14 +347,14 @@ class TrainerBase(abc.ABC):
 
         Every rank loads the same file, so the replicas stay equal without a broadcast."""
         for p in self.phases:
-            load_weights(unwrap(p.module), state.get(p.name), f"{path}: {p.name}")
+            load_weights(p.network, state.get(p.name), f"{path}: {p.name}")
         if self.ema is not None:
             load_weights(self.ema.model, state.get("G_ema", state.get("G")), f"{path}: G_ema")
 
     def load_state_dict(self, state: dict[str, Any], path: str) -> None:
         check_compatible(state.get("config", {}), to_dict(self.cfg), path)
         for p in self.phases:
-            unwrap(p.module).load_state_dict(state[p.name])
+            p.network.load_state_dict(state[p.name])
             p.load_optimizer_state(state[f"opt_{p.name}"])
             p.scaler.load_state_dict(state[f"scaler_{p.name}"])
         self.data.load_state_dict(state["data"])

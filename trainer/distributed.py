@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +69,7 @@ def average_buffers(module: nn.Module, env: DistEnv) -> None:
     """Make floating-point buffers (BN running mean/var) the mean over ranks: identical everywhere."""
     if env.world_size == 1:
         return
-    buffers = [b for b in unwrap(module).buffers() if b.is_floating_point()]
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
     if not buffers:
         return
     flat = torch.cat([b.flatten() for b in buffers])
@@ -80,16 +79,6 @@ def average_buffers(module: nn.Module, env: DistEnv) -> None:
     for b in buffers:
         b.copy_(flat[offset:offset + b.numel()].view_as(b))
         offset += b.numel()
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The network itself, from under DDP or a DeepSpeed engine."""
-    if isinstance(module, DistributedDataParallel):
-        return module.module
-    deepspeed = sys.modules.get("deepspeed")
-    if deepspeed is not None and isinstance(module, deepspeed.DeepSpeedEngine):
-        return module.module
-    return module
 
 
 def stop_votes(votes: list[bool], env: DistEnv) -> list[bool]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from trainer.config import Config, ConfigError
 from trainer.core import Purpose, derive_seed
 from trainer.data import DataCursor, to_unit_range
-from trainer.distributed import DistEnv, unwrap
+from trainer.distributed import DistEnv
 from trainer.families.image_to_image import (
     VAL_MAX,
     TranslationTrainer,
@@ -79,7 +79,7 @@ class CycleGANTrainer(TranslationTrainer):
 
     def g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
         """Both generators: fool the other domain's D, cycle back (and map each domain to itself); D frozen."""
-        cfg, d = self.cfg.loss, unwrap(self.D.module)
+        cfg, d = self.cfg.loss, self.D.network
         made: dict[str, torch.Tensor] = {}
 
         def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -113,7 +113,7 @@ class CycleGANTrainer(TranslationTrainer):
 
     # -- outputs --------------------------------------------------------------------------------
     def translator(self, direction: str) -> torch.nn.Module:
-        g = unwrap(self.G.module)
+        g = self.G.network
         return g.g_ab if direction == "AtoB" else g.g_ba
 
     def held_out_grid(self) -> tuple[list[torch.Tensor], int, dict[str, float]]:

@@ -28,7 +28,7 @@ from data_pipeline.degrade import Degradation, bicubic_down, bicubic_up
 from trainer.config import Config
 from trainer.core import Purpose, TrainerBase, derive_seed
 from trainer.data import DataCursor, to_unit_range
-from trainer.distributed import DistEnv, unwrap
+from trainer.distributed import DistEnv
 from trainer.ema import EMA
 from trainer.evaluation.sr_metrics import psnr_y, ssim_y
 from trainer.models import build_models
@@ -74,7 +74,7 @@ class ESRGANTrainer(TrainerBase):
         torch.manual_seed(derive_seed(cfg.seed, Purpose.WEIGHTS))  # identical initial weights on every rank
         g, d = (m.to(env.device) for m in build_models(cfg.model))
         self.add_phases(g, d)
-        self.ema = EMA(unwrap(self.G.module), cfg.train.ema_kimg, cfg.train.ema_rampup)
+        self.ema = EMA(self.G.network, cfg.train.ema_kimg, cfg.train.ema_rampup)
         self.perceptual = None
         if cfg.loss.perceptual_weights and cfg.loss.perceptual_weight > 0:
             from trainer.models.esrgan import VGGPerceptual
@@ -101,12 +101,12 @@ class ESRGANTrainer(TrainerBase):
         self.finish_step(skipped, running)
         self.state.step += 1
         self.state.nimg += cfg.train.batch_size
-        self.ema.update(unwrap(self.G.module), cfg.train.batch_size, self.state.nimg)
+        self.ema.update(self.G.network, cfg.train.batch_size, self.state.nimg)
         return stats
 
     def g_step(self, lr: torch.Tensor, hr: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """L1 to the HR image, and in the GAN stage the perceptual and adversarial terms; D frozen."""
-        loss_cfg, d = self.cfg.loss, unwrap(self.D.module)
+        loss_cfg, d = self.cfg.loss, self.D.network
         made: list[torch.Tensor] = []
 
         def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -16,7 +16,6 @@ from trainer.data import DataCursor, to_unit_range
 from trainer.distributed import (
     DistEnv,
     average_buffers,
-    unwrap,
 )
 from trainer.ema import EMA
 from trainer.models import build_models
@@ -70,7 +69,7 @@ class GANTrainer(TrainerBase):
         With keep_fake (one micro-batch), G(z) is computed with its graph and kept for the G
         step that follows, which then needs no second G forward (as in pytorch/examples dcgan).
         """
-        cfg, g, d = self.cfg, unwrap(self.G.module), self.D.module
+        cfg, g, d = self.cfg, self.G.network, self.D.module
         k = cfg.train.accumulate
         if keep_fake and k != 1:
             raise ValueError("keep_fake needs train.accumulate=1")
@@ -96,7 +95,7 @@ class GANTrainer(TrainerBase):
                      "d/fake": upcast(fake_out.detach()).mean()}
             if eps is not None:
                 # a pack's interpolation takes the draw of its first sample
-                gp = gradient_penalty(unwrap(d), x, upcast(fake.detach()), eps[part][:len(x)], yr)
+                gp = gradient_penalty(self.D.network, x, upcast(fake.detach()), eps[part][:len(x)], yr)
                 loss = loss + cfg.loss.gp_weight * gp
                 terms["loss/gp"] = gp
             if r1:
@@ -115,7 +114,7 @@ class GANTrainer(TrainerBase):
                fake: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One G update on G(z), or on a `fake` kept from the D step: D frozen and unwrapped,
         so DDP reduces only G's gradients."""
-        g, d = self.G.module, unwrap(self.D.module)
+        g, d = self.G.module, self.D.network
         k, n = self.cfg.train.accumulate, self.cfg.model.pack
 
         def loss_fn(i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -166,18 +165,18 @@ class GANTrainer(TrainerBase):
             stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, Purpose.G_LATENTS), (gb, zd), env),
                                  self.fake_labels(derive_seed(cfg.seed, step, Purpose.G_LABELS)))
         self.finish_step([*skipped, self.G.skipped], norm_stats)
-        average_buffers(self.G.module, env)
-        average_buffers(self.D.module, env)
+        average_buffers(self.G.network, env)
+        average_buffers(self.D.network, env)
         self.state.step += 1
         self.state.nimg += gb
-        self.ema.update(unwrap(self.G.module), gb, self.state.nimg)
+        self.ema.update(self.G.network, gb, self.state.nimg)
         return stats
 
     # -- outputs --------------------------------------------------------------------------------
     def write_samples(self, samples_dir: str, step: int) -> tuple[str, dict[str, float]]:
         """Grids (scatter plots for points) of the fixed latents from the raw G and its EMA."""
         centres = self.data.stream.index.meta.get("centres")
-        raw = generate(unwrap(self.G.module), self.fixed_z, self.fixed_labels)
+        raw = generate(self.G.network, self.fixed_z, self.fixed_labels)
         save_samples(raw, os.path.join(samples_dir, f"step_{step:08d}_raw.png"), centres)
         images = generate(self.ema.model, self.fixed_z, self.fixed_labels) if self.cfg.train.ema_kimg > 0 else raw
         path = save_samples(images, os.path.join(samples_dir, f"step_{step:08d}.png"), centres)

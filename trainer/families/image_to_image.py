@@ -19,7 +19,7 @@ from data_pipeline.loader import decode_samples
 from trainer.config import Config, ConfigError
 from trainer.core import Purpose, TrainerBase, derive_seed
 from trainer.data import DataCursor, to_unit_range
-from trainer.distributed import DistEnv, unwrap
+from trainer.distributed import DistEnv
 from trainer.models import build_models
 from trainer.precision import upcast
 from trainer.sampling import run_in_chunks, save_grid
@@ -95,7 +95,7 @@ class TranslationTrainer(TrainerBase):
     # -- outputs --------------------------------------------------------------------------------
     def translator(self, direction: str) -> torch.nn.Module:
         """The generator that translates in `direction` (AtoB or BtoA)."""
-        return unwrap(self.G.module)
+        return self.G.network
 
     @torch.no_grad()
     def translate(self, images: torch.Tensor, direction: str = "AtoB", batch: int = 32) -> torch.Tensor:

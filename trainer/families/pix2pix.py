@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from trainer.config import Config, ConfigError
 from trainer.data import to_unit_range
-from trainer.distributed import DistEnv, unwrap
+from trainer.distributed import DistEnv
 from trainer.families.image_to_image import (
     VAL_MAX,
     TranslationTrainer,
@@ -41,7 +41,7 @@ class Pix2PixTrainer(TranslationTrainer):
 
     def g_step(self, a: torch.Tensor, b: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple]:
         """G(a): fool D on (a, G(a)) and stay near b in L1; D frozen."""
-        cfg, d = self.cfg.loss, unwrap(self.D.module)
+        cfg, d = self.cfg.loss, self.D.network
         made: list[torch.Tensor] = []
 
         def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -29,7 +29,7 @@ from trainer.augment import RANDOM_COLUMNS, AdaptiveP, augment
 from trainer.config import Config
 from trainer.core import Purpose, TrainerBase, Update, derive_seed, global_draw
 from trainer.data import DataCursor, to_unit_range
-from trainer.distributed import DistEnv, average_buffers, mean_across, unwrap
+from trainer.distributed import DistEnv, average_buffers, mean_across
 from trainer.ema import EMA
 from trainer.models import build_models
 from trainer.objectives import r1_penalty
@@ -87,7 +87,7 @@ class StyleGAN2Trainer(TrainerBase):
     def g_inputs(self, purpose: int, n: int) -> dict[str, Any]:
         """G's random inputs for `n` global samples: z, a second z and per-sample mixing cutoffs, noise maps."""
         cfg, env, step = self.cfg, self.env, self.state.step
-        g = unwrap(self.G.module)
+        g = self.G.network
         z_dim = cfg.model.z_dim
         out: dict[str, Any] = {"z": draw(derive_seed(cfg.seed, step, purpose, Z), (n, z_dim), env)}
         if cfg.model.style_mixing > 0:
@@ -110,7 +110,7 @@ class StyleGAN2Trainer(TrainerBase):
     # -- the phases -----------------------------------------------------------------------------
     def g_main(self) -> dict[str, torch.Tensor]:
         """Gmain: softplus(-D(augment(G(z)))), D frozen and unwrapped so DDP reduces only G."""
-        d = unwrap(self.D.module)
+        d = self.D.network
 
         def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with self.autocast():
@@ -149,7 +149,7 @@ class StyleGAN2Trainer(TrainerBase):
 
     def d_main(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """Dmain: softplus(D(augment(G(z)))) + softplus(-D(augment(x))); counts sign(D(real)) for ADA."""
-        g = unwrap(self.G.module)
+        g = self.G.network
 
         def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with torch.no_grad(), self.autocast():
@@ -198,10 +198,10 @@ class StyleGAN2Trainer(TrainerBase):
             skipped.append(reg.skipped)
             self.last_reg |= reg.terms | {"grad_norm/d_reg": reg.grad_norm}
         self.ada.update(step, env)
-        average_buffers(self.G.module, env)  # w_avg: the mean over ranks is the mean over the global batch
+        average_buffers(self.G.network, env)  # w_avg: the mean over ranks is the mean over the global batch
         self.state.step += 1
         self.state.nimg += cfg.train.batch_size
-        self.ema.update(unwrap(self.G.module), cfg.train.batch_size, self.state.nimg)
+        self.ema.update(self.G.network, cfg.train.batch_size, self.state.nimg)
         self.finish_step(skipped, [])  # no running statistics in StyleGAN2
         return stats | self.last_reg | {"augment/p": self.zero + self.ada.p, "augment/rt": self.zero + self.ada.rt,
                                         "loss/pl_mean": self.pl_mean.detach().clone()}
@@ -209,7 +209,7 @@ class StyleGAN2Trainer(TrainerBase):
     # -- outputs --------------------------------------------------------------------------------
     def write_samples(self, samples_dir: str, step: int) -> tuple[str, dict[str, float]]:
         """Grids of the fixed latents (fixed noise) from the raw G and its EMA."""
-        raw = generate(unwrap(self.G.module), self.fixed_z)
+        raw = generate(self.G.network, self.fixed_z)
         save_samples(raw, os.path.join(samples_dir, f"step_{step:08d}_raw.png"))
         images = generate(self.ema.model, self.fixed_z) if self.cfg.train.ema_kimg > 0 else raw
         path = save_samples(images, os.path.join(samples_dir, f"step_{step:08d}.png"))

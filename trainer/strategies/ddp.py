@@ -74,4 +74,4 @@ def make_phase(name: str, module: nn.Module, params: list[torch.Tensor], opt: to
                cfg: Config, env: DistEnv, precision: str) -> DDPPhase:
     """`module` wrapped in DDP (more than one rank), with a GradScaler that is active for fp16 only."""
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-    return DDPPhase(name, wrap(module, env), opt, scaler, cfg.train.grad_clip, params)
+    return DDPPhase(name, wrap(module, env), opt, scaler, cfg.train.grad_clip, params, network=module)

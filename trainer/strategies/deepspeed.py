@@ -241,4 +241,4 @@ def make_phase(name: str, module: nn.Module, params: list[torch.Tensor], opt: to
         scaler = LossScale()
     else:
         scaler = torch.amp.GradScaler(env.device.type, enabled=False)
-    return DeepSpeedPhase(name, engine, optimizer, scaler, cfg.train.grad_clip, params)
+    return DeepSpeedPhase(name, engine, optimizer, scaler, cfg.train.grad_clip, params, network=module)
