@@ -39,6 +39,15 @@ def run_in_chunks(net: nn.Module, *inputs: torch.Tensor | None, batch: int = 256
         net.train(was_training)
 
 
+HELD_OUT_PICTURED = 8  # held-out examples pictured in each sample grid of the image-to-image families
+
+
+def spread(n: int, k: int = HELD_OUT_PICTURED) -> list[int]:
+    """k of n indices spread evenly from the first to the last (held-out splits are ordered by
+    source picture, so these show different pictures)."""
+    return torch.linspace(0, n - 1, min(k, n)).round().long().tolist()
+
+
 def eight_bit(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] as uint8, the way StyleGAN2-ADA and clean-fid store them: x * 127.5 + 128,
     clamped to 0..255, truncated."""

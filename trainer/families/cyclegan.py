@@ -25,6 +25,7 @@ from trainer.families.image_to_image import (
     read_images,
 )
 from trainer.precision import upcast
+from trainer.sampling import spread
 
 
 class ImagePool:
@@ -122,7 +123,7 @@ class CycleGANTrainer(TranslationTrainer):
         fake_b, fake_a = self.translate(a), self.translate(b, "BtoA")
         rec_a, rec_b = self.translate(fake_b, "BtoA"), self.translate(fake_a)
         values = {"val/cycle_l1_a": float((rec_a - a).abs().mean()), "val/cycle_l1_b": float((rec_b - b).abs().mean())}
-        rows = [torch.stack([a[i], fake_b[i], rec_a[i], b[i], fake_a[i], rec_b[i]]) for i in self.spread(min(len(a), len(b)))]
+        rows = [torch.stack([a[i], fake_b[i], rec_a[i], b[i], fake_a[i], rec_b[i]]) for i in spread(min(len(a), len(b)))]
         return rows, 6, values
 
     # -- state ----------------------------------------------------------------------------------

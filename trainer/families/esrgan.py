@@ -33,9 +33,8 @@ from trainer.ema import EMA
 from trainer.evaluation.sr_metrics import psnr_y, ssim_y
 from trainer.models import build_models
 from trainer.precision import upcast
-from trainer.sampling import eight_bit, run_in_chunks, save_grid
+from trainer.sampling import eight_bit, run_in_chunks, save_grid, spread
 
-VAL_GRID = 8  # held-out examples pictured in each sample grid
 VAL_MAX = 64  # held-out examples measured at each sample step (the first ones of the split)
 TILE_CONTEXT = 16  # LR pixels of context around each tile of `upscale --tile`: bench/tiling.py measures the seams
 
@@ -151,7 +150,7 @@ class ESRGANTrainer(TrainerBase):
         scale = self.cfg.model.scale
         lr, hr, bicubic = self.val["lr"], self.val["hr"], self.val["bicubic"]
         sr, values = measure(self.generator(), self.val, scale, self.env.device)
-        pick = torch.linspace(0, len(hr) - 1, min(VAL_GRID, len(hr))).round().long().tolist()
+        pick = spread(len(hr))
         nearest = lr.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
         grid = to_unit_range(torch.cat([torch.stack([nearest[i], bicubic[i], sr[i], hr[i]]) for i in pick]))
         path = save_grid(grid, os.path.join(samples_dir, f"step_{step:08d}.png"), nrow=4)

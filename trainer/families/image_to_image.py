@@ -24,7 +24,6 @@ from trainer.models import build_models
 from trainer.precision import upcast
 from trainer.sampling import run_in_chunks, save_grid
 
-VAL_GRID = 8  # held-out examples pictured in each sample grid
 VAL_MAX = 256  # held-out examples measured at each sample step (the first ones of the split)
 
 
@@ -105,10 +104,6 @@ class TranslationTrainer(TrainerBase):
     def held_out_grid(self) -> tuple[list[torch.Tensor], int, dict[str, float]]:
         """Rank 0: the held-out grid's rows, its column count, and the held-out figures."""
         raise NotImplementedError
-
-    def spread(self, n: int) -> list[int]:
-        """VAL_GRID of n held-out examples spread evenly (the split is ordered by source picture)."""
-        return torch.linspace(0, n - 1, min(VAL_GRID, n)).round().long().tolist()
 
     def write_samples(self, samples_dir: str, step: int) -> tuple[str | None, dict[str, float]]:
         """Held-out grid (rows: input | translated | reconstructed, or input | output | target) and figures."""

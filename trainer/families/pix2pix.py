@@ -21,6 +21,7 @@ from trainer.families.image_to_image import (
     read_images,
 )
 from trainer.precision import upcast
+from trainer.sampling import spread
 
 
 class Pix2PixTrainer(TranslationTrainer):
@@ -69,7 +70,7 @@ class Pix2PixTrainer(TranslationTrainer):
         a, b = self.val["a"], self.val["b"]
         fake_b = self.translate(a)
         values = {"val/l1": float((fake_b - b).abs().mean()), "val/psnr": psnr(fake_b, b)}
-        return [torch.stack([a[i], fake_b[i], b[i]]) for i in self.spread(min(len(a), len(b)))], 3, values
+        return [torch.stack([a[i], fake_b[i], b[i]]) for i in spread(min(len(a), len(b)))], 3, values
 
 
 # -- config checks -------------------------------------------------------------------------------
