@@ -5,7 +5,10 @@ modulated/demodulated convolutions as one grouped convolution per batch, per-lay
 learned strength, a skip generator (toRGB at every resolution, upsampled and summed), a
 residual discriminator with a minibatch standard-deviation layer, and equalised learning rate
 (weights stored at unit variance, scaled at run time). Up- and down-sampling use the paper's
-[1, 3, 3, 1] low-pass filter as depthwise (transposed) convolutions.
+[1, 3, 3, 1] low-pass filter as depthwise (transposed) convolutions, and the resampling
+convolutions are computed as the reference computes them (borders included), so its weights
+give its outputs here: G's upsampling conv is a stride-2 transposed convolution followed by the
+filter, D's downsampling conv the filter followed by a stride-2 convolution.
 
 The generator's forward takes everything random as arguments (latents, a second latent and a
 per-sample cutoff for style mixing, noise maps), so the trainer can draw them reproducibly; in
@@ -46,11 +49,30 @@ def upsample2(x: torch.Tensor) -> torch.Tensor:
     return F.conv_transpose2d(x, f, stride=2, padding=1, groups=c)
 
 
+def blur(x: torch.Tensor, padding: int, gain: float = 1.0, stride: int = 1) -> torch.Tensor:
+    """The [1, 3, 3, 1] filter over each map, zero-padded by `padding` (a depthwise conv)."""
+    c = x.shape[1]
+    f = _fir(gain, x.device, x.dtype).expand(c, 1, 4, 4)
+    return F.conv2d(x, f, padding=padding, stride=stride, groups=c)
+
+
 def downsample2(x: torch.Tensor) -> torch.Tensor:
     """2x downsampling: the [1, 3, 3, 1] low-pass filter, then every second pixel."""
-    c = x.shape[1]
-    f = _fir(1.0, x.device, x.dtype).expand(c, 1, 4, 4)
-    return F.conv2d(F.pad(x, (1, 1, 1, 1)), f, stride=2, groups=c)
+    return blur(x, padding=1, stride=2)
+
+
+def conv3x3_up2(x: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """A 3x3 convolution of x upsampled 2x, as the reference computes it: a stride-2 transposed
+    convolution (H -> 2H + 1), then the filter (gain 4, padded by 1) back to 2H.
+
+    On an unbounded plane this is upsample2 then a convolution with the weight rotated by 180
+    degrees; here the padding happens once, before both, so the border pixels see the whole
+    filtered signal. weight: (O, I / groups, 3, 3) as for conv2d.
+    """
+    o, i, kh, kw = weight.shape
+    # conv_transpose2d takes (in, out / groups, k, k) per group
+    wt = weight.reshape(groups, o // groups, i, kh, kw).transpose(1, 2).reshape(groups * i, o // groups, kh, kw)
+    return blur(F.conv_transpose2d(x, wt, stride=2, groups=groups), padding=1, gain=4.0)
 
 
 def lrelu(x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +96,8 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    """Convolution with equalised learning rate; `down` low-passes and halves the input first."""
+    """Convolution with equalised learning rate; `down` halves the size as the reference does: a 1x1
+    conv of the low-passed, decimated input, a larger one with stride 2 over the low-passed input."""
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int, bias: bool = True, activate: bool = True,
                  down: bool = False, gain: float = 1.0):
@@ -85,16 +108,21 @@ class EqualConv2d(nn.Module):
         self.activate, self.down, self.padding = activate, down, kernel // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.down:
-            x = downsample2(x)
-        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.padding)
+        weight = self.weight * self.weight_gain
+        if not self.down:
+            x = F.conv2d(x, weight, self.bias, padding=self.padding)
+        elif weight.shape[-1] == 1:
+            x = F.conv2d(downsample2(x), weight, self.bias)
+        else:  # the filter padded by k // 2 + 1 at full size, then every second output of the conv
+            x = F.conv2d(blur(x, padding=self.padding + 1), weight, self.bias, stride=2)
         return lrelu(x) if self.activate else x
 
 
 def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, demodulate: bool = True,
-                     padding: int = 1, fused: bool = True) -> torch.Tensor:
+                     padding: int = 1, fused: bool = True, up: bool = False) -> torch.Tensor:
     """Per-sample weights w'[b] = weight * styles[b] (over input maps), divided by their norm per
-    output map when demodulating, applied as one grouped convolution over the whole batch.
+    output map when demodulating, applied as one grouped convolution over the whole batch;
+    `up` convolves the 2x upsampled input (conv3x3_up2; 3x3 weights).
 
     `fused` False gives the same result with one shared convolution between input and output
     scalings: no batch-sized `groups`, so exported graphs keep a free batch size.
@@ -102,20 +130,21 @@ def modulated_conv2d(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor
     """
     b, i, h, w = x.shape
     o, _, kh, kw = weight.shape
+    conv = conv3x3_up2 if up else functools.partial(F.conv2d, padding=padding)
     wb = weight.unsqueeze(0) * styles.reshape(b, 1, i, 1, 1)
     if not fused:
-        out = F.conv2d(x * styles.reshape(b, i, 1, 1), weight, padding=padding)
+        out = conv(x * styles.reshape(b, i, 1, 1), weight)
         if demodulate:
             out = out * (wb.square().sum(dim=(2, 3, 4)) + 1e-8).rsqrt().reshape(b, o, 1, 1)
         return out
     if demodulate:
         wb = wb * (wb.square().sum(dim=(2, 3, 4), keepdim=True) + 1e-8).rsqrt()
-    out = F.conv2d(x.reshape(1, b * i, h, w), wb.reshape(b * o, i, kh, kw), padding=padding, groups=b)
+    out = conv(x.reshape(1, b * i, h, w), wb.reshape(b * o, i, kh, kw), groups=b)
     return out.reshape(b, o, *out.shape[2:])
 
 
 class SynthesisLayer(nn.Module):
-    """Modulated 3x3 conv (optionally after 2x upsampling), plus scaled noise, bias and leaky ReLU."""
+    """Modulated 3x3 conv (optionally of the 2x upsampled input), plus scaled noise, bias and leaky ReLU."""
 
     def __init__(self, in_ch: int, out_ch: int, w_dim: int, res: int, up: bool = False):
         super().__init__()
@@ -129,9 +158,7 @@ class SynthesisLayer(nn.Module):
         self.fused_modconv = True  # see modulated_conv2d
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        if self.up:
-            x = upsample2(x)
-        x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w), fused=self.fused_modconv)
+        x = modulated_conv2d(x, self.weight * self.weight_gain, self.affine(w), fused=self.fused_modconv, up=self.up)
         if noise is None:
             noise = self.noise_const if not self.training else torch.randn(len(x), 1, self.res, self.res,
                                                                            device=x.device, dtype=x.dtype)
