@@ -42,8 +42,8 @@ def main() -> None:
     record_grads(trainer.G, g_grads)
     record_grads(trainer.D, d_grads)
     real = to_unit_range(trainer.data.next()["image"])
-    pl = trainer.g_reg()["loss/pl"]
-    r1 = trainer.d_reg(real)["loss/r1"]
+    pl = trainer.g_reg().terms["loss/pl"]
+    r1 = trainer.d_reg(real).terms["loss/r1"]
     result = {"pl": mean_across(pl.reshape(1), env), "r1": mean_across(r1.reshape(1), env),
               "pl_mean": trainer.pl_mean, "G_grads": g_grads[0], "D_grads": d_grads[0]}
     if env.is_main:

@@ -7,7 +7,7 @@ Noise families: `ganforge sample --no-ema --n 16 --seed 0 --out x.npy`. Image-to
 
 Regenerate the arrays only for a deliberate change of the numbers, and say so in the commit:
 
-    .venv/bin/python -m tests.test_reference_samples --record
+    .venv/bin/python -m tests.test_reference_samples --record [--only RECIPE ...]
 """
 
 from __future__ import annotations
@@ -129,11 +129,11 @@ def test_outputs_equal_the_recorded_reference(recipe, fresh):
         assert np.abs(got - expected).max() <= OTHER_MACHINE_ATOL, f"{recipe} on {machine()}, recorded on {recorded_on}"
 
 
-def record() -> None:
+def record(recipes: list[str]) -> None:
     os.makedirs(STORE, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         data = build_data(f"{work}/data")
-        for recipe in RECIPES:
+        for recipe in recipes:
             arr = outputs(recipe, data[recipe], work)
             np.save(os.path.join(STORE, f"{recipe}.npy"), arr)
             print(f"{recipe}: {arr.shape} {arr.dtype}, mean {arr.mean():.6f}", flush=True)
@@ -143,6 +143,9 @@ def record() -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--record", action="store_true", help="run every recipe and overwrite the stored arrays")
-    if parser.parse_args().record:
-        record()
+    parser.add_argument("--record", action="store_true", help="run the recipes and overwrite their stored arrays")
+    parser.add_argument("--only", nargs="+", choices=list(RECIPES), default=list(RECIPES),
+                        help="record only these recipes (a deliberate change of one family's numbers)")
+    args = parser.parse_args()
+    if args.record:
+        record(args.only)

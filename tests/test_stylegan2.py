@@ -92,7 +92,7 @@ def test_augment_is_identity_at_p0_exact_for_blits_and_differentiable():
     torch.testing.assert_close(augment(x[:1], flip, 0.5), x[:1].flip(3), atol=1e-5, rtol=0)
     rot = off.clone()
     rot[0, 2:4] = torch.tensor([0.0, 0.3])
-    torch.testing.assert_close(augment(x[:1], rot, 0.5), x[:1].rot90(-1, (2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(augment(x[:1], rot, 0.5), x[:1].rot90(1, (2, 3)), atol=1e-5, rtol=0)  # i = 1: as the reference
     shift = off.clone()
     shift[0, 4:7] = torch.tensor([0.0, 1.0, 0.5])  # +2 pixels (0.125 of 16) in x, none in y
     torch.testing.assert_close(augment(x[:1], shift, 0.5)[..., 2:], x[:1, ..., :-2], atol=1e-5, rtol=0)

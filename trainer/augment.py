@@ -3,7 +3,7 @@
 `augment` applies StyleGAN2-ADA's "bgc" pipeline to a batch, differentiably (so G's gradient
 and R1 flow through it): the blit group (x-flip, 90-degree rotations, integer translation), the
 geometric group (isotropic scaling, arbitrary rotation, anisotropic scaling, fractional
-translation; one affine `grid_sample` with reflection at the borders) and the colour group
+translation; one affine `grid_sample`, mirrored about the edge pixels) and the colour group
 (brightness, contrast, luma flip, hue rotation, saturation; one 4x4 colour matrix). Each
 transform happens to a sample with probability p. Its randomness is a tensor of uniforms the
 caller draws, one row per sample (`RANDOM_COLUMNS` wide), so a batch is augmented the same way
@@ -11,8 +11,12 @@ whatever the number of ranks and after a resume.
 
 `AdaptiveP` adjusts p from the sign of D's outputs on real images: every `interval` steps,
 r_t = E[sign(D(real))] over all ranks, and p moves by sign(r_t - target) * images / (kimg * 1000).
+The geometric matrices follow the reference's conventions draw for draw: a rotation by theta
+(90-degree or arbitrary) is `G_inv @ rotate2d(theta)`, and the image outside its borders is its
+mirror image without repeating the edge pixel (the reference's `F.pad(mode='reflect')`).
 Differences from the reference: no 2x-oversampling wavelet filter around the geometric warp
-(bilinear sampling straight from the image), and p is kept within [0, 1].
+(bilinear sampling straight from the image); the mirror repeats indefinitely where the reference
+reads zeros beyond one mirrored copy (only under strong zoom-out); p is kept within [0, 1].
 """
 
 from __future__ import annotations
@@ -93,7 +97,7 @@ def geometric_matrix(u: torch.Tensor, p: float, size: tuple[int, int]) -> torch.
     on = coin(); i = torch.floor(draws.take(1)[:, 0] * 2)  # noqa: E702
     inv = inv @ _affine(n, dev, a=1 - 2 * torch.where(on, i, 0.0))  # x-flip
     on = coin(); i = torch.floor(draws.take(1)[:, 0] * 4)  # noqa: E702
-    inv = inv @ _rotation(-math.pi / 2 * torch.where(on, i, 0.0))
+    inv = inv @ _rotation(math.pi / 2 * torch.where(on, i, 0.0))  # the reference's rotate2d_inv(-pi/2 i)
     on = coin(); t = (draws.take(2) * 2 - 1) * XINT_MAX  # noqa: E702
     # Whole pixels: a shift of k pixels is 2k / size in [-1, 1] coordinates.
     tx, ty = torch.round(t[:, 0] * size[1]) * 2 / size[1], torch.round(t[:, 1] * size[0]) * 2 / size[0]
@@ -103,12 +107,12 @@ def geometric_matrix(u: torch.Tensor, p: float, size: tuple[int, int]) -> torch.
     inv = inv @ _affine(n, dev, a=1 / s, d=1 / s)
     p_rot = 1 - math.sqrt(max(0.0, 1 - p))  # two rotations, so that P(any rotation) = p
     on = coin(p_rot); theta = (draws.take(1)[:, 0] * 2 - 1) * math.pi * ROTATE_MAX  # noqa: E702
-    inv = inv @ _rotation(-torch.where(on, theta, 0.0))
+    inv = inv @ _rotation(torch.where(on, theta, 0.0))  # rotate2d_inv(-theta), as the reference
     on = coin(); s = torch.exp2(_normal(draws.take(1)[:, 0]) * ANISO_STD)  # noqa: E702
     s = torch.where(on, s, 1.0)
     inv = inv @ _affine(n, dev, a=1 / s, d=s)
     on = coin(p_rot); theta = (draws.take(1)[:, 0] * 2 - 1) * math.pi * ROTATE_MAX  # noqa: E702
-    inv = inv @ _rotation(-torch.where(on, theta, 0.0))
+    inv = inv @ _rotation(torch.where(on, theta, 0.0))
     on = coin(); t = _normal(draws.take(2)) * XFRAC_STD  # noqa: E702
     inv = inv @ _affine(n, dev, tx=-torch.where(on, t[:, 0], 0.0) * 2, ty=-torch.where(on, t[:, 1], 0.0) * 2)
     return inv
@@ -170,7 +174,8 @@ def _augment(x: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
     inv = geometric_matrix(u, p, (h, w))
     if not torch.equal(inv, _eye(3, b, x.device)):
         grid = F.affine_grid(inv[:, :2, :].to(x.dtype), [b, c, h, w], align_corners=False)
-        x = grid_sample(x, grid, padding_mode="reflection")  # twice differentiable: R1 passes through it
+        grid = torch.stack([mirror(grid[..., 0], w), mirror(grid[..., 1], h)], dim=-1)
+        x = grid_sample(x, grid, padding_mode="border")  # twice differentiable: R1 passes through it
     m = color_matrix(u, p).to(x.dtype)
     flat = x.reshape(b, c, h * w)
     if c == 3:
@@ -179,6 +184,17 @@ def _augment(x: torch.Tensor, u: torch.Tensor, p: float) -> torch.Tensor:
         m = m[:, :3, :].mean(dim=1, keepdim=True)
         flat = flat * m[:, :, :3].sum(dim=2, keepdim=True) + m[:, :, 3:]
     return flat.reshape(b, c, h, w)
+
+
+def mirror(coord: torch.Tensor, size: int) -> torch.Tensor:
+    """Sampling coordinates (in [-1, 1], align_corners=False) folded back into the image by
+    mirroring about the centres of the edge pixels, so the edge pixel is not repeated: ..., 2, 1,
+    [0, 1, ..., n-1], n-2, ... (the reference pads with `F.pad(mode='reflect')`; grid_sample's own
+    "reflection" mirrors about the outer pixel borders, repeating the edge)."""
+    last = max(size - 1, 1)
+    px = torch.remainder(((coord + 1) * size - 1) / 2, 2 * last)  # pixel units, one period of the mirror
+    px = torch.where(px > last, 2 * last - px, px).clamp(max=size - 1)
+    return (2 * px + 1) / size - 1
 
 
 class AdaptiveP:

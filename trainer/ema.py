@@ -9,7 +9,10 @@ from torch import nn
 
 
 def ema_beta(batch: int, nimg: int, ema_kimg: float, rampup: float) -> float:
-    """Decay per step: half-life ema_kimg*1000 images, at most rampup * images seen so far."""
+    """Decay per step: half-life ema_kimg*1000 images, at most rampup * nimg.
+
+    StyleGAN2-ADA's nimg is the images seen before this step's batch (its cur_nimg, so its first
+    update copies G: beta 0); the stylegan2 family passes that, the others the count after it."""
     half_life = ema_kimg * 1000
     if rampup > 0:
         half_life = min(half_life, nimg * rampup)
@@ -26,6 +29,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, g: nn.Module, batch: int, nimg: int) -> None:
+        """Move the average toward `g` by one step of `batch` images; `nimg` sets the ramp-up (see ema_beta)."""
         beta = ema_beta(batch, nimg, self.ema_kimg, self.rampup) if self.ema_kimg > 0 else 0.0
         if self.pairs is None or self.pairs[0] is not g:  # the same generator every step: its tensors found once
             ema, params = list(self.model.parameters()), list(g.parameters())

@@ -4,13 +4,17 @@ Each step runs, in order (as `training_loop.py` of stylegan2-ada-pytorch does):
 
 - Gmain: non-saturating logistic loss of D(augment(G(z))), D frozen;
 - Greg (every `loss.pl_every` steps): path-length penalty on half a batch, weighted by
-  `loss.pl_weight * pl_every`; the running mean length is averaged over all ranks;
-- Dmain: logistic loss on augmented real and generated images; its real outputs drive ADA's p;
+  `loss.pl_weight * pl_every`; the running mean length follows the mean over all ranks, and
+  the penalty's gradient flows through it;
+- Dmain: logistic loss on augmented real and generated images;
 - Dreg (every `loss.r1_every` steps): R1 on real images (through the augmentation), weighted
   by `loss.r1_gamma / 2 * r1_every`.
 
-The regularisation phases take their own optimiser steps, so both optimisers use the lazy
-regularisation correction: lr and Adam's betas raised to the power k / (k + 1).
+D's outputs on real images in Dmain and Dreg drive ADA's p; every mapping call on a training
+latent (Gmain, Greg, Dmain) moves w_avg. The regularisation phases take their own optimiser
+steps, so both optimisers use the lazy regularisation correction: lr and Adam's betas raised
+to the power k / (k + 1), whether or not the penalty's weight is 0 (as the reference does).
+docs/stylegan2.md lists where this follows the reference and where it departs from it.
 
 Every random number (latents, style-mixing cutoffs, noise maps, augmentation, path-length
 projections) is drawn for the global batch from (seed, step, what it is for) and sliced by rank,
@@ -41,9 +45,12 @@ Z, Z_MIX, MIXING, NOISE, AUG, PL_NOISE = range(1, 7)
 GMAIN, GREG, DMAIN, DREG = 10, 20, 30, 40
 
 
-def lazy_ratio(every: int, active: bool) -> float:
-    """The lazy-regularisation correction k / (k + 1) for lr and betas (1 when not regularising)."""
-    return every / (every + 1) if active else 1.0
+def lazy_ratio(every: int) -> float:
+    """The lazy-regularisation correction k / (k + 1) for lr and betas.
+
+    The reference applies it whenever its phase has a regularisation interval (always, in its
+    train.py), also with a zero weight (e.g. its cifar config's pl_weight=0), so here too."""
+    return every / (every + 1)
 
 
 def draw(seed: int, shape: tuple[int, ...], env: DistEnv, uniform: bool = False) -> torch.Tensor:
@@ -67,8 +74,7 @@ class StyleGAN2Trainer(TrainerBase):
             self.freeze(d.from_rgb, *d.blocks[:cfg.model.freeze_d])
         self.add_phases(g, d)
         loss = cfg.loss
-        self.g_ratio = lazy_ratio(loss.pl_every, loss.pl_weight > 0)
-        self.d_ratio = lazy_ratio(loss.r1_every, loss.r1_gamma > 0)
+        self.g_ratio, self.d_ratio = lazy_ratio(loss.pl_every), lazy_ratio(loss.r1_every)
         for phase, ratio in ((self.G, self.g_ratio), (self.D, self.d_ratio)):
             for group in phase.opt.param_groups:
                 if "betas" in group:
@@ -85,16 +91,21 @@ class StyleGAN2Trainer(TrainerBase):
 
     # -- random inputs --------------------------------------------------------------------------
     def g_inputs(self, purpose: int, n: int) -> dict[str, Any]:
-        """G's random inputs for `n` global samples: z, a second z and per-sample mixing cutoffs, noise maps."""
+        """G's random inputs for `n` global samples: z, a second z and the mixing cutoff, noise maps.
+
+        Style mixing as the reference: one coin and one cutoff layer for the whole batch. The
+        reference draws them per GPU (and per accumulation round); here once per global batch,
+        so the computation does not depend on the number of ranks."""
         cfg, env, step = self.cfg, self.env, self.state.step
         g = self.G.network
         z_dim = cfg.model.z_dim
         out: dict[str, Any] = {"z": draw(derive_seed(cfg.seed, step, purpose, Z), (n, z_dim), env)}
         if cfg.model.style_mixing > 0:
-            u = draw(derive_seed(cfg.seed, step, purpose, MIXING), (n, 2), env, uniform=True)
-            cutoff = 1 + torch.floor(u[:, 1] * (g.num_ws - 1)).long()
+            coin, where = torch.rand(2, generator=torch.Generator().manual_seed(
+                derive_seed(cfg.seed, step, purpose, MIXING))).tolist()
+            cutoff = 1 + int(where * (g.num_ws - 1)) if coin < cfg.model.style_mixing else g.num_ws  # 1..num_ws-1
             out["z_mix"] = draw(derive_seed(cfg.seed, step, purpose, Z_MIX), (n, z_dim), env)
-            out["mix_cutoff"] = torch.where(u[:, 0] < cfg.model.style_mixing, cutoff, g.num_ws)
+            out["mix_cutoff"] = torch.full((len(out["z"]),), cutoff, device=env.device)
         out["noise"] = [draw(derive_seed(cfg.seed, step, purpose, NOISE, i), shape, env)
                         for i, shape in enumerate(g.noise_shapes(n))]
         return out
@@ -114,7 +125,7 @@ class StyleGAN2Trainer(TrainerBase):
 
         def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             with self.autocast():
-                fake = self.G.module(**self.g_inputs(GMAIN, self.cfg.train.batch_size))
+                fake = self.G.module(**self.g_inputs(GMAIN, self.cfg.train.batch_size), update_w_avg=True)
                 loss = F.softplus(-upcast(d(self.augmented(fake, GMAIN, 0)))).mean()
             return loss, {"loss/g": loss}
 
@@ -123,20 +134,29 @@ class StyleGAN2Trainer(TrainerBase):
     def path_length(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(penalty of this rank's rows, the updated running mean): E[(|J_w^T y| - a)^2], y ~ N(0, I) / sqrt(HW).
 
-        The mean length a follows the mean over ALL ranks' samples, so it is the same everywhere.
+        The mean length a follows the mean over ALL ranks' samples, so it is the same everywhere,
+        and, as in the reference, the penalty's gradient also flows through a's batch mean.
         """
         cfg = self.cfg
         n = cfg.train.batch_size // cfg.loss.pl_batch_shrink
         with self.autocast():
-            img, ws = self.G.module(**self.g_inputs(GREG, n), return_ws=True)
+            img, ws = self.G.module(**self.g_inputs(GREG, n), update_w_avg=True, return_ws=True)
         res = img.shape[2] * img.shape[3]
         y = draw(derive_seed(cfg.seed, self.state.step, GREG, PL_NOISE), (n, *img.shape[1:]), self.env) / res ** 0.5
         (grad,) = torch.autograd.grad((upcast(img) * y).sum(), ws, create_graph=True)
         lengths = upcast(grad).square().sum(2).mean(1).sqrt()
         batch_mean = mean_across(lengths.detach().mean().reshape(1), self.env)[0]
         pl_mean = self.pl_mean.lerp(batch_mean, cfg.loss.pl_decay)
+        penalty = (lengths - pl_mean).square().mean()
+        # The reference keeps pl_mean = lerp(a, lengths.mean()) in the graph, the mean of its
+        # per-GPU batch. Here the mean is the global batch's: d penalty / d a over all ranks is
+        # -2 (batch_mean - a), and d a / d length_i = decay / N, so each length gets that product.
+        # Added as a term that is 0 in value, it makes DDP's averaged gradient the exact gradient
+        # of the global-batch penalty on any number of ranks (on one: the reference's).
+        through_mean = -2 * cfg.loss.pl_decay * (batch_mean - pl_mean)
+        penalty = penalty + (through_mean * (lengths - lengths.detach())).mean()
         # img[:, 0, 0, 0] * 0 ties every G parameter into the graph, which DDP's reducer expects.
-        return (lengths - pl_mean).square().mean() + upcast(img[:, 0, 0, 0]).mean() * 0, pl_mean
+        return penalty + upcast(img[:, 0, 0, 0]).mean() * 0, pl_mean
 
     def g_reg(self) -> Update:
         """Greg: the lazy path-length penalty, weighted by pl_weight * pl_every."""
@@ -148,7 +168,10 @@ class StyleGAN2Trainer(TrainerBase):
         return self.G.update(loss_fn, frozen=self.D)
 
     def d_main(self, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Dmain: softplus(D(augment(G(z)))) + softplus(-D(augment(x))); counts sign(D(real)) for ADA."""
+        """Dmain: softplus(D(augment(G(z)))) + softplus(-D(augment(x))); counts sign(D(real)) for ADA.
+
+        Its mapping call moves w_avg, as Gmain's and Greg's do (the reference updates w_avg in
+        every training-mode mapping call but the style-mixing one)."""
         g = self.G.network
 
         def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -172,10 +195,12 @@ class StyleGAN2Trainer(TrainerBase):
         return r1_penalty(out, x), out
 
     def d_reg(self, real: torch.Tensor) -> Update:
-        """Dreg: lazy R1, weighted by r1_gamma / 2 * r1_every."""
+        """Dreg: lazy R1, weighted by r1_gamma / 2 * r1_every; counts sign(D(real)) for ADA, as the
+        reference's augment statistic collects Loss/signs/real from Dmain and Dreg alike."""
 
         def loss_fn(_: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             penalty, out = self.r1(real)
+            self.ada.observe(out)
             loss = penalty * (self.cfg.loss.r1_gamma / 2) * self.cfg.loss.r1_every + upcast(out).mean() * 0
             return loss, {"loss/r1": penalty}
 
@@ -198,10 +223,14 @@ class StyleGAN2Trainer(TrainerBase):
             skipped.append(reg.skipped)
             self.last_reg |= reg.terms | {"grad_norm/d_reg": reg.grad_norm}
         self.ada.update(step, env)
-        average_buffers(self.G.network, env)  # w_avg: the mean over ranks is the mean over the global batch
+        # w_avg moved by lerps (linear) with each rank's batch means: their mean over ranks is the
+        # global batch's result (the reference keeps a w_avg per GPU, unsynchronised).
+        average_buffers(self.G.network, env)
+        # The ramp-up counts the images seen BEFORE this step, as the reference's cur_nimg (so the
+        # first step copies G into the EMA).
+        self.ema.update(self.G.network, cfg.train.batch_size, self.state.nimg)
         self.state.step += 1
         self.state.nimg += cfg.train.batch_size
-        self.ema.update(self.G.network, cfg.train.batch_size, self.state.nimg)
         self.finish_step(skipped, [])  # no running statistics in StyleGAN2
         return stats | self.last_reg | {"augment/p": self.zero + self.ada.p, "augment/rt": self.zero + self.ada.rt,
                                         "loss/pl_mean": self.pl_mean.detach().clone()}
