@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from launcher import config_cli, data_cli, eval_cli, export_cli, k8s, launch, runs_cli
+from launcher import config_cli, data_cli, eval_cli, export_cli, import_cli, k8s, launch, runs_cli
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cli.add_parser(sub)
     config_cli.add_parser(sub)
     export_cli.add_parser(sub)
+    import_cli.add_parser(sub)
 
     t = sub.add_parser("train", help="train in this process (use `ganforge launch` for several)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,

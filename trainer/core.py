@@ -352,6 +352,9 @@ class TrainerBase(abc.ABC):
             load_weights(self.ema.model, state.get("G_ema", state.get("G")), f"{path}: G_ema")
 
     def load_state_dict(self, state: dict[str, Any], path: str) -> None:
+        if "imported_from" in state or f"opt_{self.phases[0].name}" not in state:
+            raise CheckpointError(f"{path}: holds network weights only (an imported run), not a training state to "
+                                  f"resume; train into another run.dir with checkpoint.init_from={path}")
         check_compatible(state.get("config", {}), to_dict(self.cfg), path)
         for p in self.phases:
             p.network.load_state_dict(state[p.name])
