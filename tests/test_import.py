@@ -357,3 +357,39 @@ def test_a_missing_or_wrong_file_is_named_in_one_line(tmp_path, capsys):
         code, _, err = ganforge(capsys, "import", "stylegan2-ada", "--pkl", bad, "--out", str(tmp_path / "r4"))
         assert code == 1 and bad in one_line(err)
     assert not any(os.path.exists(tmp_path / r) for r in ("r1", "r2", "r3", "r4"))
+
+
+@pytest.mark.slow
+def test_an_imported_stylegan2_run_fine_tunes_on_digits_under_two_processes_and_resumes_exactly(digits_dir, tmp_path,
+                                                                                             capsys):
+    """The official-structure 32x32 grey pickle (tests/data/import_fixtures/README.md) imported, then 20
+    steps of 2-process DDP from its weights (checkpoint.init_from): straight through, and 10 + resume."""
+    import yaml
+
+    from tests.conftest import accelerate_cpu
+    from trainer.checkpoint import read_checkpoint
+
+    imported = str(tmp_path / "imported")
+    code, _, err = ganforge(capsys, "import", "stylegan2-ada", "--pkl", fixture("stylegan2_gray32.pkl"),
+                            "--out", imported)
+    assert code == 0, err
+    with open(os.path.join(imported, "config.yaml")) as f:
+        model = yaml.safe_load(f)["model"]
+    same_nets = [f"model.{k}={model[k]}" for k in ("resolution", "channels", "z_dim", "w_dim", "map_layers",
+                                                    "channel_base", "g_width", "d_width", "mbstd_group")]
+    args = ["--config", "configs/stylegan2_digits.yaml", f"data.train={digits_dir}", *same_nets,
+            f"checkpoint.init_from={imported}", "train.batch_size=8", "log.mlflow_uri=none", "train.threads=1",
+            "loss.r1_every=4", "loss.pl_every=2", "checkpoint.every_steps=10", "log.every_steps=5"]
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    for run, steps in ((whole, 20), (split, 10), (split, 20)):
+        r = accelerate_cpu(2, *args, f"run.dir={run}", f"train.max_steps={steps}")
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from" in r.stderr
+    start = read_checkpoint(os.path.join(imported, "checkpoints", "step_00000000"))
+    a, b = (read_checkpoint(os.path.join(run, "checkpoints", "step_00000020")) for run in (whole, split))
+    for net in ("G", "D", "G_ema"):
+        for k, v in a[net].items():
+            assert torch.equal(v, b[net][k]), f"{net}.{k} differs after resume"
+    # it trained from the imported weights: near them after 20 small steps, and moved
+    moved = [float((a["G"][k] - start["G"][k]).abs().max()) for k in start["G"] if start["G"][k].is_floating_point()]
+    assert 0 < max(moved) < 1.0
