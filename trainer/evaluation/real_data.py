@@ -18,6 +18,16 @@ def real_subset(index: ShardIndex, n: int) -> np.ndarray:
     return np.sort(order[:min(n, index.num_samples)])
 
 
+def from_eight_bit(images: torch.Tensor) -> torch.Tensor:
+    """8-bit images (uint8, v in 0..255) as the extractors take them: float32 v / 127.5 - 1.
+
+    The one way into a feature extractor for images: real ones from the shards or a folder, and
+    generated ones after `trainer.sampling.eight_bit`, so equal bytes give equal features.
+    Always float32 arithmetic (unlike `trainer.data.to_unit_range`, which follows the default
+    dtype): cached real features must not depend on whether an fp64 run or the CLI made them."""
+    return images.float() / 127.5 - 1.0
+
+
 def has_labels(index: ShardIndex) -> bool:
     """True when the samples carry a class label (a `cls` member)."""
     return "cls" in index.locate(0)[1].members
@@ -34,8 +44,7 @@ def read_samples(index: ShardIndex, samples: np.ndarray) -> tuple[torch.Tensor, 
         raise EvaluationError(f"{index.root}: cannot evaluate a dataset of kind {index.kind!r} "
                               "(image or points only)")
     items = decode_samples(index, samples)
-    data = torch.stack([it[key] for it in items]).float()
-    if key == "image":
-        data = data / 127.5 - 1.0
+    data = torch.stack([it[key] for it in items])
+    data = from_eight_bit(data) if key == "image" else data.float()
     labels = torch.stack([it["label"] for it in items]) if items and "label" in items[0] else None
     return data, labels

@@ -14,6 +14,7 @@ from torch import nn
 
 from data_pipeline.progress import Advance, Progress, silent
 from trainer.distributed import DistEnv
+from trainer.evaluation.real_data import from_eight_bit
 from trainer.sampling import eight_bit, latents
 
 
@@ -24,15 +25,13 @@ def rank_chunks(n: int, chunk: int, world_size: int, rank: int) -> list[tuple[in
 
 
 def as_stored(samples: torch.Tensor) -> torch.Tensor:
-    """Generated images as the real ones reach the extractor: clamped, rounded to 8 bits, back to [-1, 1].
-
-    Real images come from 8-bit files (value v in 0..255 becomes v / 127.5 - 1); generated ones
-    go through the same 8 bits first (`eight_bit`, as StyleGAN2-ADA and clean-fid do), so FIDs
-    are comparable with published ones. 2-D points pass unchanged.
-    """
+    """Generated images as the real ones reach the extractor: clamped and truncated to 8 bits
+    (`eight_bit`, as StyleGAN2-ADA and clean-fid store them), then read back exactly as real
+    images are (`from_eight_bit`), so FIDs are comparable with published ones. 2-D points pass
+    unchanged."""
     if samples.dim() != 4:
         return samples
-    return eight_bit(samples).to(samples.dtype) / 127.5 - 1.0
+    return from_eight_bit(eight_bit(samples))
 
 
 @torch.no_grad()
