@@ -8,7 +8,7 @@ import os
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import", help="turn released StyleGAN2-ADA, CycleGAN or pix2pix weights into a ganforge run")
+    p = sub.add_parser("import", help="turn released StyleGAN2-ADA, CycleGAN, pix2pix or DCGAN weights into a ganforge run")
     kinds = p.add_subparsers(dest="import_kind", required=True)
 
     s = kinds.add_parser("stylegan2-ada", help="an official network-snapshot-*.pkl (read as data: its code never runs)")
@@ -31,6 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--resolution", type=int, help="image side (default: the U-Net's, 2^levels); must match it")
     x.add_argument("--out", required=True, help="new run directory (an existing non-empty one is refused)")
     x.set_defaults(func=import_pix2pix)
+
+    g = kinds.add_parser("dcgan", help="pytorch/examples DCGAN generator (and discriminator) state dicts, .pth")
+    g.add_argument("--g", required=True, help="the generator (the reference's netG_epoch_*.pth)")
+    g.add_argument("--d", help="the discriminator (netD_epoch_*.pth)")
+    g.add_argument("--out", required=True, help="new run directory (an existing non-empty one is refused)")
+    g.set_defaults(func=import_dcgan)
 
 
 def sha256(path: str) -> str:
@@ -85,4 +91,14 @@ def import_pix2pix(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     overrides, weights = from_pix2pix(args.g, args.d, args.resolution)
     path = write_imported_run(args.out, overrides, weights, describe("pix2pix", [args.g, args.d]))
+    return finish(args.out, path, sorted(weights))
+
+
+def import_dcgan(args: argparse.Namespace) -> int:
+    from trainer.importers import check_out_dir, write_imported_run
+    from trainer.importers.dcgan import from_pytorch_examples
+
+    check_out_dir(args.out)
+    overrides, weights = from_pytorch_examples(args.g, args.d)
+    path = write_imported_run(args.out, overrides, weights, describe("dcgan (pytorch/examples)", [args.g, args.d]))
     return finish(args.out, path, sorted(weights))

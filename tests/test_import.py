@@ -393,3 +393,24 @@ def test_an_imported_stylegan2_run_fine_tunes_on_digits_under_two_processes_and_
     # it trained from the imported weights: near them after 20 small steps, and moved
     moved = [float((a["G"][k] - start["G"][k]).abs().max()) for k in start["G"] if start["G"][k].is_floating_point()]
     assert 0 < max(moved) < 1.0
+
+
+def test_dcgan_import_reproduces_the_pytorch_examples_generator_and_discriminator(tmp_path, capsys):
+    from trainer.generate import load_checkpoint_state, load_generator
+    from trainer.models import build_models
+
+    run = str(tmp_path / "dcgan")
+    code, out, err = ganforge(capsys, "import", "dcgan", "--g", fixture("dcgan_tiny_netG.pth"),
+                              "--d", fixture("dcgan_tiny_netD.pth"), "--out", run)
+    assert code == 0, err
+    ref = recorded("dcgan_tiny_outputs.npz")
+    g, cfg, _ = load_generator(run)
+    with torch.no_grad():
+        got = g.eval()(torch.from_numpy(ref["z"])).numpy()
+    assert np.abs(got - ref["g_z"]).max() <= TOLERANCE
+    _, state, cfg = load_checkpoint_state(run)
+    _, d = build_models(cfg.model)
+    d.load_state_dict(state["D"])
+    with torch.no_grad():  # ganforge's D returns logits; the reference's ends in a Sigmoid
+        probs = torch.sigmoid(d.eval()(torch.from_numpy(ref["x"]))).numpy()
+    assert np.abs(probs - ref["d_x"]).max() <= TOLERANCE
