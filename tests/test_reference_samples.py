@@ -36,7 +36,7 @@ RECIPES = {
 COMMON = ["train.max_steps=20", "precision=fp64", "log.mlflow_uri=none", "checkpoint.every_steps=20",
           "log.sample_every_steps=20", "train.batch_size=8", "data.build="]
 # On another CPU (or torch) kernels sum in another order. Training and sampling here with
-# ATEN_CPU_CAPABILITY=default (plain kernels instead of AVX2) moved the outputs by at most 3.8e-6
+# ATEN_CPU_CAPABILITY=default (plain kernels instead of AVX2) moved the outputs by at most 3.6e-6
 # (stylegan2_digits; 3.6e-7 or less for the GAN recipes; bench/reference_drift.py); a change of the computation moves
 # outputs in [-1, 1] by orders of magnitude more.
 OTHER_MACHINE_ATOL = 1e-4
