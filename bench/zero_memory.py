@@ -52,15 +52,20 @@ def measure(name: str, settings: dict, width: int, run_dir: str, env) -> dict[st
     import torch
 
     from trainer.config import Config, apply
-    from trainer.core import TrainerBase
+    from trainer.core import make_optimizer
     from trainer.models import build_models
+    from trainer.precision import resolve_precision
+    from trainer.strategies import strategy
 
     cfg = apply(Config(), {"run": {"dir": os.path.join(run_dir, name)}, "train": {"batch_size": 4, "threads": 1},
                            "model": {"arch": "dcgan", "resolution": 64, "channels": 3, "g_width": width,
                                      "d_width": 8}, **settings})
     torch.manual_seed(0)
     g, _ = build_models(cfg.model)
-    phase = TrainerBase(cfg, env).make_phase("G", g, 1e-4)
+    chosen, t = strategy(cfg.strategy), cfg.train  # what TrainerBase.make_phase does, without a trainer
+    params = list(g.parameters())
+    opt = make_optimizer(t.optimizer, params, 1e-4, (t.beta1, t.beta2), fused=chosen.FUSED_OPTIMIZER)
+    phase = chosen.make_phase("G", g, params, opt, cfg, env, resolve_precision(cfg.precision, env.device))
     z = torch.randn(cfg.train.batch_size // env.world_size, cfg.model.z_dim)
     phase.backward(phase.module(z).float().square().mean())
     phase.apply()

@@ -58,12 +58,10 @@ def finish(out: str, path: str, nets: list[str]) -> int:
 
 def import_stylegan2_ada(args: argparse.Namespace) -> int:
     from trainer.importers import check_out_dir, write_imported_run
-    from trainer.importers.network_pickle import read_network_pickle
-    from trainer.importers.stylegan2_ada import from_official
+    from trainer.importers.stylegan2_ada import from_pickle
 
     check_out_dir(args.out)
-    nets, init_kwargs = read_network_pickle(args.pkl)
-    overrides, weights = from_official(nets, init_kwargs)
+    overrides, weights = from_pickle(args.pkl)
     path = write_imported_run(args.out, overrides, weights, describe("stylegan2-ada network pickle", [args.pkl]))
     return finish(args.out, path, sorted(weights))
 

@@ -121,3 +121,31 @@ def test_model_every_steps_must_be_a_multiple_of_the_checkpoint_cadence(override
         load_config(RECIPE, ["checkpoint.every_steps=5", override])
     assert e.value.key == "log.model_every_steps" and "checkpoint.every_steps=5" in str(e.value)
     assert load_config(RECIPE, ["checkpoint.every_steps=5", "log.model_every_steps=10"]).log.model_every_steps == 10
+
+
+def test_a_family_validate_of_one_or_two_arguments_is_called(monkeypatch):
+    """Plug-ins written for validate(cfg) keep working beside validate(cfg, world_size)."""
+    from trainer import families
+    from trainer.config import Config, ConfigError
+
+    seen = []
+
+    def one(cfg):
+        seen.append("one")
+        raise ConfigError("model.z_dim", "refused by a one-argument check")
+
+    def two(cfg, world_size):
+        seen.append(("two", world_size))
+
+    base = families.FAMILIES["dcgan"]
+    cfg = Config()
+    cfg.data.train, cfg.run.dir = "shards", "runs/x"
+    for name, check in (("one_arg", one), ("two_args", two)):
+        monkeypatch.setitem(families.FAMILIES, name, families.Family(base.trainer, "noise", "sample", base.check_data,
+                                                                     build=base.build, validate=check))
+    cfg.model.arch = "one_arg"
+    with pytest.raises(ConfigError, match="one-argument"):
+        families.check_config(cfg, 2)
+    cfg.model.arch = "two_args"
+    families.check_config(cfg, 2)
+    assert seen == ["one", ("two", 2)]

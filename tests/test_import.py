@@ -414,3 +414,49 @@ def test_dcgan_import_reproduces_the_pytorch_examples_generator_and_discriminato
     with torch.no_grad():  # ganforge's D returns logits; the reference's ends in a Sigmoid
         probs = torch.sigmoid(d.eval()(torch.from_numpy(ref["x"]))).numpy()
     assert np.abs(probs - ref["d_x"]).max() <= TOLERANCE
+
+
+def tensor_reduce(storage_bytes_fn, size: tuple, stride: tuple):
+    """An object that pickles as a tensor over a storage payload (as torch's own reduce does)."""
+
+    class Tensorish:
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, (storage_bytes_fn(), 0, size, stride, False, OrderedDict())
+
+    return Tensorish()
+
+
+def test_pickled_tensors_larger_than_their_storage_or_the_file_are_refused(tmp_path):
+    """A stride-0 view, a view past its storage's end, and one small storage behind many tensors
+    would make the reader allocate far more than the file holds: each is refused in one line."""
+    from trainer.checkpoint import CheckpointError
+    from trainer.importers.network_pickle import read_network_pickle
+
+    reduced = torch.zeros(4096).storage().__reduce__()  # (torch.storage._load_from_bytes, (legacy torch.save bytes,))
+
+    class Payload:  # a storage as torch pickles it
+        def __reduce__(self):
+            return reduced
+
+    shared = Payload()  # one object: pickle memoises it, so every tensor below refers to one payload
+    cases = {
+        "stride0": ({"w": tensor_reduce(lambda: shared, (2000, 2000), (0, 0))}, "does not hold"),
+        "past_end": ({"w": tensor_reduce(lambda: shared, (4097,), (1,))}, "does not hold"),
+        "many": ({f"w{i}": tensor_reduce(lambda: shared, (4096,), (1,)) for i in range(200)},  # 3.3 MB from ~30 kB
+                 "more bytes than the file has"),
+    }
+    for name, (params, why) in cases.items():
+        path = str(tmp_path / f"{name}.pkl")
+        snapshot_like_pickle(path, "", module_state(params, {}, {}), pickle.DEFAULT_PROTOCOL)
+        with pytest.raises(CheckpointError, match=why) as e:
+            read_network_pickle(path)
+        assert "\n" not in str(e.value) and path in str(e.value), name
+
+
+def test_a_network_pickle_without_constructor_arguments_is_one_line_not_a_traceback(tmp_path, capsys):
+    path, run = str(tmp_path / "nokwargs.pkl"), str(tmp_path / "run")
+    state = module_state({"weight": torch.nn.Parameter(torch.randn(3, 4))}, {}, {})
+    del state["_init_kwargs"]
+    snapshot_like_pickle(path, "", state, pickle.DEFAULT_PROTOCOL)
+    code, _, err = ganforge(capsys, "import", "stylegan2-ada", "--pkl", path, "--out", run)
+    assert code == 1 and one_line(err) and path in err and not os.path.exists(run)

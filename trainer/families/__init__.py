@@ -11,6 +11,7 @@ checks every family shares live in trainer/config, `check_config` runs both.)
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -208,7 +209,10 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
                                            f"{feature.fix}")
     schema.validate(cfg, world_size)
     if chosen.validate:
-        chosen.validate(cfg, world_size)
+        takes_world_size = len(inspect.signature(chosen.validate).parameters) >= 2 or \
+            any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(chosen.validate).parameters.values())
+        # validate(cfg) is the plug-in API this version kept from the last: both are called
+        chosen.validate(*(cfg, world_size) if takes_world_size else (cfg,))
 
 
 def load_config(path: str | list[str] | None, overrides: list[str] = (), world_size: int = 1) -> Config:

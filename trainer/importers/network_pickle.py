@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import pickle
 from typing import Any
@@ -59,9 +60,20 @@ def _load_storage(data: bytes) -> Any:
 
 
 def _rebuild_tensor(storage: Any, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
-    """torch._utils._rebuild_tensor_v2 less its hooks and metadata: a plain tensor view of `storage`."""
+    """torch._utils._rebuild_tensor_v2 less its hooks and metadata: a plain tensor view of `storage`,
+    which must back it one element to one (no zero or negative strides, nothing past its end)."""
     if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
         raise pickle.UnpicklingError(f"a tensor whose storage is a {type(storage).__name__}")
+    if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) and all(isinstance(v, int) for v in (*size, *stride))):
+        raise pickle.UnpicklingError("a tensor with a malformed size or stride")
+    elements = storage.size() if isinstance(storage, torch.TypedStorage) else storage.nbytes()
+    numel = math.prod(size)
+    reach = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) + 1 if numel else offset
+    if offset < 0 or any(n < 0 for n in size) or any(st < 1 for n, st in zip(size, stride, strict=True) if n > 1) \
+            or reach > elements:
+        raise pickle.UnpicklingError(f"a tensor of size {size} and stride {stride} that its storage of "
+                                     f"{elements} elements does not hold")
     return torch._utils._rebuild_tensor(storage, offset, size, stride)
 
 
@@ -106,13 +118,39 @@ class RefusedName(pickle.UnpicklingError):
 
 
 class NetworkUnpickler(pickle.Unpickler):
-    """Resolves only ALLOWED names (to their stand-ins); refuses every other name and persistent id."""
+    """Resolves only ALLOWED names (to their stand-ins); refuses every other name and persistent id.
+
+    What the tensors hold is bounded by the file: each storage payload is loaded once however often
+    the pickle refers to it, and the tensors rebuilt hold at most `budget` bytes in all (a file
+    keeps every byte of its tensors, so an honest one never comes near)."""
+
+    def __init__(self, file: Any, budget: int):
+        super().__init__(file)
+        self.budget = budget
+        self.storages: dict[int, tuple[bytes, Any]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return ALLOWED[(module, name)]
+            found = ALLOWED[(module, name)]
         except KeyError:
             raise RefusedName(f"{module}.{name}") from None
+        if found is _load_storage:
+            return self.load_storage
+        if found is _rebuild_tensor:
+            return self.rebuild_tensor
+        return found
+
+    def load_storage(self, data: bytes) -> Any:
+        if id(data) not in self.storages:  # the bytes object is kept, so its id stays its own
+            self.storages[id(data)] = (data, _load_storage(data))
+        return self.storages[id(data)][1]
+
+    def rebuild_tensor(self, storage: Any, offset: int, size: tuple, stride: tuple, *rest: Any) -> torch.Tensor:
+        tensor = _rebuild_tensor(storage, offset, size, stride, *rest)
+        self.budget -= tensor.numel() * tensor.element_size()
+        if self.budget < 0:
+            raise pickle.UnpicklingError("tensors holding more bytes than the file has")
+        return tensor
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError(f"a persistent id ({type(pid).__name__}), which network pickles do not use")
@@ -125,7 +163,7 @@ def load_network_pickle(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such file")
     try:
         with open(path, "rb") as f:
-            data = NetworkUnpickler(f).load()
+            data = NetworkUnpickler(f, budget=os.path.getsize(path)).load()
     except RefusedName as e:
         raise CheckpointError(f"{path}: refused: the pickle asks for {e}, which is not a tensor, container or "
                               f"StyleGAN2-ADA network record (nothing from the file was run)") from None
@@ -143,25 +181,29 @@ def state_dict(obj: PersistentObject, where: str) -> dict[str, torch.Tensor]:
     """The flat state dict of a recorded module: its _parameters and persistent _buffers, then its
     _modules' (dotted names, as nn.Module.state_dict gives them)."""
     out: dict[str, torch.Tensor] = {}
-
-    def walk(node: Any, prefix: str) -> None:
+    todo, seen = [(obj, "")], set()
+    while todo:  # depth first, in the order nn.Module.state_dict gives (no recursion: any depth is safe)
+        node, prefix = todo.pop()
         if not isinstance(node, PersistentObject):
             raise CheckpointError(f"{where}: {prefix or 'the network'} is a {type(node).__name__}, not a "
                                   f"network record")
+        if id(node) in seen:
+            raise CheckpointError(f"{where}: {prefix} appears twice in the network (a cycle or a shared module)")
+        seen.add(id(node))
         state = node.state
         skip = state.get("_non_persistent_buffers_set") or set()
-        for group in ("_parameters", "_buffers"):
-            for name, value in (state.get(group) or {}).items():
+        groups = [state.get(g) or {} for g in ("_parameters", "_buffers", "_modules")]
+        if not all(isinstance(g, dict) for g in groups) or not isinstance(skip, (set, frozenset)):
+            raise CheckpointError(f"{where}: {prefix or 'the network'} is not a module record (parameters, "
+                                  f"buffers and submodules as mappings)")
+        for group, entries in zip(("_parameters", "_buffers"), groups[:2], strict=True):
+            for name, value in entries.items():
                 if value is None or (group == "_buffers" and name in skip):
                     continue
                 if not isinstance(value, torch.Tensor):
                     raise CheckpointError(f"{where}: {prefix}{name} is a {type(value).__name__}, not a tensor")
-                out[prefix + name] = value
-        for name, child in (state.get("_modules") or {}).items():
-            if child is not None:
-                walk(child, f"{prefix}{name}.")
-
-    walk(obj, "")
+                out[f"{prefix}{name}"] = value
+        todo += [(child, f"{prefix}{name}.") for name, child in reversed(groups[2].items()) if child is not None]
     return out
 
 

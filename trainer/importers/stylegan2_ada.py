@@ -176,3 +176,18 @@ def from_official(nets: dict[str, dict[str, torch.Tensor]], init_kwargs: dict[st
     if "D" in nets:
         states["D"] = _rename("D", nets["D"], _discriminator_names(res_log2), d_shapes)
     return overrides, states
+
+
+def from_pickle(path: str) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """from_official of an official network pickle, read as data (trainer.importers.network_pickle);
+    a file of the right kind but the wrong content is a CheckpointError naming it, in one line."""
+    from trainer.importers.network_pickle import read_network_pickle
+
+    try:
+        return from_official(*read_network_pickle(path))
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as e:
+        why = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a StyleGAN2-ADA network pickle ganforge can read "
+                              f"({type(e).__name__}: {why})") from None
