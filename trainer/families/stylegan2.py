@@ -101,8 +101,8 @@ class StyleGAN2Trainer(TrainerBase):
         z_dim = cfg.model.z_dim
         out: dict[str, Any] = {"z": draw(derive_seed(cfg.seed, step, purpose, Z), (n, z_dim), env)}
         if cfg.model.style_mixing > 0:
-            coin, where = torch.rand(2, generator=torch.Generator().manual_seed(
-                derive_seed(cfg.seed, step, purpose, MIXING))).tolist()
+            coin, where = torch.rand(2, generator=torch.Generator().manual_seed(  # on the host: no device sync
+                derive_seed(cfg.seed, step, purpose, MIXING)), device="cpu").tolist()
             cutoff = 1 + int(where * (g.num_ws - 1)) if coin < cfg.model.style_mixing else g.num_ws  # 1..num_ws-1
             out["z_mix"] = draw(derive_seed(cfg.seed, step, purpose, Z_MIX), (n, z_dim), env)
             out["mix_cutoff"] = torch.full((len(out["z"]),), cutoff, device=env.device)
