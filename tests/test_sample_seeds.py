@@ -60,7 +60,11 @@ def test_default_sampling_is_plain_g_ema_of_the_seeded_latents(run, tmp_path):
     sample(run, "--n", "4", "--seed", "0", "--out", str(tmp_path / "x.npy"))
     g, cfg, _ = load_generator(run)
     direct = generate(g, latents(0, 4, cfg.model.z_dim)).numpy()
-    assert np.array_equal(np.load(tmp_path / "x.npy"), direct)  # no wrapper in the default path
+    # No wrapper in the default path (truncation or another noise would move outputs by far more).
+    # Not bitwise: `ganforge sample` ran in its own process, and this one may run on another thread
+    # count (in-process tests set train.threads=1), which sums the convolutions in another order:
+    # in the full suite the two differed by 1e-8.
+    assert np.abs(np.load(tmp_path / "x.npy") - direct).max() <= 1e-6
 
 
 def test_noise_modes_const_is_the_stored_maps_random_is_seeded_none_is_zero():
