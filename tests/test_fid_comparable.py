@@ -95,19 +95,6 @@ def test_fid_of_folders_equals_pytorch_fid_on_the_same_folders_and_weights_file(
     assert abs(ours - theirs) <= 1e-3, (ours, theirs)
 
 
-class _Replay(torch.nn.Module):
-    """A 'generator' that returns given images in order, whatever its latents."""
-
-    def __init__(self, images: torch.Tensor):
-        super().__init__()
-        self.images, self.at = images, 0
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.images[self.at:self.at + len(z)]
-        self.at += len(z)
-        return out
-
-
 @pytest.mark.slow  # Inception-v3 over 3 x 16 images at 299x299 (and the weights fixture's 32)
 def test_the_same_8_bit_images_give_fid_zero_through_the_real_and_the_generated_path(digits_dir, fid_weights,
                                                                                      tmp_path):
@@ -121,6 +108,7 @@ def test_the_same_8_bit_images_give_fid_zero_through_the_real_and_the_generated_
     of the non-symmetric eigensolver as float64 noise; with more samples than dimensions it is far
     smaller (test_evaluation.py: below 1e-6). Without the 8-bit step the FID is ~53."""
     from data_pipeline import load_index
+    from tests.test_evaluation import _Replay
     from trainer.distributed import DistEnv
     from trainer.evaluation.fid import fid
     from trainer.evaluation.inception import load_inception
