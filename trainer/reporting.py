@@ -106,6 +106,7 @@ class Reporter:
         cfg, env = trainer.cfg, trainer.env
         self.active = env.is_main
         self.tracker: MlflowTracker | None = None
+        self.uri: str | None = None  # the MLflow tracking URI, when MLflow is on
         self.t0 = time.perf_counter()
         self.last = (self.t0, trainer.state.step)
         self.iter_mark: float | None = None  # end of the previous iteration (start: first batch request)

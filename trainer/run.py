@@ -108,7 +108,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
         flag.uninstall()
         reporter.close(status)
     summary = {"step": trainer.state.step, "checkpoint": ckpt.last_path or (resumed[0] if resumed else None),
-               "samples": grid, "run_dir": cfg.run.dir, "mlflow_uri": getattr(reporter, "uri", None),
+               "samples": grid, "run_dir": cfg.run.dir, "mlflow_uri": reporter.uri,
                "mlflow_run_id": trainer.state.mlflow_run_id}
     if env.is_main:
         print_summary(summary)

@@ -20,6 +20,7 @@ from data_pipeline.sources import STACKED_CHANNELS, STACKED_MODES, mnist_digits
 from trainer.evaluation.class_coverage import kl_to_uniform
 from trainer.evaluation.digits_classifier import FEATURES, ClassifierFeatures, cached_classifier
 from trainer.evaluation.errors import EvaluationError
+from trainer.evaluation.real_data import from_eight_bit
 
 PROTOCOL_SAMPLES = 26_000  # generated samples counted when no --n is given
 
@@ -103,6 +104,6 @@ def load_stacked_features(index: ShardIndex, cache_dir: str, log=print) -> Stack
     fingerprint = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()[:16]
 
     def samples() -> tuple[torch.Tensor, torch.Tensor, int]:
-        return torch.from_numpy(images).float().unsqueeze(1) / 127.5 - 1.0, torch.from_numpy(labels), 10
+        return from_eight_bit(torch.from_numpy(images).unsqueeze(1)), torch.from_numpy(labels), 10
 
     return StackedDigitsFeatures(cached_classifier(cache_dir, fingerprint, samples, "MNIST", log))

@@ -209,8 +209,8 @@ def check_config(cfg: Config, world_size: int = 1) -> None:
                                            f"{feature.fix}")
     schema.validate(cfg, world_size)
     if chosen.validate:
-        takes_world_size = len(inspect.signature(chosen.validate).parameters) >= 2 or \
-            any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(chosen.validate).parameters.values())
+        params = inspect.signature(chosen.validate).parameters.values()
+        takes_world_size = len(params) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
         # validate(cfg) is the plug-in API this version kept from the last: both are called
         chosen.validate(*(cfg, world_size) if takes_world_size else (cfg,))
 
