@@ -107,14 +107,14 @@ def run_stacked(config: str, seeds: int, cache: str, threads: int, plots: str | 
                "train_s": round(train_s, 1)}
         per_seed.append(row)
         print(f"stacked seed {seed}: {row['modes_covered']}/1000 modes, KL {row['kl']:.3f}, "
-              f"{100 * row['confident']:.1f} % read confidently ({row['modes_confident']} modes), "
+              f"{100 * row['confident']:.2f} % read confidently ({row['modes_confident']} modes), "
               f"train {train_s / 60:.1f} min", flush=True)
 
     def mean(key: str) -> float:
         return round(sum(r[key] for r in per_seed) / len(per_seed), 4)
 
     print(f"stacked: modes mean {mean('modes_covered'):.1f}, KL mean {mean('kl'):.3f}, "
-          f"read confidently {100 * mean('confident'):.1f} %", flush=True)
+          f"read confidently {100 * mean('confident'):.2f} %", flush=True)
     return {"stacked_modes_mean": mean("modes_covered"), "stacked_modes_min": min(r["modes_covered"] for r in per_seed),
             "stacked_kl_mean": mean("kl"), "stacked_confident_mean": mean("confident"),
             "stacked_modes_confident_mean": mean("modes_confident"), "stacked_seeds": per_seed,
