@@ -64,13 +64,10 @@ def ganforge(*args: str, threads: int = 1) -> tuple[str, float]:
     return out.stdout, time.monotonic() - start
 
 
-def shards(cache: str, name: str, points: int) -> str:
-    """The benchmark's shards in the cache, written on first use."""
-    if name == "stacked":
-        data, source = os.path.join(cache, f"stacked_mnist-{STACKED_IMAGES}"), ["stacked_mnist"]
-        count = STACKED_IMAGES
-    else:
-        data, source, count = os.path.join(cache, f"{name}-{points}"), ["gaussians", "--mixture", name], points
+def shards(cache: str, name: str, count: int) -> str:
+    """The benchmark's `count` samples as shards in the cache, written on first use."""
+    source = ["stacked_mnist"] if name == "stacked" else ["gaussians", "--mixture", name]
+    data = os.path.join(cache, f"{source[-1]}-{count}")
     if not os.path.exists(os.path.join(data, "index.json")):
         ganforge("data", "make-shards", "--source", *source, "--n", str(count), "--out", data)
     return data
@@ -98,7 +95,7 @@ def train_and_score(name: str, config: str, seed: int, data: str, cache: str, th
 
 def run_stacked(config: str, seeds: int, cache: str, threads: int, plots: str | None) -> dict:
     """Stacked-MNIST: per-seed modes, KL to uniform and confidently read fraction; their means."""
-    data = shards(cache, "stacked", 0)
+    data = shards(cache, "stacked", STACKED_IMAGES)
     per_seed = []
     for seed in range(seeds):
         scores, train_s = train_and_score("stacked", config, seed, data, cache, threads, plots)
