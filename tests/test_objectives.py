@@ -88,10 +88,10 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_abort(make_trainer):
     assert all(torch.equal(moments[i][k], after[i][k]) for i in moments for k in ("step", "exp_avg", "exp_avg_sq"))
     steps = [True, False, True, True]  # a good step resets the run
     for skipped in steps:
-        t.finish_step([torch.tensor(skipped)], [])
+        t.finish_step([torch.tensor(skipped)])
     t.settle_nonfinite()  # counted on the device, brought to the host at log steps and checkpoints
     assert (t.state.nonfinite, t.state.nonfinite_run) == (3, 2)
-    t.finish_step([torch.tensor(False), torch.tensor(True)], [])  # any phase skipped: the step is skipped
+    t.finish_step([torch.tensor(False), torch.tensor(True)])  # any phase skipped: the step is skipped
     with pytest.raises(TrainingError, match="3 steps in a row"):
         t.settle_nonfinite()
     assert t.state.nonfinite == 4

@@ -27,12 +27,7 @@ from trainer.config import Config, to_dict
 from trainer.distributed import DistEnv
 from trainer.precision import default_dtype, resolve_precision
 from trainer.redact import redact
-from trainer.running_stats import (
-    Snapshot,
-    restore_running_stats,
-    running_stats,
-    snapshot_running_stats,
-)
+from trainer.running_stats import RunningStats
 from trainer.strategies import strategy
 
 
@@ -109,6 +104,7 @@ class Phase:
     params: list[torch.Tensor] = field(default_factory=list, repr=False)  # the trainable ones (not frozen)
     network: nn.Module | None = field(default=None, repr=False)  # the network itself, as built (module wraps it)
     skipped: torch.Tensor | None = None  # whether the last apply() skipped its step: a bool on the device
+    trainable: bool | None = field(default=None, repr=False)  # what set_trainable last set (None: not yet)
 
     def update(self, loss_fn: LossFn, frozen: Phase | None = None, micro_batches: int = 1) -> Update:
         """One optimiser step of this phase's network.
@@ -127,16 +123,20 @@ class Phase:
                 loss, parts = loss_fn(i)
                 self.backward(loss / micro_batches if micro_batches > 1 else loss)
             for key, value in parts.items():
-                terms.setdefault(key, []).append(value.detach())
+                terms.setdefault(key, []).append(value.detach() if value.requires_grad else value)
         norm, skipped = self.apply()
         if frozen is not None:
             frozen.set_trainable(True)
         return Update({k: v[0] if len(v) == 1 else torch.stack(v).mean() for k, v in terms.items()}, norm, skipped)
 
     def set_trainable(self, flag: bool) -> None:
-        """requires_grad of this phase's trainable parameters (frozen ones stay fixed)."""
+        """requires_grad of this phase's trainable parameters (frozen ones stay fixed); only this
+        method sets it, so a call that changes nothing skips the walk over the parameters."""
+        if flag == self.trainable:
+            return
         for p in self.params:
             p.requires_grad_(flag)
+        self.trainable = flag
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of (the scaled) `loss` into this phase's network."""
@@ -235,7 +235,7 @@ class TrainerBase(abc.ABC):
             torch.backends.cudnn.benchmark = False
         self.state = TrainState()
         self.ema: Any = None  # trainer.ema.EMA of G, for a family that keeps one (set after add_phases)
-        self._running: list[torch.Tensor] | None = None
+        self._running: RunningStats | None = None
         self.frozen: set[int] = set()  # ids of parameters that never train (see freeze)
         self._nonfinite: torch.Tensor | None = None  # [skipped since last settled, skipped in a row]
 
@@ -286,25 +286,25 @@ class TrainerBase(abc.ABC):
             for group in phase.opt.param_groups:
                 group["lr"] = base[phase.name] * factor
 
-    def snapshot_running_stats(self, *modules: nn.Module) -> Snapshot:
-        """A copy of the running statistics of `modules` (the same modules every step: their buffer
-        list is found once), for `finish_step` to put back if the step is skipped."""
+    def snapshot_running_stats(self, *modules: nn.Module) -> RunningStats:
+        """A copy of the running statistics of `modules` (the same modules every step: their buffers
+        are found once), for `finish_step` to put back if the step is skipped."""
         if self._running is None:
-            self._running = running_stats(*modules)
-        return snapshot_running_stats(self._running)
+            self._running = RunningStats(*modules)
+        return self._running.snapshot()
 
     @torch.no_grad()
-    def finish_step(self, skipped: list[torch.Tensor], running: Snapshot) -> None:
+    def finish_step(self, skipped: list[torch.Tensor], running: RunningStats | None = None) -> None:
         """After every phase of a step, on the device: if any phase `skipped` its update, put the running
         statistics back to `running` (the bad batch must not stay in BN statistics, then averaged,
         EMA-copied, saved), and count the step as skipped."""
         skipped = functools.reduce(torch.logical_or, skipped)
-        restore_running_stats(running, where=skipped)
+        if running is not None:
+            running.restore(where=skipped)
         if self._nonfinite is None:
             self._nonfinite = torch.zeros(2, dtype=torch.int64, device=self.env.device)
-        s = skipped.to(torch.int64)
-        self._nonfinite[0].add_(s)
-        self._nonfinite[1].add_(1).mul_(s)
+        self._nonfinite[0].add_(skipped)  # a bool adds as 0/1
+        self._nonfinite[1].add_(1).mul_(skipped)
 
     def settle_nonfinite(self) -> None:
         """Bring the skipped-step counts to the host (one sync; the reporter calls it at log steps, and

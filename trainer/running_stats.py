@@ -8,6 +8,8 @@ buffers before a step and puts them back when the step is skipped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -19,28 +21,49 @@ def running_stats(*modules: nn.Module) -> list[torch.Tensor]:
     return [b for m in modules for name, b in m.named_buffers() if name.rsplit(".", 1)[-1] in NAMES]
 
 
-Snapshot = list[tuple[list[torch.Tensor], torch.Tensor]]
+@dataclass
+class _Group:
+    """The buffers of one dtype and device, and two flat tensors of their total size with a view
+    per buffer: `saved` holds the snapshot, `current` is scratch for the restore."""
+
+    buffers: list[torch.Tensor]
+    saved: torch.Tensor
+    saved_views: list[torch.Tensor]
+    current: torch.Tensor
+    current_views: list[torch.Tensor]
 
 
-def snapshot_running_stats(buffers: list[torch.Tensor]) -> Snapshot:
-    """Per dtype, (the buffers, one flat copy of their values): a copy in a few kernel launches
-    however many buffers there are (this runs every step)."""
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}
-    for b in buffers:
-        groups.setdefault(b.dtype, []).append(b)
-    return [(group, flat(group)) for group in groups.values()]
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in like]), like, strict=True)]
 
 
-def flat(buffers: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([b.detach().reshape(-1) for b in buffers])
+class RunningStats:
+    """The running statistics of some modules (the same tensors every step, so found once), with
+    room for one snapshot. Taking and putting back a snapshot costs a few kernel launches per
+    dtype, however many buffers there are: this runs every step."""
 
+    def __init__(self, *modules: nn.Module):
+        by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for b in running_stats(*modules):
+            by_kind.setdefault((b.dtype, b.device), []).append(b)
+        self.groups = []
+        for (dtype, device), buffers in by_kind.items():
+            n = sum(b.numel() for b in buffers)
+            saved, current = (torch.empty(n, dtype=dtype, device=device) for _ in range(2))
+            self.groups.append(_Group(buffers, saved, _views(saved, buffers), current, _views(current, buffers)))
 
-@torch.no_grad()
-def restore_running_stats(saved: Snapshot, where: torch.Tensor | None = None) -> None:
-    """Put the running statistics back to a snapshot, in place; with `where` (a bool on the
-    device), only if it is true: decided on the device, so the host need not wait for it."""
-    for buffers, values in saved:
-        if where is not None:
-            values = torch.where(where, values, flat(buffers))
-        parts = values.split([b.numel() for b in buffers])
-        torch._foreach_copy_(buffers, [v.view_as(b) for v, b in zip(parts, buffers, strict=True)])
+    @torch.no_grad()
+    def snapshot(self) -> RunningStats:
+        """Copy the buffers' values into the snapshot (replacing the last one); returns self."""
+        for g in self.groups:
+            torch._foreach_copy_(g.saved_views, g.buffers)
+        return self
+
+    @torch.no_grad()
+    def restore(self, where: torch.Tensor) -> None:
+        """Put the buffers back to the snapshot, in place, if `where` (a bool on the device) is true:
+        decided on the device, so the host need not wait for it."""
+        for g in self.groups:
+            torch._foreach_copy_(g.current_views, g.buffers)
+            torch.where(where, g.saved, g.current, out=g.current)
+            torch._foreach_copy_(g.buffers, g.current_views)

@@ -27,7 +27,7 @@ from trainer.sync_batchnorm import convert_sync_batchnorm
 
 log = logging.getLogger(__name__)
 
-# The training line's names for the statistics every family reports; other losses show as loss_<name>.
+
 class GANTrainer(TrainerBase):
     """Owns the networks, their phases and the data cursor for one run."""
 

@@ -231,7 +231,7 @@ class StyleGAN2Trainer(TrainerBase):
         self.ema.update(self.G.network, cfg.train.batch_size, self.state.nimg)
         self.state.step += 1
         self.state.nimg += cfg.train.batch_size
-        self.finish_step(skipped, [])  # no running statistics in StyleGAN2
+        self.finish_step(skipped)  # no running statistics in StyleGAN2
         return stats | self.last_reg | {"augment/p": self.zero + self.ada.p, "augment/rt": self.zero + self.ada.rt,
                                         "loss/pl_mean": self.pl_mean.detach().clone()}
 

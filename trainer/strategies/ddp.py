@@ -39,8 +39,8 @@ class DDPPhase(Phase):
         self.scaler.unscale_(self.opt)
         params = [p for p in self.params if p.grad is not None]
         grads = [p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.scaler._device)
-        skipped = torch.isfinite(norm).logical_not()
+        norm = total_norm(grads) if grads else torch.zeros((), device=self.scaler._device)
+        skipped = torch.isfinite(norm).logical_not_()
         if self.grad_clip > 0:  # a non-finite norm turns the gradients to 0 or NaN; the step is skipped anyway
             torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)  # takes the parameters
         if self.scaler.is_enabled():  # the fp16 scaler skips the step and lowers its scale itself
@@ -50,7 +50,14 @@ class DDPPhase(Phase):
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
         self.skipped = skipped
-        return norm.detach(), skipped
+        return norm, skipped
+
+
+@torch.no_grad()
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all `grads` taken as one vector (as torch.nn.utils.get_total_norm, with the same
+    kernels and result): one fused kernel for the per-tensor norms, without per-tensor host calls."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def step_unless(opt: torch.optim.Optimizer, skip: torch.Tensor) -> None:
