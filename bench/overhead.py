@@ -2,23 +2,26 @@
 
 All three train the same DCGAN (configs/dcgan_digits.yaml: 32x32, batch 64, fp32, one CPU
 process) on the same in-memory uint8 batches, so only the loops differ:
-- `tight`: the tightest hand-written loop (one D backward, the D step's fake reused, D frozen
-  and unwrapped in the G step so only G's gradients flow and are reduced, fused Adam as ganforge
-  uses it);
+- `tight`: the tightest hand-written loop doing the recipe's work (one D backward, the D step's
+  fake reused, D frozen and unwrapped in the G step so only G's gradients flow and are reduced,
+  fused Adam as ganforge uses it, and the recipe's EMA of G, as bench/gpu.py's tight loop);
 - `examples`: pytorch/examples dcgan/main.py's loop as users write it;
 - `ganforge`: the real loop (`trainer.run._run`) with everything at its default cadence:
   MLflow (sqlite), progress lines, metrics.jsonl, EMA, sample grids and background checkpoints;
   only the data cursor is swapped for the in-memory batches (the loader has its own benchmark).
   Steps after a warm-up are timed from the start of one step to the start of the last one, so
   periodic work between steps is included.
-The loops run in `--repeats` alternating repetitions; each ratio is the median of the
+The loops run in `--repeats` alternating repetitions, every other one in reverse order (so
+neither loop always runs first, after a particular other one); each ratio is the median of the
 per-repetition ratios, with their spread.
 
 With `--processes 2` the same comparison runs as a 2-process DDP job (torchrun, gloo on CPU, one
 thread per process, global batch 64); the hand-written loops wrap G and D in DDP.
 
 Last stdout line: JSON with the images/s of each loop (median and spread), `ratio_tight` =
-ganforge / tight (goal >= 0.95) and `ratio_examples` = ganforge / examples.
+ganforge / tight (goal >= 0.95) and `ratio_examples` = ganforge / examples; with one process also
+`ops_per_step_tight` and `ops_per_step_ganforge`, the operator calls each step makes from Python
+(counted, not timed: the host work that bounds a step on a fast GPU).
 """
 
 from __future__ import annotations
@@ -87,20 +90,24 @@ def examples_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> f
     return steps * cfg.train.batch_size / (time.perf_counter() - t0)
 
 
-def tight_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
-    """The tightest hand-written loop: one D backward over the real and fake terms, the D step's
-    fake reused, D frozen (and, under DDP, unwrapped) in the G step so only G's gradients are
-    computed and reduced, gradients set to None, fused Adam."""
+def tight_step(cfg, batches, ddp: bool = False):
+    """One step of the tightest hand-written loop, as a function: one D backward over the real and
+    fake terms, the D step's fake reused, D frozen (and, under DDP, unwrapped) in the G step so only
+    G's gradients are computed and reduced, gradients set to None, fused Adam, then the recipe's
+    EMA of G."""
+    from trainer.ema import EMA
+
     g, d, d_plain, opt_g, opt_d = hand_written_setup(cfg, ddp, fused=True)
+    g_plain = getattr(g, "module", g)
+    ema, b = EMA(g_plain, cfg.train.ema_kimg, cfg.train.ema_rampup), cfg.train.batch_size
     bce = F.binary_cross_entropy_with_logits
-    t0 = 0.0
-    for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
-        if i == warmup:
-            t0 = time.perf_counter()
-        real = batch["image"].float() / 127.5 - 1
-        b = real.shape[0]
-        ones, zeros = torch.ones(b), torch.zeros(b)
-        fake = g(torch.randn(b, cfg.model.z_dim))
+    feed, nimg = itertools.cycle(batches), [0]
+
+    def step() -> None:
+        real = next(feed)["image"].float() / 127.5 - 1
+        n = real.shape[0]
+        ones, zeros = torch.ones(n), torch.zeros(n)
+        fake = g(torch.randn(n, cfg.model.z_dim))
         opt_d.zero_grad(set_to_none=True)
         (bce(d(real), ones) + bce(d(fake.detach()), zeros)).backward()
         opt_d.step()
@@ -109,7 +116,46 @@ def tight_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> floa
         bce(d_plain(fake), ones).backward()
         d_plain.requires_grad_(True)
         opt_g.step()
+        nimg[0] += b
+        ema.update(g_plain, b, nimg[0])
+
+    return step
+
+
+def tight_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
+    step = tight_step(cfg, batches, ddp)
+    t0 = 0.0
+    for i in range(steps + warmup):
+        if i == warmup:
+            t0 = time.perf_counter()
+        step()
     return steps * cfg.train.batch_size / (time.perf_counter() - t0)
+
+
+def ops_per_step(step, steps: int = 5) -> float:
+    """Operator calls made from Python per step (each a host-side dispatch; on a GPU most launch a
+    kernel): the profiler's aten events not nested in another aten event, after two warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    top = [e for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return len(top) / steps
+
+
+def ganforge_step(cfg, batches):
+    """ganforge's train_step (of a fresh one-process trainer) on the in-memory batches."""
+    from trainer.data import DataCursor
+    from trainer.distributed import DistEnv
+    from trainer.families.gan import GANTrainer
+
+    feed = itertools.cycle(batches)
+    DataCursor.next = lambda self: dict(next(feed))
+    return GANTrainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"))).train_step
 
 
 def ganforge_loop(cfg, batches, steps: int, warmup: int, env=None) -> float:
@@ -142,7 +188,7 @@ def main() -> None:
     p.add_argument("--config", default="configs/dcgan_digits.yaml")
     p.add_argument("--steps", type=int, default=150, help="timed steps per repetition")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=5, help="alternating repetitions of each loop")
+    p.add_argument("--repeats", type=int, default=7, help="alternating repetitions of each loop")
     p.add_argument("--threads", type=int, default=2, help="torch threads (per process with --nproc)")
     p.add_argument("--processes", type=int, default=1, help="2: compare DDP loops under torchrun")
     args = p.parse_args()
@@ -163,11 +209,14 @@ def main() -> None:
     base_dir = cfg.run.dir + (f"-ddp{world}" if dist_env else "")
     batches = in_memory_batches(data, cfg.train.batch_size, 20, rank, world)
     rates: dict[str, list[float]] = {"examples": [], "tight": [], "ganforge": []}
+    ddp = dist_env is not None
+    loops = {"examples": lambda: examples_loop(cfg, batches, args.steps, args.warmup, ddp=ddp),
+             "tight": lambda: tight_loop(cfg, batches, args.steps, args.warmup, ddp=ddp),
+             "ganforge": lambda: ganforge_loop(cfg, batches, args.steps, args.warmup, dist_env)}
     for r in range(args.repeats):  # alternating, so drifts in machine speed touch every loop alike
-        rates["examples"].append(examples_loop(cfg, batches, args.steps, args.warmup, ddp=dist_env is not None))
-        rates["tight"].append(tight_loop(cfg, batches, args.steps, args.warmup, ddp=dist_env is not None))
         cfg.run.dir = f"{base_dir}-rep{r}"  # a fresh run each time (a used one would be resumed)
-        rates["ganforge"].append(ganforge_loop(cfg, batches, args.steps, args.warmup, dist_env))
+        for name in list(loops)[::-1 if r % 2 else 1]:
+            rates[name].append(loops[name]())
     if rank == 0:
         med = {k: statistics.median(v) for k, v in rates.items()}
         result = {"config": args.config, "steps": args.steps, "repeats": args.repeats, "batch": cfg.train.batch_size,
@@ -180,6 +229,10 @@ def main() -> None:
         for name, rs in ratios.items():  # per repetition, then the median: pairs share machine conditions
             result[f"ratio_{name}"] = round(statistics.median(rs), 3)
             result[f"ratio_{name}_spread"] = [round(min(rs), 3), round(max(rs), 3)]
+        if world == 1:  # deterministic: how much host-side work each step asks for
+            cfg.run.dir = f"{base_dir}-ops"
+            result["ops_per_step_tight"] = ops_per_step(tight_step(cfg, batches))
+            result["ops_per_step_ganforge"] = ops_per_step(ganforge_step(cfg, batches))
         print(f"examples loop {med['examples']:.0f} img/s, tight loop {med['tight']:.0f} img/s, "
               f"ganforge loop {med['ganforge']:.0f} img/s ({world} process(es), {args.repeats} repetitions)")
         print(json.dumps(result), flush=True)
