@@ -97,6 +97,35 @@ def test_nonfinite_step_is_skipped_and_repeated_ones_abort(make_trainer):
     assert t.state.nonfinite == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_gradient_norm_equals_torchs_total_norm_bitwise(dtype):
+    from trainer.strategies.ddp import total_norm
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(shape, generator=gen, dtype=dtype) * scale
+             for shape, scale in (((3,), 1.0), ((64, 32, 4, 4), 1e-3), ((1,), 1e4), ((7, 5), 0.5))]
+    assert torch.equal(total_norm(grads), torch.nn.utils.get_total_norm(grads))
+    grads[1][0, 0, 0, 0] = float("inf")
+    assert torch.isinf(total_norm(grads))
+
+
+def test_running_statistics_are_put_back_only_where_told(make_trainer):
+    from trainer.running_stats import RunningStats, running_stats
+
+    t = make_trainer("configs/dcgan_digits.yaml")
+    stats = RunningStats(t.G.module, t.D.module)
+    buffers = running_stats(t.G.module, t.D.module)
+    assert {b.dtype for b in buffers} == {torch.float32, torch.int64} and len(stats.groups) == 2
+    before = [b.clone() for b in stats.snapshot().groups[0].buffers + stats.groups[1].buffers]
+    t.train_step()  # moves every running mean/var and count
+    moved = [b.clone() for b in stats.groups[0].buffers + stats.groups[1].buffers]
+    assert not any(torch.equal(a, b) for a, b in zip(before, moved, strict=True))
+    stats.restore(where=torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(moved, stats.groups[0].buffers + stats.groups[1].buffers, strict=True))
+    stats.restore(where=torch.tensor(True))
+    assert all(torch.equal(a, b) for a, b in zip(before, stats.groups[0].buffers + stats.groups[1].buffers, strict=True))
+
+
 def test_fp16_scalers_are_independent(make_trainer):
     t = make_trainer("configs/wgan_gp_digits.yaml", "precision=fp16")
     assert t.G.scaler is not t.D.scaler and t.D.scaler.is_enabled()
