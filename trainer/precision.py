@@ -47,4 +47,4 @@ def default_dtype(precision: str) -> torch.dtype:
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """`x` in float32, or float64 if it is float64: autocast's bf16/fp16 outputs are widened for
     losses and statistics, a float64 run stays float64."""
-    return x if x.dtype == torch.float64 else x.float()
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()  # float32: no call at all
