@@ -66,15 +66,15 @@ def hand_written_setup(cfg, ddp: bool, fused: bool = False):
             torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=fused or None))
 
 
-def examples_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
-    """pytorch/examples dcgan/main.py's loop as users write it (with logits): two D backwards, D's
-    weight gradients computed (and, under DDP, all-reduced) in the G step too."""
+def examples_step(cfg, batches, ddp: bool = False):
+    """One step of pytorch/examples dcgan/main.py's loop as users write it (with logits), as a
+    function: two D backwards, D's weight gradients computed (and, under DDP, all-reduced) in the G
+    step too."""
     g, d, _, opt_g, opt_d = hand_written_setup(cfg, ddp)
-    t0 = 0.0
-    for i, batch in enumerate(itertools.islice(itertools.cycle(batches), steps + warmup)):
-        if i == warmup:
-            t0 = time.perf_counter()
-        real = batch["image"].float() / 127.5 - 1
+    feed = itertools.cycle(batches)
+
+    def step() -> None:
+        real = next(feed)["image"].float() / 127.5 - 1
         b = real.shape[0]
         d.zero_grad()
         out = d(real)
@@ -87,7 +87,8 @@ def examples_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> f
         out = d(fake)
         F.binary_cross_entropy_with_logits(out, torch.ones(b)).backward()
         opt_g.step()
-    return steps * cfg.train.batch_size / (time.perf_counter() - t0)
+
+    return step
 
 
 def tight_step(cfg, batches, ddp: bool = False):
@@ -122,14 +123,14 @@ def tight_step(cfg, batches, ddp: bool = False):
     return step
 
 
-def tight_loop(cfg, batches, steps: int, warmup: int, ddp: bool = False) -> float:
-    step = tight_step(cfg, batches, ddp)
+def rate(step, batch: int, steps: int, warmup: int) -> float:
+    """Images/s of a hand-written step function over `steps` steps after `warmup`."""
     t0 = 0.0
     for i in range(steps + warmup):
         if i == warmup:
             t0 = time.perf_counter()
         step()
-    return steps * cfg.train.batch_size / (time.perf_counter() - t0)
+    return steps * batch / (time.perf_counter() - t0)
 
 
 def ops_per_step(step, steps: int = 5) -> float:
@@ -147,24 +148,28 @@ def ops_per_step(step, steps: int = 5) -> float:
     return len(top) / steps
 
 
-def ganforge_step(cfg, batches):
-    """ganforge's train_step (of a fresh one-process trainer) on the in-memory batches."""
+def serve_from_memory(batches) -> None:
+    """Every DataCursor from now on hands out `batches` in turn (the loader has its own benchmark)."""
     from trainer.data import DataCursor
-    from trainer.distributed import DistEnv
-    from trainer.families.gan import GANTrainer
 
     feed = itertools.cycle(batches)
     DataCursor.next = lambda self: dict(next(feed))
+
+
+def ganforge_step(cfg, batches):
+    """ganforge's train_step (of a fresh one-process trainer) on the in-memory batches."""
+    from trainer.distributed import DistEnv
+    from trainer.families.gan import GANTrainer
+
+    serve_from_memory(batches)
     return GANTrainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"))).train_step
 
 
 def ganforge_loop(cfg, batches, steps: int, warmup: int, env=None) -> float:
     from trainer import run
-    from trainer.data import DataCursor
     from trainer.distributed import DistEnv
     from trainer.families.gan import GANTrainer
 
-    feed = itertools.cycle(batches)
     marks: list[float] = []
     original_step = GANTrainer.train_step
 
@@ -172,7 +177,7 @@ def ganforge_loop(cfg, batches, steps: int, warmup: int, env=None) -> float:
         marks.append(time.perf_counter())
         return original_step(self)
 
-    DataCursor.next = lambda self: dict(next(feed))
+    serve_from_memory(batches)
     GANTrainer.train_step = timed_step
     cfg.train.max_steps = steps + warmup + 1
     try:
@@ -210,8 +215,9 @@ def main() -> None:
     batches = in_memory_batches(data, cfg.train.batch_size, 20, rank, world)
     rates: dict[str, list[float]] = {"examples": [], "tight": [], "ganforge": []}
     ddp = dist_env is not None
-    loops = {"examples": lambda: examples_loop(cfg, batches, args.steps, args.warmup, ddp=ddp),
-             "tight": lambda: tight_loop(cfg, batches, args.steps, args.warmup, ddp=ddp),
+    b, n, w = cfg.train.batch_size, args.steps, args.warmup
+    loops = {"examples": lambda: rate(examples_step(cfg, batches, ddp), b, n, w),
+             "tight": lambda: rate(tight_step(cfg, batches, ddp), b, n, w),
              "ganforge": lambda: ganforge_loop(cfg, batches, args.steps, args.warmup, dist_env)}
     for r in range(args.repeats):  # alternating, so drifts in machine speed touch every loop alike
         cfg.run.dir = f"{base_dir}-rep{r}"  # a fresh run each time (a used one would be resumed)
@@ -230,7 +236,6 @@ def main() -> None:
             result[f"ratio_{name}"] = round(statistics.median(rs), 3)
             result[f"ratio_{name}_spread"] = [round(min(rs), 3), round(max(rs), 3)]
         if world == 1:  # deterministic: how much host-side work each step asks for
-            cfg.run.dir = f"{base_dir}-ops"
             result["ops_per_step_tight"] = ops_per_step(tight_step(cfg, batches))
             result["ops_per_step_ganforge"] = ops_per_step(ganforge_step(cfg, batches))
         print(f"examples loop {med['examples']:.0f} img/s, tight loop {med['tight']:.0f} img/s, "
