@@ -110,20 +110,23 @@ def test_the_gradient_norm_equals_torchs_total_norm_bitwise(dtype):
 
 
 def test_running_statistics_are_put_back_only_where_told(make_trainer):
-    from trainer.running_stats import RunningStats, running_stats
+    from trainer.running_stats import RunningStats, as_bytes, running_stats
 
     t = make_trainer("configs/dcgan_digits.yaml")
     stats = RunningStats(t.G.module, t.D.module)
     buffers = running_stats(t.G.module, t.D.module)
-    assert {b.dtype for b in buffers} == {torch.float32, torch.int64} and len(stats.groups) == 2
-    before = [b.clone() for b in stats.snapshot().groups[0].buffers + stats.groups[1].buffers]
+    assert {b.dtype for b in buffers} == {torch.float32, torch.int64} and len(stats.groups) == 1  # one per device
+    bits = lambda: [as_bytes(b).clone() for b in buffers]  # noqa: E731  (bitwise, NaN included)
+    stats.snapshot()
+    before = bits()
     t.train_step()  # moves every running mean/var and count
-    moved = [b.clone() for b in stats.groups[0].buffers + stats.groups[1].buffers]
+    next(b for b in buffers if b.is_floating_point()).fill_(float("nan"))  # a bad batch's statistics
+    moved = bits()
     assert not any(torch.equal(a, b) for a, b in zip(before, moved, strict=True))
     stats.restore(where=torch.tensor(False))
-    assert all(torch.equal(a, b) for a, b in zip(moved, stats.groups[0].buffers + stats.groups[1].buffers, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(moved, bits(), strict=True))
     stats.restore(where=torch.tensor(True))
-    assert all(torch.equal(a, b) for a, b in zip(before, stats.groups[0].buffers + stats.groups[1].buffers, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, bits(), strict=True))
 
 
 def test_fp16_scalers_are_independent(make_trainer):

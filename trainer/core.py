@@ -24,7 +24,7 @@ from torch import nn
 from trainer import __version__
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, to_dict
-from trainer.distributed import DistEnv
+from trainer.distributed import BufferMean, DistEnv
 from trainer.precision import default_dtype, resolve_precision
 from trainer.redact import redact
 from trainer.running_stats import RunningStats
@@ -236,8 +236,9 @@ class TrainerBase(abc.ABC):
         self.state = TrainState()
         self.ema: Any = None  # trainer.ema.EMA of G, for a family that keeps one (set after add_phases)
         self._running: RunningStats | None = None
+        self._buffer_mean: BufferMean | None = None
         self.frozen: set[int] = set()  # ids of parameters that never train (see freeze)
-        self._nonfinite: torch.Tensor | None = None  # [skipped since last settled, skipped in a row]
+        self._nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None  # (skipped since last settled, in a row)
 
     def freeze(self, *modules: nn.Module) -> None:
         """Keep the parameters of `modules` fixed: no gradient, no optimiser, no DDP reduction.
@@ -293,6 +294,13 @@ class TrainerBase(abc.ABC):
             self._running = RunningStats(*modules)
         return self._running.snapshot()
 
+    def average_buffers(self, *modules: nn.Module) -> None:
+        """Make the floating-point buffers of `modules` (the same modules every step: their buffers are
+        found once) the mean over ranks, in one all-reduce; nothing to do in a one-process run."""
+        if self._buffer_mean is None:
+            self._buffer_mean = BufferMean(self.env, *modules)
+        self._buffer_mean()
+
     @torch.no_grad()
     def finish_step(self, skipped: list[torch.Tensor], running: RunningStats | None = None) -> None:
         """After every phase of a step, on the device: if any phase `skipped` its update, put the running
@@ -301,17 +309,18 @@ class TrainerBase(abc.ABC):
         skipped = functools.reduce(torch.logical_or, skipped)
         if running is not None:
             running.restore(where=skipped)
-        if self._nonfinite is None:
-            self._nonfinite = torch.zeros(2, dtype=torch.int64, device=self.env.device)
-        self._nonfinite[0].add_(skipped)  # a bool adds as 0/1
-        self._nonfinite[1].add_(1).mul_(skipped)
+        if self._nonfinite is None:  # two counters, not one tensor of two: no indexing call each step
+            self._nonfinite = tuple(torch.zeros((), dtype=torch.int64, device=self.env.device) for _ in range(2))
+        total, run = self._nonfinite
+        total.add_(skipped)  # a bool adds as 0/1
+        run.add_(1).mul_(skipped)
 
     def settle_nonfinite(self) -> None:
         """Bring the skipped-step counts to the host (one sync; the reporter calls it at log steps, and
         `state_dict` at checkpoints) and stop the run if too many steps in a row were skipped."""
         if self._nonfinite is None:
             return
-        total, run = self._nonfinite.tolist()
+        total, run = torch.stack(self._nonfinite).tolist()  # one sync for both
         self._nonfinite[0].zero_()
         s = self.state
         s.nonfinite += total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
     """DDP for a multi-process run, else the module.
 
     Buffers (BN statistics) are not broadcast from rank 0 at each forward; the loop averages
-    them across ranks after every step instead (`average_buffers`), so they reflect all data.
+    them across ranks after every step instead (`BufferMean`), so they reflect all data.
     """
     if env.world_size == 1:
         return module
@@ -64,21 +65,33 @@ def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)  # (every torch release)
 
 
-@torch.no_grad()
-def average_buffers(module: nn.Module, env: DistEnv) -> None:
-    """Make floating-point buffers (BN running mean/var) the mean over ranks: identical everywhere."""
-    if env.world_size == 1:
-        return
-    buffers = [b for b in module.buffers() if b.is_floating_point()]
-    if not buffers:
-        return
-    flat = torch.cat([b.flatten() for b in buffers])
-    dist.all_reduce(flat)
-    flat /= env.world_size
-    offset = 0
-    for b in buffers:
-        b.copy_(flat[offset:offset + b.numel()].view_as(b))
-        offset += b.numel()
+class BufferMean:
+    """Makes the floating-point buffers of some modules (BN running mean/var, StyleGAN2's w_avg) the
+    mean over ranks, identical everywhere: after every step, in one all-reduce for all of them.
+
+    The buffers are the same tensors every step (updated in place), so they are found once, with
+    room for one flat copy and a view of it per buffer: each call is two fused copies, the
+    all-reduce and a division, however many buffers there are.
+    """
+
+    def __init__(self, env: DistEnv, *modules: nn.Module):
+        self.env = env
+        self.buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+        self.flat, self.views = None, []
+        if env.world_size > 1 and self.buffers:
+            dtype = functools.reduce(torch.promote_types, (b.dtype for b in self.buffers))
+            self.flat = torch.empty(sum(b.numel() for b in self.buffers), dtype=dtype, device=env.device)
+            parts = self.flat.split([b.numel() for b in self.buffers])
+            self.views = [v.view_as(b) for v, b in zip(parts, self.buffers, strict=True)]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if self.flat is None:  # one process, or no such buffers
+            return
+        torch._foreach_copy_(self.views, self.buffers)
+        dist.all_reduce(self.flat)
+        self.flat.div_(self.env.world_size)
+        torch._foreach_copy_(self.buffers, self.views)
 
 
 def stop_votes(votes: list[bool], env: DistEnv) -> list[bool]:

@@ -21,10 +21,16 @@ def running_stats(*modules: nn.Module) -> list[torch.Tensor]:
     return [b for m in modules for name, b in m.named_buffers() if name.rsplit(".", 1)[-1] in NAMES]
 
 
+def as_bytes(buffer: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous `buffer`, as a 1-d uint8 view of its storage (writes go through)."""
+    return buffer.view(-1).view(torch.uint8)
+
+
 @dataclass
 class _Group:
-    """The buffers of one dtype and device, and two flat tensors of their total size with a view
-    per buffer: `saved` holds the snapshot, `current` is scratch for the restore."""
+    """The buffers on one device, as byte views (so float statistics and int64 counts go together),
+    and two flat byte tensors of their total size with a view per buffer: `saved` holds the
+    snapshot, `current` is scratch for the restore."""
 
     buffers: list[torch.Tensor]
     saved: torch.Tensor
@@ -34,22 +40,23 @@ class _Group:
 
 
 def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in like]), like, strict=True)]
+    return list(flat.split([b.numel() for b in like]))
 
 
 class RunningStats:
     """The running statistics of some modules (the same tensors every step, so found once), with
-    room for one snapshot. Taking and putting back a snapshot costs a few kernel launches per
-    dtype, however many buffers there are: this runs every step."""
+    room for one snapshot. Taking a snapshot is one fused copy per device and putting it back three
+    calls, however many buffers of whatever dtypes there are: this runs every step. The snapshot
+    is of the buffers' bytes, so what is put back is bitwise what was taken, NaN or not."""
 
     def __init__(self, *modules: nn.Module):
-        by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
         for b in running_stats(*modules):
-            by_kind.setdefault((b.dtype, b.device), []).append(b)
+            by_device.setdefault(b.device, []).append(as_bytes(b))
         self.groups = []
-        for (dtype, device), buffers in by_kind.items():
+        for device, buffers in by_device.items():
             n = sum(b.numel() for b in buffers)
-            saved, current = (torch.empty(n, dtype=dtype, device=device) for _ in range(2))
+            saved, current = (torch.empty(n, dtype=torch.uint8, device=device) for _ in range(2))
             self.groups.append(_Group(buffers, saved, _views(saved, buffers), current, _views(current, buffers)))
 
     @torch.no_grad()

@@ -13,10 +13,7 @@ import torch
 from trainer.config import Config
 from trainer.core import Purpose, TrainerBase, derive_seed, global_draw
 from trainer.data import DataCursor, to_unit_range
-from trainer.distributed import (
-    DistEnv,
-    average_buffers,
-)
+from trainer.distributed import DistEnv
 from trainer.ema import EMA
 from trainer.models import build_models
 from trainer.objectives import d_loss, g_loss, gradient_penalty, r1_penalty
@@ -131,10 +128,13 @@ class GANTrainer(TrainerBase):
 
         return self.G.update(loss_fn, frozen=self.D, micro_batches=1 if fake is not None else k).stats("g")
 
-    def fake_labels(self, seed: int) -> torch.Tensor | None:
+    def fake_labels(self, step: int, purpose: Purpose, *index: int) -> torch.Tensor | None:
+        """This rank's class labels of the fakes (conditional runs; the draw of `derive_seed(seed, step,
+        purpose, *index)`, made only then)."""
         n = self.cfg.model.num_classes
         if not n:
             return None
+        seed = derive_seed(self.cfg.seed, step, purpose, *index)
         full = torch.randint(n, (self.cfg.train.batch_size,), generator=torch.Generator().manual_seed(seed),
                              device="cpu")
         return full[self.env.rank::self.env.world_size].to(self.env.device)
@@ -154,7 +154,7 @@ class GANTrainer(TrainerBase):
             if cfg.loss.type == "wgan_gp":
                 eps = global_draw(derive_seed(cfg.seed, step, Purpose.GP_MIX, i), (gb,), env, uniform=True)
             r1 = cfg.loss.r1_gamma > 0 and (step * cfg.train.n_critic + i) % cfg.loss.r1_every == 0
-            stats = self.d_step(real, z, eps, real_labels, self.fake_labels(derive_seed(cfg.seed, step, Purpose.D_LABELS, i)), r1,
+            stats = self.d_step(real, z, eps, real_labels, self.fake_labels(step, Purpose.D_LABELS, i), r1,
                                 keep_fake=reuse and i == cfg.train.n_critic - 1)
             skipped.append(self.D.skipped)
         if reuse:
@@ -163,10 +163,9 @@ class GANTrainer(TrainerBase):
             stats |= self.g_step(None, labels, fake=fake)
         else:
             stats |= self.g_step(global_draw(derive_seed(cfg.seed, step, Purpose.G_LATENTS), (gb, zd), env),
-                                 self.fake_labels(derive_seed(cfg.seed, step, Purpose.G_LABELS)))
+                                 self.fake_labels(step, Purpose.G_LABELS))
         self.finish_step([*skipped, self.G.skipped], norm_stats)
-        average_buffers(self.G.network, env)
-        average_buffers(self.D.network, env)
+        self.average_buffers(self.G.network, self.D.network)
         self.state.step += 1
         self.state.nimg += gb
         self.ema.update(self.G.network, gb, self.state.nimg)

@@ -33,7 +33,7 @@ from trainer.augment import RANDOM_COLUMNS, AdaptiveP, augment
 from trainer.config import Config
 from trainer.core import Purpose, TrainerBase, Update, derive_seed, global_draw
 from trainer.data import DataCursor, to_unit_range
-from trainer.distributed import DistEnv, average_buffers, mean_across
+from trainer.distributed import DistEnv, mean_across
 from trainer.ema import EMA
 from trainer.models import build_models
 from trainer.objectives import r1_penalty
@@ -225,7 +225,7 @@ class StyleGAN2Trainer(TrainerBase):
         self.ada.update(step, env)
         # w_avg moved by lerps (linear) with each rank's batch means: their mean over ranks is the
         # global batch's result (the reference keeps a w_avg per GPU, unsynchronised).
-        average_buffers(self.G.network, env)
+        self.average_buffers(self.G.network)
         # The ramp-up counts the images seen BEFORE this step, as the reference's cur_nimg (so the
         # first step copies G into the EMA).
         self.ema.update(self.G.network, cfg.train.batch_size, self.state.nimg)
