@@ -21,7 +21,10 @@ thread per process, global batch 64); the hand-written loops wrap G and D in DDP
 Last stdout line: JSON with the images/s of each loop (median and spread), `ratio_tight` =
 ganforge / tight (goal >= 0.95) and `ratio_examples` = ganforge / examples; with one process also
 `ops_per_step_tight` and `ops_per_step_ganforge`, the operator calls each step makes from Python
-(counted, not timed: the host work that bounds a step on a fast GPU).
+(counted, not timed: the host work that bounds a step on a fast GPU), and `host_us_per_step_*`
+with `host_extra_us_per_step`: the two steps timed at tiny sizes (widths 2, batch 2, one thread),
+where a step's time is its host work, and how much more of it ganforge's step takes (median of
+the paired differences of `--host-steps` steps taken alternately, one of each at a time).
 """
 
 from __future__ import annotations
@@ -148,6 +151,41 @@ def ops_per_step(step, steps: int = 5) -> float:
     return len(top) / steps
 
 
+HOST_SIZES = ("model.g_width=2", "model.d_width=2", "model.z_dim=4", "train.batch_size=2", "log.mlflow_uri=none")
+
+
+def host_time(config: str, steps: int) -> dict:
+    """Microseconds per step of the tight loop's step and ganforge's `train_step` at tiny sizes
+    (HOST_SIZES: widths 2, batch 2, one thread), where the arithmetic is negligible and a step's
+    time is its host work: Python, dispatch and each operator's fixed cost, as on a GPU that
+    outruns the host. The two steps alternate one by one, `steps` times, so both meet the same
+    machine conditions; each figure is a median over single steps (the extra time: of the paired
+    differences, with their quartiles), which a burst of other work on the machine barely moves."""
+    from bench.workspace import digits_workspace
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg, data = digits_workspace(config, "host", *HOST_SIZES)
+    batches = in_memory_batches(data, cfg.train.batch_size, 20)
+    tight, ganforge = tight_step(cfg, batches), ganforge_step(cfg, batches)
+    for _ in range(30):  # warm-up
+        tight(), ganforge()
+    times: list[tuple[float, float]] = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        tight()
+        t1 = time.perf_counter()
+        ganforge()
+        times.append((t1 - t0, time.perf_counter() - t1))
+    torch.set_num_threads(threads)
+    extra = sorted(g - t for t, g in times)
+    us = lambda x: round(x * 1e6, 1)  # noqa: E731
+    return {"host_us_per_step_tight": us(statistics.median(t for t, _ in times)),
+            "host_us_per_step_ganforge": us(statistics.median(g for _, g in times)),
+            "host_extra_us_per_step": us(statistics.median(extra)),
+            "host_extra_us_per_step_quartiles": [us(extra[len(extra) // 4]), us(extra[3 * len(extra) // 4])]}
+
+
 def serve_from_memory(batches) -> None:
     """Every DataCursor from now on hands out `batches` in turn (the loader has its own benchmark)."""
     from trainer.data import DataCursor
@@ -196,6 +234,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7, help="alternating repetitions of each loop")
     p.add_argument("--threads", type=int, default=2, help="torch threads (per process with --nproc)")
     p.add_argument("--processes", type=int, default=1, help="2: compare DDP loops under torchrun")
+    p.add_argument("--host-steps", type=int, default=3000, help="alternating steps of the host-time comparison")
     args = p.parse_args()
     if args.processes > 1 and "WORLD_SIZE" not in os.environ:
         import subprocess
@@ -235,9 +274,10 @@ def main() -> None:
         for name, rs in ratios.items():  # per repetition, then the median: pairs share machine conditions
             result[f"ratio_{name}"] = round(statistics.median(rs), 3)
             result[f"ratio_{name}_spread"] = [round(min(rs), 3), round(max(rs), 3)]
-        if world == 1:  # deterministic: how much host-side work each step asks for
+        if world == 1:  # how much host-side work each step asks for: counted, then timed at tiny sizes
             result["ops_per_step_tight"] = ops_per_step(tight_step(cfg, batches))
             result["ops_per_step_ganforge"] = ops_per_step(ganforge_step(cfg, batches))
+            result |= host_time(args.config, args.host_steps)
         print(f"examples loop {med['examples']:.0f} img/s, tight loop {med['tight']:.0f} img/s, "
               f"ganforge loop {med['ganforge']:.0f} img/s ({world} process(es), {args.repeats} repetitions)")
         print(json.dumps(result), flush=True)
