@@ -9,7 +9,9 @@ in-memory uint8 batches, so only the step differs:
   fused Adam, and the recipe's EMA of G (one fused lerp, one fused buffer copy);
   (compiled variants keep the default layout on both sides: inductor chooses conv layouts);
 - `ganforge_bf16_cl`: the real `Trainer.train_step` with precision=bf16 and channels_last;
-- the last two again with torch.compile (`*_compile`), unless --no-compile.
+- the last two again with torch.compile (`*_compile`) in `--compile-mode` (default reduce-overhead:
+  each network's forward and backward replayed as CUDA graphs, which removes their launch cost;
+  ganforge's is `train.compile=true train.compile_mode=...`), unless --no-compile.
 Every variant is built and warmed up first, then timed in `--repeats` alternating windows of
 `--steps` steps; each figure is the median window with its spread (min..max).
 
@@ -85,8 +87,9 @@ def profile(step, steps: int, device: torch.device, path: str) -> dict:
             "top_kernels_ms_per_step": [[name[:90], round(ms, 3)] for ms, name in kernels[:20]]}
 
 
-def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: bool, compile_: bool):
-    """The pytorch/examples loop (tight=False, fp32) or the tightest bf16 loop (tight=True)."""
+def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: bool, compile_: str | None):
+    """The pytorch/examples loop (tight=False, fp32) or the tightest bf16 loop (tight=True), with G and
+    D compiled in mode `compile_` unless None."""
     from trainer.models import build_models
 
     torch.manual_seed(0)
@@ -94,8 +97,8 @@ def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: boo
     fmt = torch.channels_last if tight and not compile_ else torch.contiguous_format
     g, d = (m.to(device, memory_format=fmt) for m in build_models(cfg.model))
     if compile_:
-        g.compile()
-        d.compile()
+        g.compile(mode=None if compile_ == "default" else compile_)
+        d.compile(mode=None if compile_ == "default" else compile_)
     betas = (cfg.train.beta1, cfg.train.beta2)
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=tight or None)
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas, fused=tight or None)
@@ -154,6 +157,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of the compiled variants")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke test only)")
     p.add_argument("--profile", metavar="DIR", help="profile one window of the tight loop and of ganforge into DIR")
     args = p.parse_args()
@@ -168,17 +174,18 @@ def main() -> None:
     if device.type == "cuda":
         batch = batch.pin_memory()
     builders = {
-        "examples_fp32": lambda: hand_written_step(make_cfg(), batch, device, tight=False, compile_=False),
-        "tight_bf16_cl": lambda: hand_written_step(make_cfg(), batch, device, tight=True, compile_=False),
+        "examples_fp32": lambda: hand_written_step(make_cfg(), batch, device, tight=False, compile_=None),
+        "tight_bf16_cl": lambda: hand_written_step(make_cfg(), batch, device, tight=True, compile_=None),
         "ganforge_bf16_cl": lambda: ganforge_step(make_cfg("precision=bf16"), batch, device),
     }
     if not args.no_compile:
         builders["tight_bf16_cl_compile"] = lambda: hand_written_step(make_cfg(), batch, device, tight=True,
-                                                                      compile_=True)
+                                                                      compile_=args.compile_mode)
         builders["ganforge_bf16_cl_compile"] = lambda: ganforge_step(
-            make_cfg("precision=bf16", "train.compile=true"), batch, device)
+            make_cfg("precision=bf16", "train.compile=true", f"train.compile_mode={args.compile_mode}"), batch, device)
     result: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "repeats": args.repeats}
+                    "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "repeats": args.repeats,
+                    "compile_mode": None if args.no_compile else args.compile_mode}
     steps, peaks = {}, {}
     for name, build in builders.items():  # a variant that fails is reported; the others still run
         if device.type == "cuda":

@@ -115,6 +115,18 @@ def test_bad_yaml_file_is_named(tmp_path):
         load_config(str(bad))
 
 
+def test_a_compile_mode_needs_compile_and_cuda_graph_modes_one_process():
+    with pytest.raises(ConfigError) as e:
+        load_config(RECIPE, ["train.compile_mode=reduce-overhead"])
+    assert e.value.key == "train.compile_mode" and "train.compile=true" in str(e.value)
+    on = ["train.compile=true", "train.compile_mode=reduce-overhead"]
+    assert load_config(RECIPE, on).train.compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="one-process jobs only; with 2 processes") as e:
+        load_config(RECIPE, on, world_size=2)
+    assert e.value.key == "train.compile_mode"
+    assert load_config(RECIPE, ["train.compile=true", "train.compile_mode=max-autotune-no-cudagraphs"], world_size=2)
+
+
 @pytest.mark.parametrize("override", ["log.model_every_steps=-5", "log.model_every_steps=7"])
 def test_model_every_steps_must_be_a_multiple_of_the_checkpoint_cadence(override):
     with pytest.raises(ConfigError) as e:

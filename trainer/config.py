@@ -128,6 +128,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # clip each network's gradient norm to this; 0 = off
     max_nonfinite: int = bounded(20, gt=0)  # abort after this many consecutive steps with a non-finite loss or gradient
     compile: bool = False  # torch.compile G and D
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode with train.compile; reduce-overhead and max-autotune replay CUDA graphs (one process)
     channels_last: bool = True  # channels_last memory format for conv nets on GPU
     deterministic: bool = False  # deterministic kernels only (bitwise-repeatable GPU runs; slower)
     ema_kimg: float = 10.0  # half-life of G's EMA in thousands of images; 0 disables EMA
@@ -353,6 +354,9 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Reject impossible values and combinations that hold for every model family, naming the key.
     Reads `cfg` only: nothing is changed and no environment variable is read (the caller knows the
@@ -378,6 +382,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if micro % k:
         raise ConfigError("model.pack", f"the per-rank batch of {micro} samples (train.batch_size / world size / "
                                         f"train.accumulate) is not divisible into packs of {k}")
+    mode = cfg.train.compile_mode
+    if mode != "default" and not cfg.train.compile:
+        raise ConfigError("train.compile_mode", f"{mode} takes effect with train.compile=true")
+    if cfg.train.compile and mode in CUDA_GRAPH_MODES and world_size > 1:
+        raise ConfigError("train.compile_mode", f"{mode} replays CUDA graphs, which ganforge runs in one-process jobs "
+                                                f"only; with {world_size} processes use default or max-autotune-no-cudagraphs")
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:
         raise ConfigError("loss.clip", f"wgan needs a positive clipping bound; got {cfg.loss.clip}")
     if cfg.precision == "fp64" and cfg.eval.every_steps:

@@ -257,10 +257,14 @@ class TrainerBase(abc.ABC):
         return chosen.make_phase(name, module, params, opt, self.cfg, self.env, self.precision)
 
     def add_phases(self, g: nn.Module, d: nn.Module) -> None:
-        """The G and D phases (each network compiled first when train.compile is set)."""
-        if self.cfg.train.compile:
-            g.compile()
-            d.compile()
+        """The G and D phases (each network compiled first when train.compile is set, in
+        train.compile_mode: reduce-overhead replays each network's forward and backward as CUDA
+        graphs on a GPU, and compiles without them on the CPU)."""
+        t = self.cfg.train
+        if t.compile:
+            mode = None if t.compile_mode == "default" else t.compile_mode
+            g.compile(mode=mode)
+            d.compile(mode=mode)
         self.G = self.make_phase("G", g, self.cfg.train.lr_g)
         self.D = self.make_phase("D", d, self.cfg.train.lr_d)
         self.phases = (self.G, self.D)
