@@ -37,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,6 +91,7 @@ def profile(step, steps: int, device: torch.device, path: str) -> dict:
 def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: bool, compile_: str | None):
     """The pytorch/examples loop (tight=False, fp32) or the tightest bf16 loop (tight=True), with G and
     D compiled in mode `compile_` unless None."""
+    from trainer.core import compile_network
     from trainer.models import build_models
 
     torch.manual_seed(0)
@@ -97,8 +99,8 @@ def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: boo
     fmt = torch.channels_last if tight and not compile_ else torch.contiguous_format
     g, d = (m.to(device, memory_format=fmt) for m in build_models(cfg.model))
     if compile_:
-        g.compile(mode=None if compile_ == "default" else compile_)
-        d.compile(mode=None if compile_ == "default" else compile_)
+        compile_network(g, compile_)
+        compile_network(d, compile_)
     betas = (cfg.train.beta1, cfg.train.beta2)
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=tight or None)
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas, fused=tight or None)
@@ -150,6 +152,12 @@ def ganforge_step(cfg, batch: torch.Tensor, device: torch.device):
     return GANTrainer(cfg, DistEnv(0, 1, 0, device)).train_step
 
 
+def compile_modes() -> tuple[str, ...]:
+    from trainer.config import TrainConfig
+
+    return typing.get_args(typing.get_type_hints(TrainConfig)["compile_mode"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30, help="steps per timed window")
@@ -157,9 +165,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
-    p.add_argument("--compile-mode", default="reduce-overhead",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                   help="torch.compile mode of the compiled variants")
+    p.add_argument("--compile-mode", default="reduce-overhead", choices=compile_modes(),
+                   help="torch.compile mode of the compiled variants (train.compile_mode's choices)")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU (smoke test only)")
     p.add_argument("--profile", metavar="DIR", help="profile one window of the tight loop and of ganforge into DIR")
     args = p.parse_args()

@@ -158,26 +158,30 @@ def host_time(config: str, steps: int) -> dict:
     """Microseconds per step of the tight loop's step and ganforge's `train_step` at tiny sizes
     (HOST_SIZES: widths 2, batch 2, one thread), where the arithmetic is negligible and a step's
     time is its host work: Python, dispatch and each operator's fixed cost, as on a GPU that
-    outruns the host. The two steps alternate one by one, `steps` times, so both meet the same
-    machine conditions; each figure is a median over single steps (the extra time: of the paired
-    differences, with their quartiles), which a burst of other work on the machine barely moves."""
+    outruns the host. The two steps alternate one by one (every other pair in reverse order),
+    `steps` times, so both meet the same machine conditions; each figure is a median over single
+    steps (the extra time: of the paired differences, with their quartiles), which a burst of
+    other work on the machine barely moves."""
     from bench.workspace import digits_workspace
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg, data = digits_workspace(config, "host", *HOST_SIZES)
-    batches = in_memory_batches(data, cfg.train.batch_size, 20)
-    tight, ganforge = tight_step(cfg, batches), ganforge_step(cfg, batches)
-    for _ in range(30):  # warm-up
-        tight(), ganforge()
-    times: list[tuple[float, float]] = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        tight()
-        t1 = time.perf_counter()
-        ganforge()
-        times.append((t1 - t0, time.perf_counter() - t1))
-    torch.set_num_threads(threads)
+    try:
+        cfg, data = digits_workspace(config, "host", *HOST_SIZES)
+        batches = in_memory_batches(data, cfg.train.batch_size, 20)
+        pair = {"tight": tight_step(cfg, batches), "ganforge": ganforge_step(cfg, batches)}
+        for _ in range(30):  # warm-up
+            pair["tight"](), pair["ganforge"]()
+        times: list[tuple[float, float]] = []
+        for i in range(steps):
+            took = {}
+            for name in list(pair)[::-1 if i % 2 else 1]:  # every other pair in reverse order
+                t0 = time.perf_counter()
+                pair[name]()
+                took[name] = time.perf_counter() - t0
+            times.append((took["tight"], took["ganforge"]))
+    finally:
+        torch.set_num_threads(threads)
     extra = sorted(g - t for t, g in times)
     us = lambda x: round(x * 1e6, 1)  # noqa: E731
     return {"host_us_per_step_tight": us(statistics.median(t for t, _ in times)),

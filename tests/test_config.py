@@ -125,6 +125,14 @@ def test_a_compile_mode_needs_compile_and_cuda_graph_modes_one_process():
         load_config(RECIPE, on, world_size=2)
     assert e.value.key == "train.compile_mode"
     assert load_config(RECIPE, ["train.compile=true", "train.compile_mode=max-autotune-no-cudagraphs"], world_size=2)
+    import torch
+
+    from trainer.distributed import DistEnv
+    from trainer.families.gan import GANTrainer
+
+    with pytest.raises(ConfigError, match="one-process jobs only") as e:  # a trainer built without load_config's check
+        GANTrainer(load_config(RECIPE, on), DistEnv(0, 2, 0, torch.device("cpu")))
+    assert e.value.key == "train.compile_mode"
 
 
 @pytest.mark.parametrize("override", ["log.model_every_steps=-5", "log.model_every_steps=7"])

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -100,7 +101,7 @@ def test_every_statistic_of_a_step_lives_on_the_trainer_device(family, digits_di
         assert all(v.dim() == 0 for v in stats.values())
 
 
-@pytest.mark.parametrize("compile_", [None, "reduce-overhead"])
+@pytest.mark.parametrize("compile_", [None, "default", "reduce-overhead"])
 def test_channels_last_or_compiled_networks_train(compile_, digits_dir, tmp_path):
     from torch._dynamo.utils import counters
 
@@ -121,8 +122,17 @@ def test_channels_last_or_compiled_networks_train(compile_, digits_dir, tmp_path
         stats = trainer.train_step()
     assert all(torch.isfinite(v) for v in stats.values())
     assert all(not torch.equal(a, b) for a, b in zip(before, trainer.G.network.parameters(), strict=True))
-    if compile_ and DEVICE.type == "cuda":  # the networks' steps were replayed as CUDA graphs, none skipped
-        assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    if compile_ == "reduce-overhead" and DEVICE.type == "cuda":  # the networks' steps replay CUDA graphs
+        assert trainer.cuda_graphs and not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+        from torch.profiler import ProfilerActivity, profile
+
+        with warnings.catch_warnings():  # cudagraph trees fall back to eager with only this warning
+            warnings.filterwarnings("error", message=".*CUDAGraphs.*")
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                trainer.train_step()
+                torch.cuda.synchronize()
+        launches = sum(1 for e in prof.events() if e.name in ("cudaGraphLaunch", "cuGraphLaunch"))
+        assert launches >= 4, f"{launches} CUDA graph launches in a step (G and D, forward and backward)"
 
 
 def test_ema_follows_its_formula_on_the_device(digits_dir, tmp_path):

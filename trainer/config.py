@@ -128,7 +128,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # clip each network's gradient norm to this; 0 = off
     max_nonfinite: int = bounded(20, gt=0)  # abort after this many consecutive steps with a non-finite loss or gradient
     compile: bool = False  # torch.compile G and D
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode with train.compile; reduce-overhead and max-autotune replay CUDA graphs (one process)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode with train.compile; reduce-overhead and max-autotune are meant to replay CUDA graphs on a GPU (one process)
     channels_last: bool = True  # channels_last memory format for conv nets on GPU
     deterministic: bool = False  # deterministic kernels only (bitwise-repeatable GPU runs; slower)
     ema_kimg: float = 10.0  # half-life of G's EMA in thousands of images; 0 disables EMA

@@ -23,7 +23,7 @@ from torch import nn
 
 from trainer import __version__
 from trainer.checkpoint import CheckpointError
-from trainer.config import Config, to_dict
+from trainer.config import CUDA_GRAPH_MODES, Config, ConfigError, to_dict
 from trainer.distributed import BufferMean, DistEnv
 from trainer.precision import default_dtype, resolve_precision
 from trainer.redact import redact
@@ -190,8 +190,8 @@ class TrainerBase(abc.ABC):
     a family's trainer (trainer/families) owns the networks, their phases and the step.
 
     A subclass sets `data` (its DataCursor; `datasets()` lists every cursor it reads) and the
-    phases (`add_phases`), `ema` if it keeps an EMA generator, and implements `train_step` and
-    `write_samples`.
+    phases (`add_phases`), `ema` if it keeps an EMA generator, and implements `train_step` (which
+    calls `begin_step` first) and `write_samples`.
     """
 
     phases: tuple[Phase, ...] = ()
@@ -237,6 +237,7 @@ class TrainerBase(abc.ABC):
         self.ema: Any = None  # trainer.ema.EMA of G, for a family that keeps one (set after add_phases)
         self._running: RunningStats | None = None
         self._buffer_mean: BufferMean | None = None
+        self.cuda_graphs = False  # the networks replay CUDA graphs (train.compile_mode, on a GPU)
         self.frozen: set[int] = set()  # ids of parameters that never train (see freeze)
         self._nonfinite: tuple[torch.Tensor, torch.Tensor] | None = None  # (skipped since last settled, in a row)
 
@@ -258,13 +259,15 @@ class TrainerBase(abc.ABC):
 
     def add_phases(self, g: nn.Module, d: nn.Module) -> None:
         """The G and D phases (each network compiled first when train.compile is set, in
-        train.compile_mode: reduce-overhead replays each network's forward and backward as CUDA
-        graphs on a GPU, and compiles without them on the CPU)."""
+        train.compile_mode; see compile_network)."""
         t = self.cfg.train
         if t.compile:
-            mode = None if t.compile_mode == "default" else t.compile_mode
-            g.compile(mode=mode)
-            d.compile(mode=mode)
+            if t.compile_mode in CUDA_GRAPH_MODES and self.env.world_size > 1:  # also for trainers built directly
+                raise ConfigError("train.compile_mode", f"{t.compile_mode} replays CUDA graphs, which ganforge runs "
+                                                        f"in one-process jobs only")
+            self.cuda_graphs = t.compile_mode in CUDA_GRAPH_MODES and self.env.device.type == "cuda"
+            compile_network(g, t.compile_mode)
+            compile_network(d, t.compile_mode)
         self.G = self.make_phase("G", g, self.cfg.train.lr_g)
         self.D = self.make_phase("D", d, self.cfg.train.lr_d)
         self.phases = (self.G, self.D)
@@ -284,24 +287,29 @@ class TrainerBase(abc.ABC):
             return 1.0
         return max(0.0, (t.max_steps - step) / max(1.0, t.max_steps - start))
 
-    def set_learning_rates(self, step: int, base: dict[str, float]) -> None:
-        """Each phase's lr: its base lr (by phase name) times the schedule's factor at `step`."""
-        factor = self.lr_factor(step)
+    def begin_step(self, base: dict[str, float]) -> None:
+        """The start of every step (a family's `train_step` calls it first): each phase's lr, its
+        base lr (by phase name) times the schedule's factor at this step; and, when the networks
+        replay CUDA graphs, the start of a new graph iteration (the last step's graph outputs are
+        free to be overwritten, and this step's calls replay one recorded path)."""
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        factor = self.lr_factor(self.state.step)
         for phase in self.phases:
             for group in phase.opt.param_groups:
                 group["lr"] = base[phase.name] * factor
 
     def snapshot_running_stats(self, *modules: nn.Module) -> RunningStats:
-        """A copy of the running statistics of `modules` (the same modules every step: their buffers
-        are found once), for `finish_step` to put back if the step is skipped."""
-        if self._running is None:
+        """A copy of the running statistics of `modules` (their buffers are found again only when the
+        modules change), for `finish_step` to put back if the step is skipped."""
+        if self._running is None or self._running.modules != modules:
             self._running = RunningStats(*modules)
         return self._running.snapshot()
 
     def average_buffers(self, *modules: nn.Module) -> None:
-        """Make the floating-point buffers of `modules` (the same modules every step: their buffers are
-        found once) the mean over ranks, in one all-reduce; nothing to do in a one-process run."""
-        if self._buffer_mean is None:
+        """Make the floating-point buffers of `modules` the mean over ranks, in one all-reduce per dtype
+        (the buffers are found again only when the modules change); nothing to do in one process."""
+        if self._buffer_mean is None or self._buffer_mean.modules != modules:
             self._buffer_mean = BufferMean(self.env, *modules)
         self._buffer_mean()
 
@@ -314,7 +322,8 @@ class TrainerBase(abc.ABC):
         if running is not None:
             running.restore(where=skipped)
         if self._nonfinite is None:  # two counters, not one tensor of two: no indexing call each step
-            self._nonfinite = tuple(torch.zeros((), dtype=torch.int64, device=self.env.device) for _ in range(2))
+            zero = torch.zeros((), dtype=torch.int64, device=self.env.device)
+            self._nonfinite = (zero, zero.clone())
         total, run = self._nonfinite
         total.add_(skipped)  # a bool adds as 0/1
         run.add_(1).mul_(skipped)
@@ -324,8 +333,9 @@ class TrainerBase(abc.ABC):
         `state_dict` at checkpoints) and stop the run if too many steps in a row were skipped."""
         if self._nonfinite is None:
             return
-        total, run = torch.stack(self._nonfinite).tolist()  # one sync for both
-        self._nonfinite[0].zero_()
+        counts = self._nonfinite
+        total, run = torch.stack(counts).tolist()  # one sync for both
+        counts[0].zero_()
         s = self.state
         s.nonfinite += total
         s.nonfinite_run = run
@@ -379,6 +389,14 @@ class TrainerBase(abc.ABC):
         self.state.mlflow_run_id = state.get("mlflow_run_id")
         if self.ema is not None:
             self.ema.model.load_state_dict(state["G_ema"])
+
+
+def compile_network(module: nn.Module, mode: str) -> None:
+    """torch.compile `module` in place (its state-dict keys stay) in a train.compile_mode: the CUDA-graph
+    modes (CUDA_GRAPH_MODES) are meant to replay its forward and backward as CUDA graphs on a GPU
+    (`make gpu-check` checks that none was skipped and that graphs were launched); on the CPU every
+    mode compiles without them."""
+    module.compile(mode=None if mode == "default" else mode)
 
 
 def load_weights(module: nn.Module, weights: dict[str, torch.Tensor] | None, where: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -67,31 +66,34 @@ def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
 
 class BufferMean:
     """Makes the floating-point buffers of some modules (BN running mean/var, StyleGAN2's w_avg) the
-    mean over ranks, identical everywhere: after every step, in one all-reduce for all of them.
+    mean over ranks, identical everywhere: after every step, in one all-reduce per dtype for all
+    of them.
 
     The buffers are the same tensors every step (updated in place), so they are found once, with
-    room for one flat copy and a view of it per buffer: each call is two fused copies, the
-    all-reduce and a division, however many buffers there are.
+    room for one flat copy per dtype and a view of it per buffer: each call is two fused copies,
+    the all-reduce and a division per dtype, however many buffers there are.
     """
 
     def __init__(self, env: DistEnv, *modules: nn.Module):
-        self.env = env
-        self.buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
-        self.flat, self.views = None, []
-        if env.world_size > 1 and self.buffers:
-            dtype = functools.reduce(torch.promote_types, (b.dtype for b in self.buffers))
-            self.flat = torch.empty(sum(b.numel() for b in self.buffers), dtype=dtype, device=env.device)
-            parts = self.flat.split([b.numel() for b in self.buffers])
-            self.views = [v.view_as(b) for v, b in zip(parts, self.buffers, strict=True)]
+        self.env, self.modules = env, modules
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for b in (b for m in modules for b in m.buffers() if b.is_floating_point()):
+            by_dtype.setdefault(b.dtype, []).append(b)
+        self.groups: list[tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]] = []
+        if env.world_size == 1:  # nothing to average
+            return
+        for dtype, buffers in by_dtype.items():
+            flat = torch.empty(sum(b.numel() for b in buffers), dtype=dtype, device=env.device)
+            views = [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in buffers]), buffers, strict=True)]
+            self.groups.append((buffers, flat, views))
 
     @torch.no_grad()
     def __call__(self) -> None:
-        if self.flat is None:  # one process, or no such buffers
-            return
-        torch._foreach_copy_(self.views, self.buffers)
-        dist.all_reduce(self.flat)
-        self.flat.div_(self.env.world_size)
-        torch._foreach_copy_(self.buffers, self.views)
+        for buffers, flat, views in self.groups:
+            torch._foreach_copy_(views, buffers)
+            dist.all_reduce(flat)
+            flat.div_(self.env.world_size)
+            torch._foreach_copy_(buffers, views)
 
 
 def stop_votes(votes: list[bool], env: DistEnv) -> list[bool]:

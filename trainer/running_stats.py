@@ -23,6 +23,8 @@ def running_stats(*modules: nn.Module) -> list[torch.Tensor]:
 
 def as_bytes(buffer: torch.Tensor) -> torch.Tensor:
     """The bytes of a contiguous `buffer`, as a 1-d uint8 view of its storage (writes go through)."""
+    if not buffer.is_contiguous():
+        raise ValueError(f"a running-statistics buffer of shape {tuple(buffer.shape)} is not contiguous")
     return buffer.view(-1).view(torch.uint8)
 
 
@@ -50,6 +52,7 @@ class RunningStats:
     is of the buffers' bytes, so what is put back is bitwise what was taken, NaN or not."""
 
     def __init__(self, *modules: nn.Module):
+        self.modules = modules
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for b in running_stats(*modules):
             by_device.setdefault(b.device, []).append(as_bytes(b))

@@ -88,7 +88,7 @@ class ESRGANTrainer(TrainerBase):
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        self.set_learning_rates(self.state.step, {"G": cfg.train.lr_g, "D": cfg.train.lr_d})
+        self.begin_step({"G": cfg.train.lr_g, "D": cfg.train.lr_d})
         batch = self.data.next()
         lr, hr = to_unit_range(batch["lr"]), to_unit_range(batch["hr"])
         running = self.snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped

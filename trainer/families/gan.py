@@ -141,7 +141,7 @@ class GANTrainer(TrainerBase):
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
-        self.set_learning_rates(step, {"G": cfg.train.lr_g, "D": cfg.train.lr_d})
+        self.begin_step({"G": cfg.train.lr_g, "D": cfg.train.lr_d})
         gb, zd = cfg.train.batch_size, cfg.model.z_dim
         stats: dict[str, torch.Tensor] = {}
         skipped = []

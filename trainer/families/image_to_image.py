@@ -80,7 +80,7 @@ class TranslationTrainer(TrainerBase):
     # -- the step -------------------------------------------------------------------------------
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
-        self.set_learning_rates(step, {"G": cfg.train.lr_g, "D": cfg.train.lr_d})
+        self.begin_step({"G": cfg.train.lr_g, "D": cfg.train.lr_d})
         torch.manual_seed(derive_seed(cfg.seed, step, Purpose.DROPOUT, env.rank))
         a, b = self.real_batch()
         norm_stats = self.snapshot_running_stats(self.G.module, self.D.module)  # put back if the step is skipped

@@ -208,7 +208,7 @@ class StyleGAN2Trainer(TrainerBase):
 
     def train_step(self) -> dict[str, torch.Tensor]:
         cfg, env, step = self.cfg, self.env, self.state.step
-        self.set_learning_rates(step, {"G": cfg.train.lr_g * self.g_ratio, "D": cfg.train.lr_d * self.d_ratio})
+        self.begin_step({"G": cfg.train.lr_g * self.g_ratio, "D": cfg.train.lr_d * self.d_ratio})
         real = to_unit_range(self.data.next()["image"])
         stats = self.g_main()
         skipped = [self.G.skipped]
