@@ -91,6 +91,7 @@ def profile(step, steps: int, device: torch.device, path: str) -> dict:
 def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: bool, compile_: str | None):
     """The pytorch/examples loop (tight=False, fp32) or the tightest bf16 loop (tight=True), with G and
     D compiled in mode `compile_` unless None."""
+    from trainer.config import CUDA_GRAPH_MODES
     from trainer.core import compile_network
     from trainer.models import build_models
 
@@ -113,7 +114,11 @@ def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: boo
     bce = F.binary_cross_entropy_with_logits
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if tight else contextlib.nullcontext
 
+    graphs = compile_ in CUDA_GRAPH_MODES and device.type == "cuda"
+
     def step() -> None:
+        if graphs:  # a new CUDA-graph iteration, as torch's docs ask of a training loop (and ganforge does)
+            torch.compiler.cudagraph_mark_step_begin()
         real = (batch.to(device, non_blocking=True).float() / 127.5 - 1).contiguous(memory_format=fmt)
         z = torch.randn(b, cfg.model.z_dim, device=device)
         opt_d.zero_grad(set_to_none=True)
