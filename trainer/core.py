@@ -289,9 +289,10 @@ class TrainerBase(abc.ABC):
 
     def begin_step(self, base: dict[str, float]) -> None:
         """The start of every step (a family's `train_step` calls it first): each phase's lr, its
-        base lr (by phase name) times the schedule's factor at this step; and, when the networks
-        replay CUDA graphs, the start of a new graph iteration (the last step's graph outputs are
-        free to be overwritten, and this step's calls replay one recorded path)."""
+        base lr (by phase name) times the schedule's factor at this step; and, in a CUDA-graph
+        compile mode on a GPU, the start of a new graph iteration (torch's
+        `cudagraph_mark_step_begin`: the last step's graph outputs may then be overwritten, so
+        that this step's calls can replay one recorded path)."""
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         factor = self.lr_factor(self.state.step)
