@@ -6,6 +6,9 @@ memory), and writes every figure as JSON into $OUT (default gpu-check-out/), so 
 back from a remote GPU machine as files: env.json, tests.json (+ gpu-tests.xml), dcgan64.json,
 dcgan64_b512.json, profile/*.txt, stylegan2_256.json, summary.json, and log.txt with every command's output.
 
+A step that runs past its time limit is stopped and recorded with exit 124 and the last JSON
+line it printed (bench/gpu.py prints its eager figures before it compiles its compiled variants).
+
 GPU_CHECK_CPU_SMOKE=1 runs the same steps on the CPU with tiny sizes: a check that the suite
 works, whose figures mean nothing. Exit status: 0 when every step succeeded.
 """
@@ -36,9 +39,9 @@ def run(name: str, cmd: list[str], out: str, timeout: float, log) -> tuple[int, 
         r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
         code, text = r.returncode, r.stdout + r.stderr
         lines = r.stdout.strip().splitlines()
-    except subprocess.TimeoutExpired as e:
-        code, text, lines = 124, f"{e.stdout or ''}{e.stderr or ''}\n(timed out after {timeout} s)", []
-        text = text if isinstance(text, str) else text.decode(errors="replace")
+    except subprocess.TimeoutExpired as e:  # what it printed so far still counts (bench/gpu.py: a partial JSON line)
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
+        code, text, lines = 124, f"{out}{err}\n(timed out after {timeout} s)", out.strip().splitlines()
     seconds = time.perf_counter() - t0
     log.write(text + f"\n===== {name}: exit {code} in {seconds:.1f} s\n")
     log.flush()
