@@ -9,9 +9,9 @@ in-memory uint8 batches, so only the step differs:
   fused Adam, and the recipe's EMA of G (one fused lerp, one fused buffer copy);
   (compiled variants keep the default layout on both sides: inductor chooses conv layouts);
 - `ganforge_bf16_cl`: the real `Trainer.train_step` with precision=bf16 and channels_last;
-- the last two again with torch.compile (`*_compile`) in `--compile-mode` (default reduce-overhead:
-  each network's forward and backward replayed as CUDA graphs, which removes their launch cost;
-  ganforge's is `train.compile=true train.compile_mode=...`), unless --no-compile.
+- the last two again with torch.compile (`*_compile`) in `--compile-mode` (default reduce-overhead,
+  meant to replay each network's forward and backward as CUDA graphs and so remove their launch
+  cost; ganforge's is `train.compile=true train.compile_mode=...`), unless --no-compile.
 The eager variants are built, warmed up and timed first (`--repeats` alternating windows of
 `--steps` steps), then profiled if asked, and their figures printed as a JSON line of their own
 (with "partial"), so that they survive a caller's time limit while the compiled variants
