@@ -357,6 +357,16 @@ def resolve(cfg: Config) -> Config:
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
+def check_compile(train: TrainConfig, world_size: int) -> None:
+    """train.compile_mode takes effect with train.compile, and its CUDA-graph modes in one-process jobs only."""
+    mode = train.compile_mode
+    if mode != "default" and not train.compile:
+        raise ConfigError("train.compile_mode", f"{mode} takes effect with train.compile=true")
+    if train.compile and mode in CUDA_GRAPH_MODES and world_size > 1:
+        raise ConfigError("train.compile_mode", f"{mode} replays CUDA graphs, which ganforge runs in one-process jobs "
+                                                f"only; with {world_size} processes use default or max-autotune-no-cudagraphs")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Reject impossible values and combinations that hold for every model family, naming the key.
     Reads `cfg` only: nothing is changed and no environment variable is read (the caller knows the
@@ -382,12 +392,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if micro % k:
         raise ConfigError("model.pack", f"the per-rank batch of {micro} samples (train.batch_size / world size / "
                                         f"train.accumulate) is not divisible into packs of {k}")
-    mode = cfg.train.compile_mode
-    if mode != "default" and not cfg.train.compile:
-        raise ConfigError("train.compile_mode", f"{mode} takes effect with train.compile=true")
-    if cfg.train.compile and mode in CUDA_GRAPH_MODES and world_size > 1:
-        raise ConfigError("train.compile_mode", f"{mode} replays CUDA graphs, which ganforge runs in one-process jobs "
-                                                f"only; with {world_size} processes use default or max-autotune-no-cudagraphs")
+    check_compile(cfg.train, world_size)
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:
         raise ConfigError("loss.clip", f"wgan needs a positive clipping bound; got {cfg.loss.clip}")
     if cfg.precision == "fp64" and cfg.eval.every_steps:

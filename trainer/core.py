@@ -23,7 +23,7 @@ from torch import nn
 
 from trainer import __version__
 from trainer.checkpoint import CheckpointError
-from trainer.config import CUDA_GRAPH_MODES, Config, ConfigError, to_dict
+from trainer.config import CUDA_GRAPH_MODES, Config, check_compile, to_dict
 from trainer.distributed import BufferMean, DistEnv
 from trainer.precision import default_dtype, resolve_precision
 from trainer.redact import redact
@@ -261,10 +261,8 @@ class TrainerBase(abc.ABC):
         """The G and D phases (each network compiled first when train.compile is set, in
         train.compile_mode; see compile_network)."""
         t = self.cfg.train
+        check_compile(t, self.env.world_size)  # again here, for trainers built without load_config
         if t.compile:
-            if t.compile_mode in CUDA_GRAPH_MODES and self.env.world_size > 1:  # also for trainers built directly
-                raise ConfigError("train.compile_mode", f"{t.compile_mode} replays CUDA graphs, which ganforge runs "
-                                                        f"in one-process jobs only")
             self.cuda_graphs = t.compile_mode in CUDA_GRAPH_MODES and self.env.device.type == "cuda"
             compile_network(g, t.compile_mode)
             compile_network(d, t.compile_mode)

@@ -10,6 +10,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from trainer.running_stats import flat_room
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -83,9 +85,7 @@ class BufferMean:
         if env.world_size == 1:  # nothing to average
             return
         for dtype, buffers in by_dtype.items():
-            flat = torch.empty(sum(b.numel() for b in buffers), dtype=dtype, device=env.device)
-            views = [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in buffers]), buffers, strict=True)]
-            self.groups.append((buffers, flat, views))
+            self.groups.append((buffers, *flat_room(buffers, dtype, env.device)))
 
     @torch.no_grad()
     def __call__(self) -> None:

@@ -41,8 +41,10 @@ class _Group:
     current_views: list[torch.Tensor]
 
 
-def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    return list(flat.split([b.numel() for b in like]))
+def flat_room(like: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One flat tensor with room for every tensor of `like`, and a view of it shaped like each."""
+    flat = torch.empty(sum(t.numel() for t in like), dtype=dtype, device=device)
+    return flat, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in like]), like, strict=True)]
 
 
 class RunningStats:
@@ -58,9 +60,8 @@ class RunningStats:
             by_device.setdefault(b.device, []).append(as_bytes(b))
         self.groups = []
         for device, buffers in by_device.items():
-            n = sum(b.numel() for b in buffers)
-            saved, current = (torch.empty(n, dtype=torch.uint8, device=device) for _ in range(2))
-            self.groups.append(_Group(buffers, saved, _views(saved, buffers), current, _views(current, buffers)))
+            saved, current = (flat_room(buffers, torch.uint8, device) for _ in range(2))
+            self.groups.append(_Group(buffers, *saved, *current))
 
     @torch.no_grad()
     def snapshot(self) -> RunningStats:
