@@ -9,11 +9,16 @@ process) on the same in-memory uint8 batches, so only the loops differ:
 - `ganforge`: the real loop (`trainer.run._run`) with everything at its default cadence:
   MLflow (sqlite), progress lines, metrics.jsonl, EMA, sample grids and background checkpoints;
   only the data cursor is swapped for the in-memory batches (the loader has its own benchmark).
-  Steps after a warm-up are timed from the start of one step to the start of the last one, so
-  periodic work between steps is included.
-The loops run in `--repeats` alternating repetitions, every other one in reverse order (so
-neither loop always runs first, after a particular other one); each ratio is the median of the
-per-repetition ratios, with their spread.
+The three take turns in blocks of `--block` steps within one ganforge run: every `--block`
+ganforge steps the run pauses, once its background work is done (checkpoint written, MLflow
+queue sent), and each hand-written loop takes `--block` steps, in alternating order. So all
+three meet the same machine conditions within seconds of each other (on a shared VM a loop's
+rate drifts by 20 % over half a minute), and ganforge's time, from the end of one pause to the
+start of the next, includes everything its loop and its threads do between steps. A repetition
+is `--steps` steps of each loop, by default one whole cadence period of the config (the least
+common multiple of its log, sample and checkpoint intervals: 200 steps with 8 log lines, one
+sample grid and one checkpoint); each ratio is the median of the per-repetition ratios, with
+their spread.
 
 With `--processes 2` the same comparison runs as a 2-process DDP job (torchrun, gloo on CPU, one
 thread per process, global batch 64); the hand-written loops wrap G and D in DDP.
@@ -34,6 +39,7 @@ import contextlib
 import io
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -126,16 +132,6 @@ def tight_step(cfg, batches, ddp: bool = False):
     return step
 
 
-def rate(step, batch: int, steps: int, warmup: int) -> float:
-    """Images/s of a hand-written step function over `steps` steps after `warmup`."""
-    t0 = 0.0
-    for i in range(steps + warmup):
-        if i == warmup:
-            t0 = time.perf_counter()
-        step()
-    return steps * batch / (time.perf_counter() - t0)
-
-
 def ops_per_step(step, steps: int = 5) -> float:
     """Operator calls made from Python per step (each a host-side dispatch; on a GPU most launch a
     kernel): the profiler's aten events not nested in another aten event, after two warm-up steps."""
@@ -207,35 +203,107 @@ def ganforge_step(cfg, batches):
     return GANTrainer(cfg, DistEnv(0, 1, 0, torch.device("cpu"))).train_step
 
 
-def ganforge_loop(cfg, batches, steps: int, warmup: int, env=None) -> float:
+def cadence(cfg) -> int:
+    """Steps in one whole period of the run's periodic work: the least common multiple of the log,
+    sample, checkpoint and evaluation intervals (those that are on)."""
+    every = [cfg.log.every_steps, cfg.log.sample_every_steps, cfg.checkpoint.every_steps, cfg.eval.every_steps]
+    return math.lcm(*[e for e in every if e > 0])
+
+
+@contextlib.contextmanager
+def instances(*classes):
+    """The objects of `classes` constructed while inside (a list that fills as they are)."""
+    made: list = []
+    inits = {c: c.__init__ for c in classes}
+
+    def recording(init):
+        def record(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            made.append(self)
+        return record
+
+    for c, init in inits.items():
+        c.__init__ = recording(init)
+    try:
+        yield made
+    finally:
+        for c, init in inits.items():
+            c.__init__ = init
+
+
+def interleaved_rates(cfg, batches, repeats: int, steps: int, block: int, warmup: int, env=None) -> dict[str, list[float]]:
+    """Images/s of each loop in each of `repeats` repetitions of `steps` steps, the three loops
+    taking turns in blocks of `block` steps within one real ganforge run (`trainer.run._run`).
+
+    At every `block`-th ganforge step the run pauses and the two hand-written loops each take
+    `block` steps (their order alternating from one pause to the next) before ganforge goes on.
+    ganforge's time runs from the end of one pause to the start of the next, and the pause
+    starts only once ganforge's background work is done (its checkpoint written, its MLflow
+    queue sent; under DDP every rank is at a barrier), so what its threads do is charged to
+    ganforge and never to a hand-written loop. A repetition is a whole cadence period by default,
+    so each holds its share of log steps, sample grids and checkpoints.
+    """
     from trainer import run
+    from trainer.checkpoint import CheckpointManager
     from trainer.distributed import DistEnv
     from trainer.families.gan import GANTrainer
+    from trainer.telemetry.mlflow import MlflowTracker
 
-    marks: list[float] = []
+    if steps % block:
+        raise SystemExit(f"--steps {steps} is not a multiple of --block {block}")
+    ddp = env is not None
+    hand = {"examples": examples_step(cfg, batches, ddp), "tight": tight_step(cfg, batches, ddp)}
+    seconds = {name: [0.0] * repeats for name in ("examples", "tight", "ganforge")}
+    resumed = [0.0]  # when ganforge's clock last started
     original_step = GANTrainer.train_step
 
-    def timed_step(self):
-        marks.append(time.perf_counter())
+    def settle(made) -> None:
+        for obj in made:
+            if isinstance(obj, CheckpointManager):
+                obj.wait()
+            elif not obj.flush(timeout=600):
+                raise SystemExit("the MLflow thread did not drain within 600 s")
+        if ddp:
+            torch.distributed.barrier()
+
+    def taking_turns(self):
+        done = self.state.step - warmup  # timed ganforge steps done
+        if done == 0:
+            for step in hand.values():
+                for _ in range(warmup):
+                    step()
+            resumed[0] = time.perf_counter()
+        elif done > 0 and done % block == 0:
+            settle(made)
+            rep = (done - 1) // steps
+            seconds["ganforge"][rep] += time.perf_counter() - resumed[0]
+            for name in list(hand)[::-1 if done // block % 2 else 1]:
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    hand[name]()
+                seconds[name][rep] += time.perf_counter() - t0
+            resumed[0] = time.perf_counter()
         return original_step(self)
 
     serve_from_memory(batches)
-    GANTrainer.train_step = timed_step
-    cfg.train.max_steps = steps + warmup + 1
+    cfg.train.max_steps = warmup + repeats * steps + 1
+    GANTrainer.train_step = taking_turns
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with instances(CheckpointManager, MlflowTracker) as made, contextlib.redirect_stdout(io.StringIO()):
             run._run(cfg, env or DistEnv(0, 1, 0, torch.device("cpu")))
     finally:
         GANTrainer.train_step = original_step
-    return steps * cfg.train.batch_size / (marks[-1] - marks[warmup])
+    return {name: [steps * cfg.train.batch_size / s for s in secs] for name, secs in seconds.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/dcgan_digits.yaml")
-    p.add_argument("--steps", type=int, default=150, help="timed steps per repetition")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps of each loop per repetition (default: one cadence period of the config)")
+    p.add_argument("--block", type=int, default=25, help="steps each loop takes in a turn")
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=7, help="alternating repetitions of each loop")
+    p.add_argument("--repeats", type=int, default=7, help="repetitions (ratios per repetition, then the median)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (per process with --nproc)")
     p.add_argument("--processes", type=int, default=1, help="2: compare DDP loops under torchrun")
     p.add_argument("--host-steps", type=int, default=3000, help="alternating steps of the host-time comparison")
@@ -254,21 +322,14 @@ def main() -> None:
     dist_env = init_distributed() if args.processes > 1 else None
     rank, world = (dist_env.rank, dist_env.world_size) if dist_env else (0, 1)
     cfg, data = digits_workspace(args.config, "overhead")
-    base_dir = cfg.run.dir + (f"-ddp{world}" if dist_env else "")
+    cfg.run.dir += f"-ddp{world}" if dist_env else ""
     batches = in_memory_batches(data, cfg.train.batch_size, 20, rank, world)
-    rates: dict[str, list[float]] = {"examples": [], "tight": [], "ganforge": []}
-    ddp = dist_env is not None
-    b, n, w = cfg.train.batch_size, args.steps, args.warmup
-    loops = {"examples": lambda: rate(examples_step(cfg, batches, ddp), b, n, w),
-             "tight": lambda: rate(tight_step(cfg, batches, ddp), b, n, w),
-             "ganforge": lambda: ganforge_loop(cfg, batches, args.steps, args.warmup, dist_env)}
-    for r in range(args.repeats):  # alternating, so drifts in machine speed touch every loop alike
-        cfg.run.dir = f"{base_dir}-rep{r}"  # a fresh run each time (a used one would be resumed)
-        for name in list(loops)[::-1 if r % 2 else 1]:
-            rates[name].append(loops[name]())
+    steps = args.steps or cadence(cfg)
+    rates = interleaved_rates(cfg, batches, args.repeats, steps, args.block, args.warmup, dist_env)
     if rank == 0:
         med = {k: statistics.median(v) for k, v in rates.items()}
-        result = {"config": args.config, "steps": args.steps, "repeats": args.repeats, "batch": cfg.train.batch_size,
+        result = {"config": args.config, "steps": steps, "block": args.block, "repeats": args.repeats,
+                  "batch": cfg.train.batch_size,
                   "processes": world, "threads": args.threads if world == 1 else 1}
         for k, v in rates.items():
             result[f"{k}_img_s"] = round(med[k], 1)

@@ -66,6 +66,23 @@ def test_the_served_conditional_generator_reads_labels_from_the_last_column():
     assert torch.equal(served(torch.cat([z, labels.float()[:, None]], dim=1)), g(z, labels))
 
 
+def test_flush_returns_once_every_point_queued_before_it_is_in_the_store(tmp_path):
+    from trainer.telemetry.mlflow import MlflowTracker, open_client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(uri, "flush", "flush")
+    try:
+        run_id = tracker.wait_ready(timeout=120)
+        assert run_id
+        for step in range(1, 31):
+            tracker.log_metrics({"loss/g": step / 10, "loss/d": -step / 10}, step)
+        assert tracker.flush(timeout=120)
+        history = open_client(uri).get_metric_history(run_id, "loss/g")  # read at once, nothing waited for
+        assert sorted((m.step, m.value) for m in history) == [(s, s / 10) for s in range(1, 31)]
+    finally:
+        tracker.close()
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` (sqlite store, proxied artifacts) on a free loopback port."""

@@ -125,6 +125,13 @@ class MlflowTracker:
         self._ready.wait(timeout)
         return self.run_id
 
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until everything queued before this call has been handled (sent, or given up after
+        its retries), at most `timeout` seconds; whether it was."""
+        handled = threading.Event()
+        self._queue.put(("flush", handled, None, 0))
+        return handled.wait(timeout)
+
     def close(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
         """Flush what is queued (bounded by `timeout`) and mark the run ended."""
         self._queue.put(("end", status, None, 0))
@@ -205,6 +212,9 @@ class MlflowTracker:
 
         while True:
             kind, a, b, ts = self._queue.get()
+            if kind == "flush":
+                a.set()
+                continue
             if client is None:
                 if kind == "end":
                     return
