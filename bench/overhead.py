@@ -4,7 +4,8 @@ All three train the same DCGAN (configs/dcgan_digits.yaml: 32x32, batch 64, fp32
 process) on the same in-memory uint8 batches, so only the loops differ:
 - `tight`: the tightest hand-written loop doing the recipe's work (one D backward, the D step's
   fake reused, D frozen and unwrapped in the G step so only G's gradients flow and are reduced,
-  fused Adam as ganforge uses it, and the recipe's EMA of G, as bench/gpu.py's tight loop);
+  no buffer broadcasts under DDP, fused Adam as ganforge uses it, and the recipe's EMA of G, as
+  bench/gpu.py's tight loop);
 - `examples`: pytorch/examples dcgan/main.py's loop as users write it;
 - `ganforge`: the real loop (`trainer.run._run`) with everything at its default cadence:
   MLflow (sqlite), progress lines, metrics.jsonl, EMA, sample grids and background checkpoints;
@@ -58,9 +59,11 @@ def in_memory_batches(data_dir: str, batch: int, n: int, rank: int = 0, world: i
     return list(itertools.islice(make_loader(stream), n))
 
 
-def hand_written_setup(cfg, ddp: bool, fused: bool = False):
+def hand_written_setup(cfg, ddp: bool, fused: bool = False, tightest: bool = False):
     """(G, D, D unwrapped, Adam for G, Adam for D) from the recipe's seed-0 networks, in DDP if asked;
-    fused: Adam's one-kernel form, as ganforge uses it."""
+    fused: Adam's one-kernel form, as ganforge uses it; tightest: DDP without buffer broadcasts
+    (each rank keeps its own BN statistics: no buffer traffic at all, where ganforge averages them
+    once per step)."""
     from trainer.models import build_models
 
     torch.manual_seed(0)
@@ -69,7 +72,7 @@ def hand_written_setup(cfg, ddp: bool, fused: bool = False):
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
-        g, d = DistributedDataParallel(g), DistributedDataParallel(d)
+        g, d = (DistributedDataParallel(m, broadcast_buffers=not tightest) for m in (g, d))
     betas = (cfg.train.beta1, cfg.train.beta2)
     return (g, d, d_plain, torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas, fused=fused or None),
             torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=fused or None))
@@ -103,11 +106,11 @@ def examples_step(cfg, batches, ddp: bool = False):
 def tight_step(cfg, batches, ddp: bool = False):
     """One step of the tightest hand-written loop, as a function: one D backward over the real and
     fake terms, the D step's fake reused, D frozen (and, under DDP, unwrapped) in the G step so only
-    G's gradients are computed and reduced, gradients set to None, fused Adam, then the recipe's
-    EMA of G."""
+    G's gradients are computed and reduced, no buffer broadcasts, gradients set to None, fused
+    Adam, then the recipe's EMA of G."""
     from trainer.ema import EMA
 
-    g, d, d_plain, opt_g, opt_d = hand_written_setup(cfg, ddp, fused=True)
+    g, d, d_plain, opt_g, opt_d = hand_written_setup(cfg, ddp, fused=True, tightest=True)
     g_plain = getattr(g, "module", g)
     ema, b = EMA(g_plain, cfg.train.ema_kimg, cfg.train.ema_rampup), cfg.train.batch_size
     bce = F.binary_cross_entropy_with_logits

@@ -131,6 +131,33 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_matches(reference, 
     assert np.array_equal(samples(run, tmp_path), samples(reference, tmp_path))
 
 
+VOTES_PROBE = """
+import json, sys
+from trainer.distributed import StopVotes, init_distributed, shutdown
+env = init_distributed()
+votes = StopVotes(env)
+seen = [votes([env.rank == 1 and call == 2, False]) for call in range(6)]
+seen.append(votes.settle())
+with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:
+    json.dump(seen, f)
+shutdown()
+"""
+
+
+def test_a_vote_cast_by_one_rank_reaches_every_rank_at_the_next_boundary(tmp_path):
+    """StopVotes in a real 2-process gloo job: rank 1 votes at the third boundary; both ranks see it
+    at the fourth (one boundary later, the same step everywhere), and not again after."""
+    probe = tmp_path / "votes_probe.py"
+    probe.write_text(f"import sys; sys.path.insert(0, {REPO!r})\n" + VOTES_PROBE)
+    cmd = [os.path.join(BIN, "python"), "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), str(probe), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    expected = [[False, False]] * 3 + [[True, False]] + [[False, False]] * 3
+    assert seen == {0: expected, 1: expected}
+
+
 @pytest.mark.slow
 def test_single_process_exits_143_on_sigterm(digits_dir, tmp_path):
     run = str(tmp_path / "run")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -94,6 +95,43 @@ class BufferMean:
             dist.all_reduce(flat)
             flat.div_(self.env.world_size)
             torch._foreach_copy_(buffers, views)
+
+
+class StopVotes:
+    """The run loop's votes to stop (a signal, the time budget, a failed save), agreed by every rank
+    at every step boundary.
+
+    One process: the votes themselves, at once. More: each call starts an all-reduce (MAX) of this
+    boundary's votes on the host, in the background (over gloo: the job's group, or one of its own
+    beside NCCL, so no call waits for the device), and returns the outcome of the previous call's,
+    which has had a whole step to arrive: every rank sees a vote one boundary after it is cast, at
+    the same step, and no step waits for a collective of its own. The first call returns no votes.
+    """
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self.pending: tuple[torch.Tensor, Any] | None = None
+        self.group = None  # the default group, when that is gloo
+        if env.world_size > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")
+
+    def __call__(self, votes: list[bool]) -> list[bool]:
+        if self.env.world_size == 1:
+            return [bool(v) for v in votes]
+        outcome = self.settle() or [False] * len(votes)
+        cast = torch.tensor([1.0 if v else 0.0 for v in votes])
+        self.pending = (cast, dist.all_reduce(cast, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return outcome
+
+    def settle(self) -> list[bool] | None:
+        """Wait for the votes in flight and return their outcome (None: none in flight); the loop
+        calls it when it ends, so that no collective is left pending."""
+        if self.pending is None:
+            return None
+        cast, work = self.pending
+        self.pending = None
+        work.wait()
+        return [bool(x > 0) for x in cast.tolist()]
 
 
 def stop_votes(votes: list[bool], env: DistEnv) -> list[bool]:

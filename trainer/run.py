@@ -15,9 +15,9 @@ from trainer.config import Config, dump_yaml
 from trainer.core import TrainerBase
 from trainer.distributed import (
     DistEnv,
+    StopVotes,
     init_distributed,
     shutdown,
-    stop_votes,
 )
 from trainer.families import family
 from trainer.preemption import (
@@ -67,6 +67,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
                              saved_step=trainer.state.step if resumed else -1, on_save=reporter.checkpoint_model)
     reporter.watch_checkpoints(ckpt)
     flag = StopFlag().install()
+    votes = StopVotes(env)
     started, status = time.perf_counter(), "FAILED"
     budget = cfg.train.max_minutes * 60
     try:
@@ -89,8 +90,9 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
                 ckpt.save_run(trainer)
             if reporter.evaluation_due(trainer.state.step):
                 reporter.evaluate()
-            preempt, over_budget, save_failed = stop_votes(
-                [flag.requested, budget > 0 and time.perf_counter() - started > budget, ckpt.failed], env)
+            # with more than one rank, agreed one step after they are cast (see StopVotes)
+            preempt, over_budget, save_failed = votes(
+                [flag.requested, budget > 0 and time.perf_counter() - started > budget, ckpt.failed])
             if save_failed:  # reported at the step after it happened, on every rank, not at the next save
                 ckpt.raise_failed()
             if preempt:
@@ -101,6 +103,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
                 if env.is_main:
                     log.info("time budget of %s min reached at step %d", cfg.train.max_minutes, trainer.state.step)
                 break
+        votes.settle()
         ckpt.save_run(trainer, blocking=True)
         grid = reporter.samples(final=True)
         status = "FINISHED"
