@@ -132,10 +132,11 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_matches(reference, 
 
 
 VOTES_PROBE = """
-import json, sys
+import json, os, sys
 from trainer.distributed import StopVotes, init_distributed, shutdown
 env = init_distributed()
 votes = StopVotes(env)
+assert (votes.group is None) == (os.environ["GANFORGE_BACKEND"] == "gloo")
 seen = [votes([env.rank == 1 and call == 2, False]) for call in range(6)]
 seen.append(votes.settle())
 with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:
@@ -144,14 +145,17 @@ shutdown()
 """
 
 
-def test_a_vote_cast_by_one_rank_reaches_every_rank_at_the_next_boundary(tmp_path):
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo,cuda:gloo"])
+def test_a_vote_cast_by_one_rank_reaches_every_rank_at_the_next_boundary(tmp_path, backend):
     """StopVotes in a real 2-process gloo job: rank 1 votes at the third boundary; both ranks see it
-    at the fourth (one boundary later, the same step everywhere), and not again after."""
+    at the fourth (one boundary later, the same step everywhere), and not again after. With a job
+    group that is not plain gloo (as NCCL's), the votes go through a gloo group of their own."""
     probe = tmp_path / "votes_probe.py"
     probe.write_text(f"import sys; sys.path.insert(0, {REPO!r})\n" + VOTES_PROBE)
     cmd = [os.path.join(BIN, "python"), "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(free_port()), str(probe), str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV, cwd=REPO)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=ENV | {"GANFORGE_BACKEND": backend},
+                       cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     seen = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     expected = [[False, False]] * 3 + [[True, False]] + [[False, False]] * 3
