@@ -14,7 +14,7 @@ The three take turns in blocks of `--block` steps within one ganforge run: every
 ganforge steps the run pauses, once its background work is done (checkpoint written, MLflow
 queue sent), and each hand-written loop takes `--block` steps, in alternating order. So all
 three meet the same machine conditions within seconds of each other (on a shared VM a loop's
-rate drifts by 20 % over half a minute), and ganforge's time, from the end of one pause to the
+rate drifts by up to 20 % from one repetition to the next), and ganforge's time, from the end of one pause to the
 start of the next, includes everything its loop and its threads do between steps. A repetition
 is `--steps` steps of each loop, by default one whole cadence period of the config (the least
 common multiple of its log, sample and checkpoint intervals: 200 steps with 8 log lines, one
@@ -30,7 +30,9 @@ ganforge / tight (goal >= 0.95) and `ratio_examples` = ganforge / examples; with
 (counted, not timed: the host work that bounds a step on a fast GPU), and `host_us_per_step_*`
 with `host_extra_us_per_step`: the two steps timed at tiny sizes (widths 2, batch 2, one thread),
 where a step's time is its host work, and how much more of it ganforge's step takes (median of
-the paired differences of `--host-steps` steps taken alternately, one of each at a time).
+the paired differences of `--host-steps` steps taken alternately, one of each at a time); with
+more than one process, `votes_allreduce_us` and `buffer_mean_us` (each with `_mean`): what one
+call of the collectives ganforge's step makes beyond the tight loop's costs (see collective_us).
 """
 
 from __future__ import annotations
@@ -189,6 +191,30 @@ def host_time(config: str, steps: int) -> dict:
             "host_extra_us_per_step_quartiles": [us(extra[len(extra) // 4]), us(extra[3 * len(extra) // 4])]}
 
 
+def collective_us(cfg, env, calls: int = 500) -> dict:
+    """Microseconds per call (median and mean over `calls`, every rank starting together) of the
+    collectives a 2-process ganforge step makes that the tight loop does not: the mean of the BN
+    statistics over ranks (BufferMean over the recipe's G and D), and a 3-float all-reduce waited
+    for, the size of the stop votes (which ganforge now runs in the background)."""
+    from trainer.distributed import BufferMean
+    from trainer.models import build_models
+
+    dist = torch.distributed
+    votes, buffer_mean = torch.zeros(3), BufferMean(env, *build_models(cfg.model))
+    out = {}
+    for name, call in (("votes_allreduce", lambda: dist.all_reduce(votes, op=dist.ReduceOp.MAX)),
+                       ("buffer_mean", buffer_mean)):
+        dist.barrier()
+        took = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            call()
+            took.append(time.perf_counter() - t0)
+        out[f"{name}_us"] = round(statistics.median(took) * 1e6, 1)
+        out[f"{name}_us_mean"] = round(statistics.mean(took) * 1e6, 1)
+    return out
+
+
 def serve_from_memory(batches) -> None:
     """Every DataCursor from now on hands out `batches` in turn (the loader has its own benchmark)."""
     from trainer.data import DataCursor
@@ -329,6 +355,7 @@ def main() -> None:
     batches = in_memory_batches(data, cfg.train.batch_size, 20, rank, world)
     steps = args.steps or cadence(cfg)
     rates = interleaved_rates(cfg, batches, args.repeats, steps, args.block, args.warmup, dist_env)
+    collectives = collective_us(cfg, dist_env) if dist_env else {}
     if rank == 0:
         med = {k: statistics.median(v) for k, v in rates.items()}
         result = {"config": args.config, "steps": steps, "block": args.block, "repeats": args.repeats,
@@ -346,6 +373,7 @@ def main() -> None:
             result["ops_per_step_tight"] = ops_per_step(tight_step(cfg, batches))
             result["ops_per_step_ganforge"] = ops_per_step(ganforge_step(cfg, batches))
             result |= host_time(args.config, args.host_steps)
+        result |= collectives
         print(f"examples loop {med['examples']:.0f} img/s, tight loop {med['tight']:.0f} img/s, "
               f"ganforge loop {med['ganforge']:.0f} img/s ({world} process(es), {args.repeats} repetitions)")
         print(json.dumps(result), flush=True)
