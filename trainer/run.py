@@ -96,6 +96,7 @@ def _run(cfg: Config, env: DistEnv) -> dict[str, Any]:
             if save_failed:  # reported at the step after it happened, on every rank, not at the next save
                 ckpt.raise_failed()
             if preempt:
+                votes.settle()
                 ckpt.save_run(trainer, blocking=True)
                 status = "KILLED"
                 raise Preempted(trainer.state.step, flag.signum or 15)
