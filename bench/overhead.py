@@ -14,7 +14,7 @@ The three take turns in blocks of `--block` steps within one ganforge run: every
 ganforge steps the run pauses, once its background work is done (checkpoint written, MLflow
 queue sent), and each hand-written loop takes `--block` steps, in alternating order. So all
 three meet the same machine conditions within seconds of each other (on a shared VM a loop's
-rate drifts by up to 20 % from one repetition to the next), and ganforge's time, from the end of one pause to the
+rate spreads by up to 25 % over the repetitions of one invocation), and ganforge's time, from the end of one pause to the
 start of the next, includes everything its loop and its threads do between steps. A repetition
 is `--steps` steps of each loop, by default one whole cadence period of the config (the least
 common multiple of its log, sample and checkpoint intervals: 200 steps with 8 log lines, one
