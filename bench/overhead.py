@@ -61,11 +61,11 @@ def in_memory_batches(data_dir: str, batch: int, n: int, rank: int = 0, world: i
     return list(itertools.islice(make_loader(stream), n))
 
 
-def hand_written_setup(cfg, ddp: bool, fused: bool = False, tightest: bool = False):
-    """(G, D, D unwrapped, Adam for G, Adam for D) from the recipe's seed-0 networks, in DDP if asked;
-    fused: Adam's one-kernel form, as ganforge uses it; tightest: DDP without buffer broadcasts
-    (each rank keeps its own BN statistics: no buffer traffic at all, where ganforge averages them
-    once per step)."""
+def hand_written_setup(cfg, ddp: bool, tightest: bool = False):
+    """(G, D, D unwrapped, Adam for G, Adam for D) from the recipe's seed-0 networks, in DDP if asked.
+    tightest: Adam in its one-kernel (fused) form, as ganforge uses it, and DDP without buffer
+    broadcasts (each rank keeps its own BN statistics: no buffer traffic at all, where ganforge
+    averages them once per step)."""
     from trainer.models import build_models
 
     torch.manual_seed(0)
@@ -76,8 +76,8 @@ def hand_written_setup(cfg, ddp: bool, fused: bool = False, tightest: bool = Fal
 
         g, d = (DistributedDataParallel(m, broadcast_buffers=not tightest) for m in (g, d))
     betas = (cfg.train.beta1, cfg.train.beta2)
-    return (g, d, d_plain, torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas, fused=fused or None),
-            torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=fused or None))
+    return (g, d, d_plain, torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas, fused=tightest or None),
+            torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=tightest or None))
 
 
 def examples_step(cfg, batches, ddp: bool = False):
@@ -112,7 +112,7 @@ def tight_step(cfg, batches, ddp: bool = False):
     Adam, then the recipe's EMA of G."""
     from trainer.ema import EMA
 
-    g, d, d_plain, opt_g, opt_d = hand_written_setup(cfg, ddp, fused=True, tightest=True)
+    g, d, d_plain, opt_g, opt_d = hand_written_setup(cfg, ddp, tightest=True)
     g_plain = getattr(g, "module", g)
     ema, b = EMA(g_plain, cfg.train.ema_kimg, cfg.train.ema_rampup), cfg.train.batch_size
     bce = F.binary_cross_entropy_with_logits
