@@ -133,11 +133,13 @@ def test_sigterm_checkpoints_at_the_step_boundary_and_resume_matches(reference, 
 
 VOTES_PROBE = """
 import json, os, sys
-from trainer.distributed import StopVotes, init_distributed, shutdown
+from trainer.distributed import StopVotes, init_distributed, shutdown, stop_votes, vote_group
 env = init_distributed()
+at_once = stop_votes([env.rank == 0, False], env)  # waited for, as the run lock's vote before the loop
 votes = StopVotes(env)
 assert (votes.group is None) == (os.environ["GANFORGE_BACKEND"] == "gloo")
-seen = [votes([env.rank == 1 and call == 2, False]) for call in range(6)]
+assert votes.group is vote_group()  # the lock's vote and the loop's share one group
+seen = [at_once] + [votes([env.rank == 1 and call == 2, False]) for call in range(6)]
 seen.append(votes.settle())
 with open(f"{sys.argv[1]}/rank{env.rank}.json", "w") as f:
     json.dump(seen, f)
@@ -148,8 +150,9 @@ shutdown()
 @pytest.mark.parametrize("backend", ["gloo", "cpu:gloo,cuda:gloo"])
 def test_a_vote_cast_by_one_rank_reaches_every_rank_at_the_next_boundary(tmp_path, backend):
     """StopVotes in a real 2-process gloo job: rank 1 votes at the third boundary; both ranks see it
-    at the fourth (one boundary later, the same step everywhere), and not again after. With a job
-    group that is not plain gloo (as NCCL's), the votes go through a gloo group of their own."""
+    at the fourth (one boundary later, the same step everywhere), and not again after. Before that,
+    rank 0's vote waited for (stop_votes, as the run lock's) reaches both ranks at once. With a job
+    group that is not plain gloo (as NCCL's), the votes go through one gloo group of their own."""
     probe = tmp_path / "votes_probe.py"
     probe.write_text(f"import sys; sys.path.insert(0, {REPO!r})\n" + VOTES_PROBE)
     cmd = [os.path.join(BIN, "python"), "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -158,7 +161,7 @@ def test_a_vote_cast_by_one_rank_reaches_every_rank_at_the_next_boundary(tmp_pat
                        cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     seen = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
-    expected = [[False, False]] * 3 + [[True, False]] + [[False, False]] * 3
+    expected = [[True, False]] + [[False, False]] * 3 + [[True, False]] + [[False, False]] * 3
     assert seen == {0: expected, 1: expected}
 
 

@@ -111,9 +111,7 @@ class StopVotes:
     def __init__(self, env: DistEnv):
         self.env = env
         self.pending: tuple[torch.Tensor, Any] | None = None
-        self.group = None  # the default group, when that is gloo
-        if env.world_size > 1 and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")
+        self.group = vote_group() if env.world_size > 1 else None
 
     def __call__(self, votes: list[bool]) -> list[bool]:
         if self.env.world_size == 1:
@@ -134,13 +132,28 @@ class StopVotes:
         return [bool(x > 0) for x in cast.tolist()]
 
 
+_vote_groups: dict[Any, Any] = {}  # the default group -> the gloo group votes use beside it
+
+
+def vote_group() -> Any:
+    """The group votes are all-reduced in, on the host: None (the default group) when that is gloo,
+    else a gloo group of its own, made once per default group (making one is a collective of every
+    rank, so the run lock's vote and the loop's share it)."""
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if world not in _vote_groups:
+        _vote_groups.clear()  # a group of an earlier, destroyed default group is of no use
+        _vote_groups[world] = dist.new_group(backend="gloo")
+    return _vote_groups[world]
+
+
 def stop_votes(votes: list[bool], env: DistEnv) -> list[bool]:
-    """Each vote true on every rank when it is true on any rank (one all-reduce for all of them)."""
-    if env.world_size == 1:
-        return [bool(v) for v in votes]
-    t = torch.tensor([1.0 if v else 0.0 for v in votes], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(x > 0) for x in t.tolist()]
+    """Each vote true on every rank when it is true on any rank, waited for: StopVotes' agreement
+    for a single boundary."""
+    once = StopVotes(env)
+    outcome = once(votes)
+    return outcome if env.world_size == 1 else once.settle()
 
 
 def mean_across(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
