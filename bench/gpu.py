@@ -1,9 +1,11 @@
 """GPU throughput of DCGAN 64x64: the ganforge step against hand-written loops on the same GPU.
 
 Variants, all training configs/dcgan64.yaml's networks (full DCGAN widths) on the same random
-in-memory uint8 batches, so only the step differs:
-- `examples_fp32`: the pytorch/examples dcgan loop as users write it (fp32; D's weight
-  gradients computed in the G step, as there);
+in-memory uint8 batches, so only the step differs (the hand-written loops are bench/hand_written.py's,
+which bench/overhead.py times on the CPU):
+- `examples_fp32`: the pytorch/examples dcgan loop as users write it (fp32; D's real and fake
+  terms backpropagated one after the other, D's weight gradients computed in the G step, as
+  there);
 - `tight_bf16_cl`: the tightest hand-written loop doing ganforge's work: bf16 autocast,
   channels_last, D frozen in the G step, the D step's fake reused, gradients set to None,
   fused Adam, and the recipe's EMA of G (one fused lerp, one fused buffer copy);
@@ -33,8 +35,6 @@ then mean nothing for GPUs). Last stdout line: JSON with each variant and
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import json
 import os
 import statistics
@@ -45,7 +45,8 @@ import typing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from bench.hand_written import dcgan_step  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -91,62 +92,6 @@ def profile(step, steps: int, device: torch.device, path: str) -> dict:
             "top_kernels_ms_per_step": [[name[:90], round(ms, 3)] for ms, name in kernels[:20]]}
 
 
-def hand_written_step(cfg, batch: torch.Tensor, device: torch.device, tight: bool, compile_: str | None):
-    """The pytorch/examples loop (tight=False, fp32) or the tightest bf16 loop (tight=True), with G and
-    D compiled in mode `compile_` unless None."""
-    from trainer.config import CUDA_GRAPH_MODES
-    from trainer.core import compile_network
-    from trainer.models import build_models
-
-    torch.manual_seed(0)
-    # channels_last as ganforge uses it: not under compile (inductor picks conv layouts itself)
-    fmt = torch.channels_last if tight and not compile_ else torch.contiguous_format
-    g, d = (m.to(device, memory_format=fmt) for m in build_models(cfg.model))
-    if compile_:
-        compile_network(g, compile_)
-        compile_network(d, compile_)
-    betas = (cfg.train.beta1, cfg.train.beta2)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=tight or None)
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas, fused=tight or None)
-    ema = copy.deepcopy(g).requires_grad_(False) if tight else None
-    ema_params, g_params = (list(ema.parameters()), list(g.parameters())) if tight else ([], [])
-    ema_buffers, g_buffers = (list(ema.buffers()), list(g.buffers())) if tight else ([], [])
-    beta = 0.5 ** (cfg.train.batch_size / (cfg.train.ema_kimg * 1000)) if cfg.train.ema_kimg > 0 else 0.0
-    b = batch.shape[0]
-    ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
-    bce = F.binary_cross_entropy_with_logits
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if tight else contextlib.nullcontext
-
-    graphs = compile_ in CUDA_GRAPH_MODES and device.type == "cuda"
-
-    def step() -> None:
-        if graphs:  # a new CUDA-graph iteration, as torch's docs ask of a training loop (and ganforge does)
-            torch.compiler.cudagraph_mark_step_begin()
-        real = (batch.to(device, non_blocking=True).float() / 127.5 - 1).contiguous(memory_format=fmt)
-        z = torch.randn(b, cfg.model.z_dim, device=device)
-        opt_d.zero_grad(set_to_none=True)
-        with autocast():
-            fake = g(z)
-            loss_d = bce(d(real).float(), ones) + bce(d(fake.detach()).float(), zeros)
-        loss_d.backward()
-        opt_d.step()
-        opt_g.zero_grad(set_to_none=True)
-        if tight:
-            d.requires_grad_(False)
-        with autocast():
-            loss_g = bce(d(fake).float(), ones)
-        loss_g.backward()
-        if tight:
-            d.requires_grad_(True)
-        opt_g.step()
-        if ema is not None:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, g_params, 1.0 - beta)
-                torch._foreach_copy_(ema_buffers, g_buffers)
-
-    return step
-
-
 def ganforge_step(cfg, batch: torch.Tensor, device: torch.device):
     from trainer.data import DataCursor
     from trainer.distributed import DistEnv
@@ -188,14 +133,17 @@ def main() -> None:
     batch = torch.randint(0, 256, (args.batch, 3, 64, 64), dtype=torch.uint8)
     if device.type == "cuda":
         batch = batch.pin_memory()
+    images = lambda: batch  # noqa: E731  (the same pinned batch every step)
     builders = {
-        "examples_fp32": lambda: hand_written_step(make_cfg(), batch, device, tight=False, compile_=None),
-        "tight_bf16_cl": lambda: hand_written_step(make_cfg(), batch, device, tight=True, compile_=None),
+        "examples_fp32": lambda: dcgan_step(make_cfg(), images, device, tight=False),
+        # channels_last as ganforge uses it: not under compile (inductor picks conv layouts itself)
+        "tight_bf16_cl": lambda: dcgan_step(make_cfg(), images, device, tight=True, autocast=torch.bfloat16,
+                                            channels_last=True),
         "ganforge_bf16_cl": lambda: ganforge_step(make_cfg("precision=bf16"), batch, device),
     }
     compiled = {} if args.no_compile else {
-        "tight_bf16_cl_compile": lambda: hand_written_step(make_cfg(), batch, device, tight=True,
-                                                           compile_=args.compile_mode),
+        "tight_bf16_cl_compile": lambda: dcgan_step(make_cfg(), images, device, tight=True, autocast=torch.bfloat16,
+                                                    compile_mode=args.compile_mode),
         "ganforge_bf16_cl_compile": lambda: ganforge_step(
             make_cfg("precision=bf16", "train.compile=true", f"train.compile_mode={args.compile_mode}"), batch, device),
     }

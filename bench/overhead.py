@@ -4,9 +4,9 @@ All three train the same DCGAN (configs/dcgan_digits.yaml: 32x32, batch 64, fp32
 process) on the same in-memory uint8 batches, so only the loops differ:
 - `tight`: the tightest hand-written loop doing the recipe's work (one D backward, the D step's
   fake reused, D frozen and unwrapped in the G step so only G's gradients flow and are reduced,
-  no buffer broadcasts under DDP, fused Adam as ganforge uses it, and the recipe's EMA of G, as
-  bench/gpu.py's tight loop);
+  no buffer broadcasts under DDP, fused Adam as ganforge uses it, and the recipe's EMA of G);
 - `examples`: pytorch/examples dcgan/main.py's loop as users write it;
+(both from bench/hand_written.py, which builds the same loops for bench/gpu.py on a GPU)
 - `ganforge`: the real loop (`trainer.run._run`) with everything at its default cadence:
   MLflow (sqlite), progress lines, metrics.jsonl, EMA, sample grids and background checkpoints;
   only the data cursor is swapped for the in-memory batches (the loader has its own benchmark).
@@ -51,7 +51,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+
+from bench.hand_written import dcgan_step  # noqa: E402
 
 
 def in_memory_batches(data_dir: str, batch: int, n: int, rank: int = 0, world: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -61,80 +62,22 @@ def in_memory_batches(data_dir: str, batch: int, n: int, rank: int = 0, world: i
     return list(itertools.islice(make_loader(stream), n))
 
 
-def hand_written_setup(cfg, ddp: bool, tightest: bool = False):
-    """(G, D, D unwrapped, Adam for G, Adam for D) from the recipe's seed-0 networks, in DDP if asked.
-    tightest: Adam in its one-kernel (fused) form, as ganforge uses it, and DDP without buffer
-    broadcasts (each rank keeps its own BN statistics: no buffer traffic at all, where ganforge
-    averages them once per step)."""
-    from trainer.models import build_models
-
-    torch.manual_seed(0)
-    g, d = build_models(cfg.model)
-    d_plain = d
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        g, d = (DistributedDataParallel(m, broadcast_buffers=not tightest) for m in (g, d))
-    betas = (cfg.train.beta1, cfg.train.beta2)
-    return (g, d, d_plain, torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas, fused=tightest or None),
-            torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas, fused=tightest or None))
-
-
 def examples_step(cfg, batches, ddp: bool = False):
-    """One step of pytorch/examples dcgan/main.py's loop as users write it (with logits), as a
-    function: two D backwards, D's weight gradients computed (and, under DDP, all-reduced) in the G
-    step too."""
-    g, d, _, opt_g, opt_d = hand_written_setup(cfg, ddp)
-    feed = itertools.cycle(batches)
-
-    def step() -> None:
-        real = next(feed)["image"].float() / 127.5 - 1
-        b = real.shape[0]
-        d.zero_grad()
-        out = d(real)
-        F.binary_cross_entropy_with_logits(out, torch.ones(b)).backward()
-        fake = g(torch.randn(b, cfg.model.z_dim))
-        out = d(fake.detach())
-        F.binary_cross_entropy_with_logits(out, torch.zeros(b)).backward()
-        opt_d.step()
-        g.zero_grad()
-        out = d(fake)
-        F.binary_cross_entropy_with_logits(out, torch.ones(b)).backward()
-        opt_g.step()
-
-    return step
+    """One step of pytorch/examples dcgan/main.py's loop as users write it (bench/hand_written.py),
+    on the CPU, over `batches` in turn."""
+    return dcgan_step(cfg, images_from(batches), torch.device("cpu"), tight=False, ddp=ddp)
 
 
 def tight_step(cfg, batches, ddp: bool = False):
-    """One step of the tightest hand-written loop, as a function: one D backward over the real and
-    fake terms, the D step's fake reused, D frozen (and, under DDP, unwrapped) in the G step so only
-    G's gradients are computed and reduced, no buffer broadcasts, gradients set to None, fused
-    Adam, then the recipe's EMA of G."""
-    from trainer.ema import EMA
+    """One step of the tightest hand-written loop doing the recipe's work (bench/hand_written.py), on
+    the CPU in fp32, over `batches` in turn."""
+    return dcgan_step(cfg, images_from(batches), torch.device("cpu"), tight=True, ddp=ddp)
 
-    g, d, d_plain, opt_g, opt_d = hand_written_setup(cfg, ddp, tightest=True)
-    g_plain = getattr(g, "module", g)
-    ema, b = EMA(g_plain, cfg.train.ema_kimg, cfg.train.ema_rampup), cfg.train.batch_size
-    bce = F.binary_cross_entropy_with_logits
-    feed, nimg = itertools.cycle(batches), [0]
 
-    def step() -> None:
-        real = next(feed)["image"].float() / 127.5 - 1
-        n = real.shape[0]
-        ones, zeros = torch.ones(n), torch.zeros(n)
-        fake = g(torch.randn(n, cfg.model.z_dim))
-        opt_d.zero_grad(set_to_none=True)
-        (bce(d(real), ones) + bce(d(fake.detach()), zeros)).backward()
-        opt_d.step()
-        opt_g.zero_grad(set_to_none=True)
-        d_plain.requires_grad_(False)
-        bce(d_plain(fake), ones).backward()
-        d_plain.requires_grad_(True)
-        opt_g.step()
-        nimg[0] += b
-        ema.update(g_plain, b, nimg[0])
-
-    return step
+def images_from(batches):
+    """The images of `batches`, one batch a call, in turn."""
+    feed = itertools.cycle(batches)
+    return lambda: next(feed)["image"]
 
 
 def ops_per_step(step, steps: int = 5) -> float:
