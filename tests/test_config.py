@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Literal
 
@@ -133,6 +134,25 @@ def test_a_compile_mode_needs_compile_and_cuda_graph_modes_one_process():
     with pytest.raises(ConfigError, match="one-process jobs only") as e:  # a trainer built without load_config's check
         GANTrainer(load_config(RECIPE, on), DistEnv(0, 2, 0, torch.device("cpu")))
     assert e.value.key == "train.compile_mode"
+
+
+@pytest.mark.parametrize("recipe, extra, named", [
+    ("configs/wgan_gp_digits.yaml", [], "wgan_gp's gradient penalty"),
+    (RECIPE, ["loss.r1_gamma=1"], "R1 penalty (loss.r1_gamma=1)"),
+    ("configs/stylegan2_digits.yaml", ["loss.r1_gamma=0"], "path-length penalty (loss.pl_weight=2)"),
+])
+def test_compile_is_refused_where_the_objective_differentiates_a_gradient(recipe, extra, named):
+    """torch.compile'd networks have no second derivative (a penalty's backward raises at the first
+    step), so such a run is refused at load, naming the key and the penalty; without the penalty
+    the same recipe compiles."""
+    with pytest.raises(ConfigError, match=re.escape(named)) as e:
+        load_config(recipe, [*extra, "train.compile=true"])
+    assert e.value.key == "train.compile"
+    r = run_cli("train", "--config", recipe, *extra, "train.compile=true", "data.train=/nonexistent")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "train.compile" in r.stderr, r.stderr
+    without = {"configs/wgan_gp_digits.yaml": ["loss.type=wgan", "loss.clip=0.01"], RECIPE: [],
+               "configs/stylegan2_digits.yaml": ["loss.pl_weight=0"]}[recipe]
+    assert load_config(recipe, ["loss.r1_gamma=0", *without, "train.compile=true"]).train.compile
 
 
 @pytest.mark.parametrize("override", ["log.model_every_steps=-5", "log.model_every_steps=7"])

@@ -127,7 +127,7 @@ class TrainConfig:
     accumulate: int = bounded(1, gt=0)  # micro-batches per phase step (gradient accumulation)
     grad_clip: float = 0.0  # clip each network's gradient norm to this; 0 = off
     max_nonfinite: int = bounded(20, gt=0)  # abort after this many consecutive steps with a non-finite loss or gradient
-    compile: bool = False  # torch.compile G and D
+    compile: bool = False  # torch.compile G and D (not with a penalty on gradients: wgan_gp, R1, path length)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile's mode with train.compile; reduce-overhead and max-autotune are meant to replay CUDA graphs on a GPU (one process)
     channels_last: bool = True  # channels_last memory format for conv nets on GPU
     deterministic: bool = False  # deterministic kernels only (bitwise-repeatable GPU runs; slower)
@@ -357,14 +357,33 @@ def resolve(cfg: Config) -> Config:
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
 
-def check_compile(train: TrainConfig, world_size: int) -> None:
-    """train.compile_mode takes effect with train.compile, and its CUDA-graph modes in one-process jobs only."""
+def second_derivatives(cfg: Config) -> str | None:
+    """What in `cfg`'s objective differentiates a network's gradient (None: nothing)."""
+    loss = cfg.loss
+    if loss.type == "wgan_gp":
+        return "wgan_gp's gradient penalty"
+    if loss.r1_gamma > 0:
+        return f"the R1 penalty (loss.r1_gamma={loss.r1_gamma:g})"
+    if cfg.model.arch == "stylegan2" and loss.pl_weight > 0:
+        return f"the path-length penalty (loss.pl_weight={loss.pl_weight:g})"
+    return None
+
+
+def check_compile(cfg: Config, world_size: int) -> None:
+    """train.compile_mode takes effect with train.compile, and its CUDA-graph modes in one-process jobs
+    only; train.compile not with a penalty on gradients (torch.compile'd networks have no second
+    derivative: their backward cannot be differentiated again)."""
+    train = cfg.train
     mode = train.compile_mode
     if mode != "default" and not train.compile:
         raise ConfigError("train.compile_mode", f"{mode} takes effect with train.compile=true")
     if train.compile and mode in CUDA_GRAPH_MODES and world_size > 1:
         raise ConfigError("train.compile_mode", f"{mode} replays CUDA graphs, which ganforge runs in one-process jobs "
                                                 f"only; with {world_size} processes use default or max-autotune-no-cudagraphs")
+    penalty = second_derivatives(cfg) if train.compile else None
+    if penalty:
+        raise ConfigError("train.compile", f"{penalty} differentiates D's or G's gradient, and torch.compile'd "
+                                           f"networks have no second derivative; set train.compile=false")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
@@ -392,7 +411,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if micro % k:
         raise ConfigError("model.pack", f"the per-rank batch of {micro} samples (train.batch_size / world size / "
                                         f"train.accumulate) is not divisible into packs of {k}")
-    check_compile(cfg.train, world_size)
+    check_compile(cfg, world_size)
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:
         raise ConfigError("loss.clip", f"wgan needs a positive clipping bound; got {cfg.loss.clip}")
     if cfg.precision == "fp64" and cfg.eval.every_steps:

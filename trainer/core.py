@@ -261,7 +261,7 @@ class TrainerBase(abc.ABC):
         """The G and D phases (each network compiled first when train.compile is set, in
         train.compile_mode; see compile_network)."""
         t = self.cfg.train
-        check_compile(t, self.env.world_size)  # again here, for trainers built without load_config
+        check_compile(self.cfg, self.env.world_size)  # again here, for trainers built without load_config
         if t.compile:
             self.cuda_graphs = t.compile_mode in CUDA_GRAPH_MODES and self.env.device.type == "cuda"
             compile_network(g, t.compile_mode)
