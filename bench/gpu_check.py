@@ -104,7 +104,7 @@ def main() -> int:
         dcgan_large = ["--no-compile", "--batch", "512", "--repeats", "3"]
     with open(os.path.join(out, "log.txt"), "w") as log:
         code, _, secs = run("tests", [py, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
-                                      "--junitxml", xml, *tests], out, 900 if SMOKE else 180, log)
+                                      "--junitxml", xml, *tests], out, 900 if SMOKE else 240, log)
         summary["tests"] = test_counts(xml) | {"exit": code, "seconds": round(secs, 1)}
         write("tests.json", summary["tests"])
         # dcgan64's limit leaves room for compiling its two compiled variants (reduce-overhead) first

@@ -75,6 +75,33 @@ def test_ema_follows_its_formula(single_trainer):
         torch.testing.assert_close(e1, g.detach() + beta * (e0 - g.detach()))
 
 
+def test_sample_grids_of_a_compiled_generator_compile_nothing(digits_dir, tmp_path, monkeypatch):
+    """Under train.compile, a sample grid (G in eval mode, no grad, another batch size) runs G eagerly:
+    compiling it again would stall the loop at each sample step and use up dynamo's recompile
+    limit. The frames dynamo compiles are counted around the grid and the training step after it."""
+    from torch._dynamo.utils import counters
+
+    from trainer.distributed import init_distributed
+    from trainer.families import load_config
+    from trainer.families.gan import GANTrainer
+
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(RECIPE, [f"data.train={digits_dir}", f"run.dir={tmp_path}/run", *TINY, "train.compile=true"])
+    torch._dynamo.reset()  # compiled frames of earlier tests count toward dynamo's recompile limit
+    trainer = GANTrainer(cfg, init_distributed())
+    counters.clear()
+    for _ in range(2):
+        trainer.train_step()
+    trained = counters["frames"]["total"]
+    assert trained > 0, "nothing was compiled"
+    (tmp_path / "samples").mkdir()
+    path, _ = trainer.write_samples(str(tmp_path / "samples"), 2)
+    assert os.path.exists(path)
+    trainer.train_step()
+    assert counters["frames"]["total"] == trained, dict(counters["frames"])
+
+
 @pytest.mark.slow
 def test_ddp_ranks_hold_identical_weights_after_training(digits_dir, tmp_path):
     out = tmp_path / "probe"

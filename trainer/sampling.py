@@ -22,7 +22,9 @@ def run_in_chunks(net: nn.Module, *inputs: torch.Tensor | None, batch: int = 256
     """net(*inputs) in eval mode, `batch` rows at a time (None inputs pass through), as float32 on CPU.
 
     Floating-point inputs go in the default dtype (float64 in an fp64 run, whose networks are float64).
-    `advance(rows)` is called after each chunk."""
+    `advance(rows)` is called after each chunk. A network compiled for training (train.compile) runs
+    eagerly here: its eval-mode, no-grad calls at another batch size would otherwise compile it
+    again, stalling the loop at each sample step and using up dynamo's recompile limit."""
     def part(x: torch.Tensor, i: int) -> torch.Tensor:
         return x[i:i + batch].to(device or x.device, torch.get_default_dtype() if x.is_floating_point() else x.dtype)
 
@@ -34,7 +36,8 @@ def run_in_chunks(net: nn.Module, *inputs: torch.Tensor | None, batch: int = 256
     was_training = net.training
     net.eval()
     try:
-        return torch.cat([run(i) for i in range(0, len(inputs[0]), batch)])
+        with torch.compiler.set_stance("force_eager"):
+            return torch.cat([run(i) for i in range(0, len(inputs[0]), batch)])
     finally:
         net.train(was_training)
 
