@@ -77,8 +77,9 @@ def generated_features(g: nn.Module, extractor: nn.Module, n: int, z_dim: int, s
     chunks = rank_chunks(n, chunk, env.world_size, env.rank)
     was_training = g.training
     g.eval()
-    try:
-        with progress(sum(b - a for a, b in chunks), "generate + features", "images") as advance:
+    try:  # a network compiled for training runs eagerly here, as in sample grids (see run_in_chunks)
+        with progress(sum(b - a for a, b in chunks), "generate + features", "images") as advance, \
+                torch.compiler.set_stance("force_eager"):
             local = local_features(g, extractor, z, labels, chunks, env.device, advance)
     finally:
         g.train(was_training)
