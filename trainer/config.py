@@ -411,14 +411,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if micro % k:
         raise ConfigError("model.pack", f"the per-rank batch of {micro} samples (train.batch_size / world size / "
                                         f"train.accumulate) is not divisible into packs of {k}")
-    check_compile(cfg, world_size)
     if cfg.loss.type == "wgan" and cfg.loss.clip <= 0:
         raise ConfigError("loss.clip", f"wgan needs a positive clipping bound; got {cfg.loss.clip}")
     if cfg.precision == "fp64" and cfg.eval.every_steps:
         raise ConfigError("eval.every_steps", "evaluation runs in float32: with precision=fp64 (for equivalence "
                                               "checks) evaluate the checkpoints afterwards with `ganforge eval`")
     if cfg.strategy == "deepspeed":
-        validate_deepspeed(cfg)
+        validate_deepspeed(cfg)  # first: it refuses train.compile whatever the objective
+    check_compile(cfg, world_size)
 
 
 def validate_eval(cfg: Config) -> None:
