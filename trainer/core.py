@@ -80,9 +80,9 @@ class Update:
     skipped: torch.Tensor
 
     def stats(self, suffix: str) -> dict[str, torch.Tensor]:
-        """The terms, then `grad_norm/<suffix>` and `skipped/<suffix>` (0/1 in the default dtype)."""
-        return self.terms | {f"grad_norm/{suffix}": self.grad_norm,
-                             f"skipped/{suffix}": self.skipped.to(torch.get_default_dtype())}
+        """The terms, then `grad_norm/<suffix>` and `skipped/<suffix>` (a bool: no conversion each
+        step; the reporter's stack of a log step's values makes it 0/1 in their float dtype)."""
+        return self.terms | {f"grad_norm/{suffix}": self.grad_norm, f"skipped/{suffix}": self.skipped}
 
 
 LossFn = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]

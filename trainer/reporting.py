@@ -195,7 +195,8 @@ class Reporter:
         self._count_step()
         if step % cfg.log.every_steps and step != cfg.train.max_steps:
             return
-        values = {k: float(v) for k, v in zip(stats, mean_across(torch.stack(list(stats.values())), t.env).tolist(), strict=True)}
+        stacked = torch.stack(list(stats.values()))  # promoted to the values' float dtype (bool flags: 0/1)
+        values = {k: float(v) for k, v in zip(stats, mean_across(stacked, t.env).tolist(), strict=True)}
         t.settle_nonfinite()  # the device's skipped-step counts, now that this step syncs anyway
         values |= {f"lr/{p.name.lower()}": p.opt.param_groups[0]["lr"] for p in t.phases}
         values["train/nonfinite_steps"] = float(t.state.nonfinite)  # skipped steps, same on every rank
