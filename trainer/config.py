@@ -358,15 +358,20 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes th
 
 
 def second_derivatives(cfg: Config) -> str | None:
-    """What in `cfg`'s objective differentiates a network's gradient (None: nothing)."""
+    """What in `cfg`'s objective differentiates a network's gradient (None: nothing; a family's own
+    penalties, such as StyleGAN2's path length, are its check's)."""
     loss = cfg.loss
     if loss.type == "wgan_gp":
         return "wgan_gp's gradient penalty"
     if loss.r1_gamma > 0:
         return f"the R1 penalty (loss.r1_gamma={loss.r1_gamma:g})"
-    if cfg.model.arch == "stylegan2" and loss.pl_weight > 0:
-        return f"the path-length penalty (loss.pl_weight={loss.pl_weight:g})"
     return None
+
+
+def refuse_compile_with(penalty: str) -> ConfigError:
+    """The error for train.compile with a `penalty` that differentiates a gradient."""
+    return ConfigError("train.compile", f"{penalty} differentiates D's or G's gradient, and torch.compile'd "
+                                        f"networks have no second derivative; set train.compile=false")
 
 
 def check_compile(cfg: Config, world_size: int) -> None:
@@ -382,8 +387,7 @@ def check_compile(cfg: Config, world_size: int) -> None:
                                                 f"only; with {world_size} processes use default or max-autotune-no-cudagraphs")
     penalty = second_derivatives(cfg) if train.compile else None
     if penalty:
-        raise ConfigError("train.compile", f"{penalty} differentiates D's or G's gradient, and torch.compile'd "
-                                           f"networks have no second derivative; set train.compile=false")
+        raise refuse_compile_with(penalty)
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:

@@ -262,7 +262,7 @@ class StyleGAN2Trainer(TrainerBase):
 
 
 # -- config checks -------------------------------------------------------------------------------
-from trainer.config import ConfigError  # noqa: E402  (with the checks it serves)
+from trainer.config import ConfigError, refuse_compile_with  # noqa: E402  (with the checks they serve)
 
 
 def check_stylegan2(cfg: Config, world_size: int) -> None:
@@ -281,6 +281,8 @@ def check_stylegan2(cfg: Config, world_size: int) -> None:
     if m.freeze_d > blocks:
         raise ConfigError("model.freeze_d", f"must be in 0..{blocks} (D's blocks at {m.resolution}x{m.resolution}); "
                                             f"got {m.freeze_d}")
+    if t.compile and loss.pl_weight > 0:
+        raise refuse_compile_with(f"the path-length penalty (loss.pl_weight={loss.pl_weight:g})")
     pl_batch = t.batch_size // loss.pl_batch_shrink
     if loss.pl_weight > 0 and (pl_batch == 0 or pl_batch % world_size):
         raise ConfigError("loss.pl_batch_shrink", f"the path-length batch {t.batch_size} // {loss.pl_batch_shrink} "
